@@ -1,0 +1,65 @@
+"""Shared fixtures. Tests that need real data use ``shared_data`` and skip cleanly when ../shared/data is absent."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("VITQ_SHARED_DATA", REPO.parent / "shared" / "data"))
+DEIT_WEIGHTS = SHARED / "weights" / "deit_tiny_patch16_224.wvfunc_matdump.pth"
+DEV650 = SHARED / "imagenet-val-dev650"
+SAMPLE1000 = SHARED / "imagenet-sample-eli1000"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not (DEIT_WEIGHTS.is_file() and DEV650.is_dir() and SAMPLE1000.is_dir()):
+        pytest.skip(f"real data not available at {SHARED} (needs weights/, imagenet-val-dev650/, "
+                    f"imagenet-sample-eli1000/)")
+    return SHARED
+
+
+def make_image_folder(root: Path, n: int = 6, size=(40, 30), labels: bool = True, seed: int = 0) -> Path:
+    """A small labeled image folder (labels.csv layout) of random JPEG/PNG images."""
+    from PIL import Image
+
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    rows = ["file,label"]
+    for i in range(n):
+        ext = "png" if i % 2 else "jpg"
+        name = f"img_{i:03d}.{ext}"
+        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(root / name)
+        rows.append(f"{name},{i % 3}")
+    if labels:
+        (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    return make_image_folder(tmp_path / "images")
+
+
+@pytest.fixture(scope="session")
+def tiny_vit_onnx(tmp_path_factory) -> Path:
+    """A small exported ViT artifact directory (random weights, 32x32 input, 10 classes), built once per session
+    through vitq's own exporter."""
+    pytest.importorskip("torch")
+    from vitq.exporter.onnx_export import artifact_metadata, export_onnx
+    import timm
+    import torch
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
+                              num_classes=10).eval()
+    d = tmp_path_factory.mktemp("tiny_vit")
+    cfg = {"input_size": [3, 32, 32], "interpolation": "bicubic", "crop_pct": 0.875, "crop_mode": "center",
+           "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
+    export_onnx(model, d / "model.onnx", image_size=(32, 32),
+                metadata=artifact_metadata("tiny_vit", cfg, 10, "fp32"))
+    return d

@@ -1,0 +1,41 @@
+"""The quantization arithmetic, defined once.
+
+``fake_quant(x, scale, bits)`` is exactly what ONNX ``QuantizeLinear`` (zero point 0, saturating to the signed
+``bits`` range, round half to even) followed by ``DequantizeLinear`` computes in float32, so the torch simulation and
+the Q/DQ graph agree bit for bit on each quantizer:
+
+    q = clamp(round_half_even(x / scale), -2^(bits-1), 2^(bits-1) - 1)
+    y = q * scale
+
+For bits < 8 other than 4 (e.g. 6) the graph realizes the narrower range with int8 Q/DQ plus a ``Clip`` on the
+integer tensor, which computes the same function.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def qrange(bits: int) -> tuple[int, int]:
+    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer grid values (as float tensor). ``scale`` broadcasts against ``x``."""
+    lo, hi = qrange(bits)
+    return torch.clamp(torch.round(x / scale), lo, hi)  # torch.round: half to even, like ONNX
+
+
+def fake_quant(x: torch.Tensor, scale: torch.Tensor | float, bits: int) -> torch.Tensor:
+    """Quantize-dequantize in float32 (the function a Q/DQ pair computes)."""
+    if not torch.is_tensor(scale):
+        scale = torch.tensor(scale, dtype=torch.float32, device=x.device)
+    scale = scale.to(x.dtype)
+    return quantize(x, scale, bits) * scale
+
+
+def channel_scale(scale: torch.Tensor, ndim: int, axis: int = 0) -> torch.Tensor:
+    """Reshape a per-channel scale vector to broadcast along ``axis`` of an ``ndim`` tensor."""
+    shape = [1] * ndim
+    shape[axis] = -1
+    return scale.reshape(shape)

@@ -1,0 +1,330 @@
+"""The recipe: a versioned JSON document that says, per quantized timm module, every bit-width and scale.
+
+A recipe is the single contract between calibration (``vitq.quant``, torch) and the graph passes
+(``vitq.passes.insert_qdq``, ONNX): both read the same numbers and apply the same arithmetic
+(:mod:`vitq.quant.functional`), so what was calibrated is what deploys.
+
+Deployability rule: every quantizer is **symmetric** (zero point 0), weights per output channel, activations per
+tensor. Bits are 2..8; only 8 (and 4 for weights) run natively in TensorRT; 4-bit activations need vitq's plugin,
+6-bit is an ORT/simulation precision (trt_check reports both).
+
+JSON layout (``schema: "vitq.recipe/1"``)::
+
+    {"schema": "vitq.recipe/1", "name": "w8a8", "model": "deit_tiny_patch16_224",
+     "provenance": {"weights_sha256": ..., "calib_sha256": ..., "calib_count": 256, "vitq_version": ...},
+     "defaults": {"weight_bits": 8, "act_bits": 8},
+     "layers": [
+       {"module": "blocks.0.attn.qkv", "kind": "linear", "macs": 7451136,
+        "weight": {"bits": 8, "scale": [... one per output channel ...], "axis": 0, "method": "mse"},
+        "input":  {"bits": 8, "scale": [0.031], "method": "percentile"},
+        "smooth": {"alpha": 0.5, "scale": [... per input channel ...], "shift": [...]}},
+       {"module": "blocks.0.mlp.fc2", "kind": "linear", ...,
+        "input": null, "input_regions": {"m": 4.0, "pos": {"bits": 8, "scale": [..]}, "neg": {...}}},
+       {"module": "blocks.0.attn", "kind": "attn", "macs": ...,
+        "q": {...}, "k": {...}, "attn": {...}, "v": {...}}
+     ]}
+
+Field meanings:
+
+* ``module``: the timm module path (``model.get_submodule(module)``). For ``linear``/``conv`` it is the Linear /
+  Conv2d; for ``attn`` it is the attention module whose two matmuls ``(q*scale) @ k^T`` and ``softmax(..) @ v`` get
+  their operands quantized (``q`` is taken *after* the ``* scale``; ``k`` before the transpose: per-tensor
+  quantization commutes with it).
+* ``weight.scale``: one per output channel (``axis`` 0 of the torch weight ``[out, in(, kh, kw)]``).
+* ``input.scale``: one value (per tensor).
+* ``smooth`` (SQ-b): per input channel shift ``z`` and scale ``s``, already **folded** into the model that is
+  exported and simulated: preceding LayerNorm ``gamma' = gamma / s``, ``beta' = (beta - z) / s``; Linear
+  ``W' = W * s`` (per input column), ``b' = b + W z``. Weight scales are those of the folded ``W'``.
+* ``input_regions`` (OPT-m, post-GELU inputs): the input is split ``x = relu(x) + min(x, 0)``; each part has its
+  own per-tensor quantizer, realized in the graph as two int8 GEMMs sharing the weight (deployable in TensorRT).
+  ``m`` is the searched ratio ``pos.scale / neg.scale``. Mutually exclusive with ``input``.
+* ``macs``: multiply-accumulates per image for this layer (bit-operations = macs * w_bits * a_bits).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError
+
+SCHEMA = "vitq.recipe/1"
+KINDS = ("linear", "conv", "attn")
+ATTN_OPERANDS = ("q", "k", "attn", "v")
+METHODS = ("minmax", "percentile", "mse", "fixed", "search")
+
+
+class RecipeError(InputError):
+    """A malformed recipe; the message names the field path."""
+
+
+@dataclass
+class QuantSpec:
+    bits: int
+    scale: list[float]
+    axis: int | None = None
+    method: str = "minmax"
+
+    @property
+    def qmin(self) -> int:
+        return -(1 << (self.bits - 1))
+
+    @property
+    def qmax(self) -> int:
+        return (1 << (self.bits - 1)) - 1
+
+    def to_dict(self) -> dict:
+        d: dict[str, Any] = {"bits": self.bits, "scale": [float(s) for s in self.scale], "method": self.method}
+        if self.axis is not None:
+            d["axis"] = self.axis
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> "QuantSpec":
+        _require_obj(d, where)
+        _only_keys(d, where, {"bits", "scale", "axis", "method"})
+        bits = d.get("bits")
+        if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 8:
+            raise RecipeError(f"{where}.bits: expected an integer in 2..8, got {bits!r}")
+        scale = d.get("scale")
+        if isinstance(scale, (int, float)) and not isinstance(scale, bool):
+            scale = [scale]
+        if not isinstance(scale, list) or not scale:
+            raise RecipeError(f"{where}.scale: expected a non-empty list of positive numbers")
+        for i, s in enumerate(scale):
+            if not isinstance(s, (int, float)) or isinstance(s, bool) or not math.isfinite(s) or s <= 0:
+                raise RecipeError(f"{where}.scale[{i}]: expected a positive finite number, got {s!r}")
+        axis = d.get("axis")
+        if axis is not None and (not isinstance(axis, int) or isinstance(axis, bool)):
+            raise RecipeError(f"{where}.axis: expected an integer or null, got {axis!r}")
+        if len(scale) > 1 and axis is None:
+            raise RecipeError(f"{where}: {len(scale)} scales need an 'axis'")
+        method = d.get("method", "minmax")
+        if method not in METHODS:
+            raise RecipeError(f"{where}.method: {method!r} is not one of {', '.join(METHODS)}")
+        return cls(bits, [float(s) for s in scale], axis, method)
+
+
+@dataclass
+class SmoothSpec:
+    alpha: float
+    scale: list[float]
+    shift: list[float]
+
+    def to_dict(self) -> dict:
+        return {"alpha": self.alpha, "scale": [float(s) for s in self.scale], "shift": [float(z) for z in self.shift]}
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> "SmoothSpec":
+        _require_obj(d, where)
+        _only_keys(d, where, {"alpha", "scale", "shift"})
+        alpha = d.get("alpha")
+        if not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
+            raise RecipeError(f"{where}.alpha: expected a number in [0, 1], got {alpha!r}")
+        s, z = d.get("scale"), d.get("shift")
+        if not isinstance(s, list) or not isinstance(z, list) or len(s) != len(z) or not s:
+            raise RecipeError(f"{where}: 'scale' and 'shift' must be non-empty lists of equal length")
+        for i, v in enumerate(s):
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise RecipeError(f"{where}.scale[{i}]: expected a positive finite number, got {v!r}")
+        for i, v in enumerate(z):
+            if not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise RecipeError(f"{where}.shift[{i}]: expected a finite number, got {v!r}")
+        return cls(float(alpha), [float(v) for v in s], [float(v) for v in z])
+
+
+@dataclass
+class RegionSpec:
+    m: float
+    pos: QuantSpec
+    neg: QuantSpec
+
+    def to_dict(self) -> dict:
+        return {"m": self.m, "pos": self.pos.to_dict(), "neg": self.neg.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> "RegionSpec":
+        _require_obj(d, where)
+        _only_keys(d, where, {"m", "pos", "neg"})
+        m = d.get("m")
+        if not isinstance(m, (int, float)) or not math.isfinite(m) or m <= 0:
+            raise RecipeError(f"{where}.m: expected a positive number, got {m!r}")
+        pos = QuantSpec.from_dict(d.get("pos"), f"{where}.pos")
+        neg = QuantSpec.from_dict(d.get("neg"), f"{where}.neg")
+        for nm, q in (("pos", pos), ("neg", neg)):
+            if len(q.scale) != 1:
+                raise RecipeError(f"{where}.{nm}: region quantizers are per tensor (one scale)")
+        return cls(float(m), pos, neg)
+
+
+@dataclass
+class LayerSpec:
+    module: str
+    kind: str
+    macs: int = 0
+    weight: QuantSpec | None = None
+    input: QuantSpec | None = None
+    input_regions: RegionSpec | None = None
+    smooth: SmoothSpec | None = None
+    q: QuantSpec | None = None
+    k: QuantSpec | None = None
+    attn: QuantSpec | None = None
+    v: QuantSpec | None = None
+
+    def quantizers(self) -> dict[str, QuantSpec]:
+        """Role -> spec for every quantizer present (``input_regions`` as ``input.pos``/``input.neg``)."""
+        out = {}
+        for role in ("weight", "input", *ATTN_OPERANDS):
+            spec = getattr(self, role)
+            if spec is not None:
+                out[role] = spec
+        if self.input_regions is not None:
+            out["input.pos"] = self.input_regions.pos
+            out["input.neg"] = self.input_regions.neg
+        return out
+
+    @property
+    def weight_bits(self) -> int | None:
+        return self.weight.bits if self.weight else None
+
+    @property
+    def act_bits(self) -> int | None:
+        """Activation bits for bit-op accounting: the input's (or the widest region's); for attention the widest
+        operand."""
+        if self.input is not None:
+            return self.input.bits
+        if self.input_regions is not None:
+            return max(self.input_regions.pos.bits, self.input_regions.neg.bits)
+        ops = [getattr(self, r) for r in ATTN_OPERANDS if getattr(self, r) is not None]
+        return max(o.bits for o in ops) if ops else None
+
+    def to_dict(self) -> dict:
+        d: dict[str, Any] = {"module": self.module, "kind": self.kind, "macs": int(self.macs)}
+        for f in ("weight", "input", "input_regions", "smooth", *ATTN_OPERANDS):
+            v = getattr(self, f)
+            if v is not None:
+                d[f] = v.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> "LayerSpec":
+        _require_obj(d, where)
+        _only_keys(d, where, {"module", "kind", "macs", "weight", "input", "input_regions", "smooth",
+                              *ATTN_OPERANDS})
+        module = d.get("module")
+        if not isinstance(module, str) or not module:
+            raise RecipeError(f"{where}.module: expected a timm module path string, got {module!r}")
+        kind = d.get("kind")
+        if kind not in KINDS:
+            raise RecipeError(f"{where}.kind: {kind!r} is not one of {', '.join(KINDS)}")
+        macs = d.get("macs", 0)
+        if not isinstance(macs, int) or macs < 0:
+            raise RecipeError(f"{where}.macs: expected a non-negative integer, got {macs!r}")
+        opt = lambda k, c: c.from_dict(d[k], f"{where}.{k}") if d.get(k) is not None else None  # noqa: E731
+        spec = cls(module, kind, macs, weight=opt("weight", QuantSpec), input=opt("input", QuantSpec),
+                   input_regions=opt("input_regions", RegionSpec), smooth=opt("smooth", SmoothSpec),
+                   **{r: opt(r, QuantSpec) for r in ATTN_OPERANDS})
+        if kind == "attn":
+            if spec.weight or spec.input or spec.input_regions or spec.smooth:
+                raise RecipeError(f"{where}: an 'attn' layer has only q, k, attn, v quantizers")
+        else:
+            if any(getattr(spec, r) for r in ATTN_OPERANDS):
+                raise RecipeError(f"{where}: q/k/attn/v quantizers belong to 'attn' layers, not {kind!r}")
+            if spec.input and spec.input_regions:
+                raise RecipeError(f"{where}: 'input' and 'input_regions' are mutually exclusive")
+            if spec.weight and len(spec.weight.scale) > 1 and spec.weight.axis != 0:
+                raise RecipeError(f"{where}.weight.axis: per-channel weight scales are along axis 0 (output "
+                                  f"channels), got {spec.weight.axis}")
+            for nm, q in (("input", spec.input),):
+                if q is not None and len(q.scale) != 1:
+                    raise RecipeError(f"{where}.{nm}: activations are quantized per tensor (one scale)")
+        return spec
+
+
+@dataclass
+class Recipe:
+    name: str
+    model: str
+    layers: list[LayerSpec] = field(default_factory=list)
+    defaults: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+    mixa: dict[str, Any] | None = None
+    schema: str = SCHEMA
+
+    def layer(self, module: str) -> LayerSpec | None:
+        for l in self.layers:
+            if l.module == module:
+                return l
+        return None
+
+    def to_dict(self) -> dict:
+        d = {"schema": self.schema, "name": self.name, "model": self.model, "defaults": self.defaults,
+             "provenance": self.provenance, "layers": [l.to_dict() for l in self.layers]}
+        if self.mixa is not None:
+            d["mixa"] = self.mixa
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    def save(self, path: str | Path) -> None:
+        from ..artifacts import write_json_atomic
+
+        write_json_atomic(path, self.to_dict())
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = "recipe") -> "Recipe":
+        _require_obj(d, where)
+        schema = d.get("schema")
+        if schema != SCHEMA:
+            raise RecipeError(f"{where}.schema: expected {SCHEMA!r}, got {schema!r}")
+        _only_keys(d, where, {"schema", "name", "model", "defaults", "provenance", "layers", "mixa"})
+        for k in ("name", "model"):
+            if not isinstance(d.get(k), str) or not d[k]:
+                raise RecipeError(f"{where}.{k}: expected a non-empty string")
+        layers = d.get("layers")
+        if not isinstance(layers, list):
+            raise RecipeError(f"{where}.layers: expected a list")
+        specs = [LayerSpec.from_dict(l, f"{where}.layers[{i}]") for i, l in enumerate(layers)]
+        seen: dict[str, int] = {}
+        for i, s in enumerate(specs):
+            if s.module in seen:
+                raise RecipeError(f"{where}.layers[{i}].module: {s.module!r} already appears in "
+                                  f"layers[{seen[s.module]}]")
+            seen[s.module] = i
+        for k in ("defaults", "provenance"):
+            if not isinstance(d.get(k, {}), dict):
+                raise RecipeError(f"{where}.{k}: expected an object")
+        return cls(d["name"], d["model"], specs, dict(d.get("defaults", {})), dict(d.get("provenance", {})),
+                   d.get("mixa"))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Recipe":
+        p = Path(path)
+        try:
+            text = p.read_text()
+        except FileNotFoundError:
+            raise RecipeError(f"recipe file not found: {p}") from None
+        except OSError as e:
+            raise RecipeError(f"cannot read recipe file {p}: {e}") from None
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise RecipeError(f"recipe file {p} is not valid JSON: line {e.lineno} column {e.colno}: {e.msg}") \
+                from None
+        return cls.from_dict(d, where=str(p))
+
+
+def _require_obj(d: Any, where: str) -> None:
+    if not isinstance(d, dict):
+        raise RecipeError(f"{where}: expected an object, got {type(d).__name__}")
+
+
+def _only_keys(d: dict, where: str, allowed: set[str]) -> None:
+    extra = sorted(set(d) - allowed)
+    if extra:
+        raise RecipeError(f"{where}: unknown field(s) {', '.join(map(repr, extra))} "
+                          f"(allowed: {', '.join(sorted(allowed))})")
