@@ -1,0 +1,316 @@
+"""GPU check + benchmark of the vitq plugin kernels (needs an sm_80+ GPU, nvcc and torch with CUDA).
+
+    python bench/plugins_gpu.py [--out bench/results/plugins_gpu.json] [--iters 50]
+
+1. compiles vitq/plugins/kernels/*.cu into a shared library with nvcc (for the local GPU's arch) and loads it with
+   ctypes;
+2. checks every kernel against the numpy references in vitq.plugins.specs on random inputs and on real DeiT-T /
+   Swin-T shapes, with poisoned outputs (output buffers filled with NaN before each launch) and fresh inputs per
+   run; QuantLinearA4 float32 output must be bit-exact (see specs.quant_linear_a4_ref), both GEMM paths are run
+   where the device has them;
+3. times them with CUDA events (median of --iters) next to torch fp16 matmul and torch._int_mm (int8) at the same
+   shapes, and writes JSON + a markdown table.
+
+Nothing in this file has been run on a GPU yet (see vitq/plugins/NOTES.md). The CPU-side parts (shape lists,
+reference comparisons) are unit-tested in tests/test_plugins_bench.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from vitq.plugins.specs import (n_high_windows, quant_linear_a4_ref, window_importance_ref,  # noqa: E402
+                                window_merge_ref)
+
+KERNELS = REPO / "vitq" / "plugins" / "kernels"
+W_INT4_PACKED, W_INT8 = 0, 1
+OUT_F32, OUT_F16 = 0, 1
+PATH_AUTO, PATH_S4, PATH_S8 = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class LinearShape:
+    model: str
+    layer: str
+    M: int  # tokens (batch * tokens per image)
+    K: int
+    N: int
+
+
+@dataclass(frozen=True)
+class WindowShape:
+    model: str
+    stage: str
+    B: int
+    nW: int
+    T: int
+    C: int
+    ratio: float = 0.5
+
+
+def linear_shapes(batch: int = 8) -> list[LinearShape]:
+    """The linear layers of DeiT-Tiny (197 tokens, dim 192, mlp 768) and Swin-Tiny (window 7, dims 96..768)."""
+    out = []
+    m = batch * 197
+    for layer, k, n in (("qkv", 192, 576), ("proj", 192, 192), ("fc1", 192, 768), ("fc2", 768, 192)):
+        out.append(LinearShape("deit_tiny", layer, m, k, n))
+    for stage, (tokens, c) in enumerate(((56 * 56, 96), (28 * 28, 192), (14 * 14, 384), (7 * 7, 768)), start=1):
+        m = batch * tokens
+        for layer, k, n in (("qkv", c, 3 * c), ("proj", c, c), ("fc1", c, 4 * c), ("fc2", 4 * c, c)):
+            out.append(LinearShape("swin_tiny", f"s{stage}.{layer}", m, k, n))
+    return out
+
+
+def window_shapes(batch: int = 8) -> list[WindowShape]:
+    """Swin-Tiny windows (7x7 = 49 tokens) per stage; the last stage has a single window and is skipped."""
+    return [WindowShape("swin_tiny", f"s{s}", batch, (56 // 7 // 2 ** (s - 1)) ** 2, 49, c)
+            for s, c in ((1, 96), (2, 192), (3, 384))]
+
+
+def random_linear_case(rng: np.random.Generator, M: int, K: int, N: int, weight_bits: int = 4):
+    lo, hi = (-8, 7) if weight_bits == 4 else (-128, 127)
+    x = (rng.standard_normal((M, K)) * 1.5).astype(np.float32)
+    act_scale = float(np.float32(np.abs(x).max() / 7.5))
+    x.reshape(-1)[:4] = np.float32([0.5, 1.5, -2.5, 100.0]) * np.float32(act_scale)  # ties + saturation
+    w = rng.integers(lo, hi + 1, (N, K)).astype(np.int8)
+    w_scale = (rng.random(N) * 0.02 + 0.001).astype(np.float32)
+    bias = rng.standard_normal(N).astype(np.float32)
+    return x, w, w_scale, bias, act_scale
+
+
+def pack_int4_ref(w: np.ndarray) -> np.ndarray:
+    """int8 [N, K] (values -8..7) -> uint8 [N, K/2]: low nibble = even k, high nibble = odd k (vitq_kernels.h)."""
+    u = (w.astype(np.int16) & 0xF).astype(np.uint8)
+    return (u[:, 0::2] | (u[:, 1::2] << 4)).astype(np.uint8)
+
+
+def check_linear(y: np.ndarray, ref: np.ndarray, out_f16: bool) -> dict:
+    """Bit-exact for float32 output; float16 output must equal the reference rounded to fp16."""
+    expect = ref.astype(np.float16).astype(np.float32) if out_f16 else ref
+    y = y.astype(np.float32)
+    nan = int(np.isnan(y).sum())
+    diff = float(np.nanmax(np.abs(y - expect))) if y.size else 0.0
+    return {"ok": nan == 0 and bool(np.array_equal(y, expect)), "nan": nan, "max_abs_diff": diff}
+
+
+def check_route(x: np.ndarray, ratio: float, imp: np.ndarray, x_hi: np.ndarray, x_lo: np.ndarray,
+                i_hi: np.ndarray, i_lo: np.ndarray, rtol: float = 1e-5) -> dict:
+    """Importance close to the reference; a valid partition; high windows are the most important (up to float
+    ties); gathers exact copies."""
+    b, nw = x.shape[:2]
+    nh = n_high_windows(nw, ratio)
+    ref_imp = window_importance_ref(x)
+    problems = []
+    if not np.allclose(imp, ref_imp, rtol=rtol, atol=1e-6):
+        problems.append(f"importance max diff {float(np.max(np.abs(imp - ref_imp)))}")
+    if i_hi.shape != (b, nh) or i_lo.shape != (b, nw - nh):
+        problems.append("index shapes")
+    else:
+        for bi in range(b):
+            if sorted(np.concatenate([i_hi[bi], i_lo[bi]]).tolist()) != list(range(nw)):
+                problems.append(f"batch {bi}: not a partition")
+                continue
+            if nh and nw - nh and ref_imp[bi, i_hi[bi]].min() < ref_imp[bi, i_lo[bi]].max() * (1 - rtol):
+                problems.append(f"batch {bi}: a low window is more important than a high one")
+            if not np.all(np.diff(i_lo[bi]) > 0):
+                problems.append(f"batch {bi}: low group not in window order")
+            if not np.array_equal(x_hi[bi], x[bi, i_hi[bi]]) or not np.array_equal(x_lo[bi], x[bi, i_lo[bi]]):
+                problems.append(f"batch {bi}: gathered windows differ from x")
+    return {"ok": not problems, "problems": problems}
+
+
+def check_merge(y: np.ndarray, y_hi, y_lo, i_hi, i_lo) -> dict:
+    ref = window_merge_ref(y_hi, y_lo, i_hi, i_lo)
+    return {"ok": bool(np.array_equal(y, ref)), "nan": int(np.isnan(y).sum())}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# GPU side (torch + ctypes), only imported/used by main()
+# ------------------------------------------------------------------------------------------------------------------
+
+def build_library(out_dir: Path, arch: str) -> Path:
+    lib = out_dir / "libvitq_kernels.so"
+    cmd = ["nvcc", "-std=c++17", "-O3", f"-arch={arch}", "-shared", "-Xcompiler", "-fPIC", "-o", str(lib),
+           *map(str, sorted(KERNELS.glob("*.cu")))]
+    subprocess.run(cmd, check=True)
+    return lib
+
+
+def load_library(path: Path):
+    lib = ctypes.CDLL(str(path))
+    p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+    lib.vitq_pack_int4.argtypes = [p, p, i, i, p]
+    lib.vitq_quant_linear_a4.argtypes = [p, p, i, p, p, p, i, i, i, i, f, i, p]
+    lib.vitq_select_path.argtypes = [i]
+    lib.vitq_window_route.argtypes = [p, p, p, p, p, p, i, i, i, i, i, p]
+    lib.vitq_window_merge.argtypes = [p, p, p, p, p, i, i, i, i, i, p]
+    for fn in (lib.vitq_pack_int4, lib.vitq_quant_linear_a4, lib.vitq_select_path, lib.vitq_window_route,
+               lib.vitq_window_merge):
+        fn.restype = ctypes.c_int
+    return lib
+
+
+def _time(fn, iters: int) -> float:
+    import torch
+
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3)
+    return statistics.median(times)  # microseconds
+
+
+def run_gpu(iters: int, batch: int, seed: int) -> dict:
+    import torch
+
+    assert torch.cuda.is_available(), "needs a CUDA GPU"
+    major, minor = torch.cuda.get_device_capability()
+    cc = major * 10 + minor
+    assert cc >= 80, f"needs sm_80+, device is sm_{cc}"
+    tmp = Path(tempfile.mkdtemp(prefix="vitq_kernels_"))
+    lib = load_library(build_library(tmp, f"sm_{cc}"))
+    stream = torch.cuda.current_stream().cuda_stream
+    dev = torch.device("cuda")
+    rng = np.random.default_rng(seed)
+    paths = [PATH_S8] + ([PATH_S4] if 80 <= cc < 90 else [])
+    results = {"device": torch.cuda.get_device_name(), "sm": cc, "auto_path_int4": lib.vitq_select_path(0),
+               "linear": [], "window": []}
+
+    def T(a):
+        return torch.from_numpy(np.ascontiguousarray(a)).to(dev)
+
+    cases = [LinearShape("random", f"r{i}", int(m), int(k), int(n)) for i, (m, k, n) in
+             enumerate(((1, 8, 1), (63, 64, 65), (130, 136, 72), (257, 520, 200)))] + linear_shapes(batch)
+    for sh in cases:
+        for wbits in (4, 8):
+            x, w, ws, b, s = random_linear_case(rng, sh.M, sh.K, sh.N, wbits)
+            ref = quant_linear_a4_ref(x, w, ws, b, act_scale=s, weight_bits=wbits)
+            xt, wt, wst, bt = T(x), T(w), T(ws), T(b)
+            if wbits == 4:
+                packed = torch.empty((sh.N, sh.K // 2), dtype=torch.uint8, device=dev)
+                assert lib.vitq_pack_int4(wt.data_ptr(), packed.data_ptr(), sh.N, sh.K, stream) == 0
+                torch.cuda.synchronize()
+                assert np.array_equal(packed.cpu().numpy(), pack_int4_ref(w)), "vitq_pack_int4 layout"
+                wbuf, fmt = packed, W_INT4_PACKED
+            else:
+                wbuf, fmt = wt, W_INT8
+            for path in paths if wbits == 4 else [PATH_S8]:
+                for out_dt in (OUT_F32, OUT_F16):
+                    y = torch.full((sh.M, sh.N), float("nan"), device=dev,
+                                   dtype=torch.float32 if out_dt == OUT_F32 else torch.float16)
+                    launch = lambda: lib.vitq_quant_linear_a4(  # noqa: E731
+                        xt.data_ptr(), wbuf.data_ptr(), fmt, wst.data_ptr(), bt.data_ptr(), y.data_ptr(), out_dt,
+                        sh.M, sh.N, sh.K, ctypes.c_float(s), path, stream)
+                    rc = launch()
+                    torch.cuda.synchronize()
+                    row = {**asdict(sh), "weight_bits": wbits, "path": {1: "s4_mma", 2: "s8_mma"}[path],
+                           "out": "f32" if out_dt == OUT_F32 else "f16", "rc": rc}
+                    row.update(check_linear(y.cpu().numpy(), ref, out_dt == OUT_F16) if rc == 0 else {"ok": False})
+                    if rc == 0 and sh.model != "random" and out_dt == OUT_F16:
+                        row["us"] = _time(launch, iters)
+                    results["linear"].append(row)
+            if sh.model != "random" and wbits == 4:
+                a16 = torch.randn(sh.M, sh.K, device=dev, dtype=torch.float16)
+                w16 = torch.randn(sh.K, sh.N, device=dev, dtype=torch.float16)
+                a8 = torch.randint(-8, 8, (sh.M, sh.K), device=dev, dtype=torch.int8)
+                w8 = torch.randint(-8, 8, (sh.K, sh.N), device=dev, dtype=torch.int8)
+                base = {**asdict(sh), "weight_bits": 16, "path": "torch_fp16_matmul", "out": "f16", "ok": True}
+                results["linear"].append({**base, "us": _time(lambda: a16 @ w16, iters)})
+                try:
+                    us = _time(lambda: torch._int_mm(a8, w8), iters)
+                    results["linear"].append({**base, "weight_bits": 8, "path": "torch_int_mm_int8", "out": "i32",
+                                              "us": us})
+                except RuntimeError as e:  # _int_mm shape limits (M > 16, K, N multiples of 8)
+                    results["linear"].append({**base, "path": "torch_int_mm_int8", "ok": False, "error": str(e)})
+
+    wcases = [WindowShape("random", "r0", 2, 9, 5, 4, 0.4), WindowShape("random", "r1", 3, 64, 49, 32, 0.0)]
+    for sh in wcases + window_shapes(batch):
+        x = rng.standard_normal((sh.B, sh.nW, sh.T, sh.C)).astype(np.float32)
+        nh = n_high_windows(sh.nW, sh.ratio)
+        nl = sh.nW - nh
+        xt = T(x)
+        f = dict(device=dev, dtype=torch.float32)
+        imp = torch.full((sh.B, sh.nW), float("nan"), **f)
+        xh = torch.full((sh.B, nh, sh.T, sh.C), float("nan"), **f)
+        xl = torch.full((sh.B, nl, sh.T, sh.C), float("nan"), **f)
+        ih = torch.full((sh.B, nh), -1, device=dev, dtype=torch.int64)
+        il = torch.full((sh.B, nl), -1, device=dev, dtype=torch.int64)
+        route = lambda: lib.vitq_window_route(xt.data_ptr(), imp.data_ptr(), xh.data_ptr(), xl.data_ptr(),  # noqa
+                                              ih.data_ptr(), il.data_ptr(), sh.B, sh.nW, sh.T, sh.C, nh, stream)
+        rc = route()
+        torch.cuda.synchronize()
+        row = {**asdict(sh), "op": "route", "rc": rc}
+        row.update(check_route(x, sh.ratio, imp.cpu().numpy(), xh.cpu().numpy(), xl.cpu().numpy(),
+                               ih.cpu().numpy(), il.cpu().numpy()) if rc == 0 else {"ok": False})
+        y = torch.full_like(xt, float("nan"))
+        yh, yl = xh * 2 + 1, xl * 3 - 1  # fresh values, so an identity "merge" cannot pass
+        merge = lambda: lib.vitq_window_merge(yh.data_ptr(), yl.data_ptr(), ih.data_ptr(), il.data_ptr(),  # noqa
+                                              y.data_ptr(), sh.B, sh.nW, sh.T, sh.C, nh, stream)
+        rc2 = merge()
+        torch.cuda.synchronize()
+        row2 = {**asdict(sh), "op": "merge", "rc": rc2}
+        row2.update(check_merge(y.cpu().numpy(), yh.cpu().numpy(), yl.cpu().numpy(), ih.cpu().numpy(),
+                                il.cpu().numpy()) if rc2 == 0 else {"ok": False})
+        if sh.model != "random":
+            row["us"], row2["us"] = _time(route, iters), _time(merge, iters)
+            # the native chain TensorRT would run, in torch, as a rough comparison
+            def native():
+                a = xt.abs().mean(-1)
+                im = a.square().sum(-1).sqrt()
+                idx = im.topk(nh, dim=1).indices
+                return torch.gather(xt, 1, idx[:, :, None, None].expand(-1, -1, sh.T, sh.C))
+            row["us_torch_topk_gather"] = _time(native, iters)
+        results["window"] += [row, row2]
+    return results
+
+
+def table(results: dict) -> str:
+    lines = ["| model | layer | M | K | N | wbits | path | out | ok | median us |", "|" + "---|" * 10]
+    for r in results["linear"]:
+        lines.append(f"| {r['model']} | {r['layer']} | {r['M']} | {r['K']} | {r['N']} | {r['weight_bits']} | "
+                     f"{r['path']} | {r['out']} | {r.get('ok')} | {r.get('us', '')} |")
+    lines += ["", "| model | stage | B | nW | T | C | op | ok | median us | torch topk+gather us |",
+              "|" + "---|" * 10]
+    for r in results["window"]:
+        lines.append(f"| {r['model']} | {r['stage']} | {r['B']} | {r['nW']} | {r['T']} | {r['C']} | {r['op']} | "
+                     f"{r.get('ok')} | {r.get('us', '')} | {r.get('us_torch_topk_gather', '')} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "plugins_gpu.json")
+    ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    results = run_gpu(args.iters, args.batch, args.seed)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1))
+    args.out.with_suffix(".md").write_text(table(results) + "\n")
+    print(table(results))
+    bad = [r for r in results["linear"] + results["window"] if not r.get("ok")]
+    print(f"\n{len(bad)} failing checks; wrote {args.out}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,82 @@
+/*
+ * vitq CUDA kernels: C API (device pointers + cudaStream_t; all launches are asynchronous on `stream`).
+ *
+ * Semantics are defined by the numpy references in vitq/plugins/specs.py; see vitq/plugins/NOTES.md for what has
+ * and has not been compiled / run.
+ *
+ * Weight packing for VITQ_W_INT4_PACKED ("packed int4"): a uint8 array [N, K/2], row n = output channel, element
+ * (n, k) in byte n*(K/2) + k/2, low nibble for even k, high nibble for odd k, two's complement (-8..7). This is the
+ * layout the s4 mma.sync B operand (.col) wants: 8 consecutive k of one column in one 32-bit register, lowest k in
+ * the lowest bits. vitq_pack_int4() makes it from the int8 [N, K] tensor the ONNX plugin node carries.
+ */
+#ifndef VITQ_KERNELS_H
+#define VITQ_KERNELS_H
+
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Status codes (0 = launched). */
+enum vitq_status {
+    VITQ_OK = 0,
+    VITQ_ERR_SHAPE = 1,      /* a shape precondition failed (see each function) */
+    VITQ_ERR_ARCH = 2,       /* device compute capability < 8.0 */
+    VITQ_ERR_ARG = 3,        /* null pointer, bad enum or non-positive / non-finite scale */
+    VITQ_ERR_CUDA = 4        /* a CUDA runtime call or launch failed (cudaGetLastError) */
+};
+
+enum vitq_weight_format {
+    VITQ_W_INT4_PACKED = 0,  /* uint8 [N, K/2], see above; values -8..7 */
+    VITQ_W_INT8 = 1          /* int8 [N, K] row-major, values -128..127 (W8A4) */
+};
+
+enum vitq_out_dtype { VITQ_OUT_F32 = 0, VITQ_OUT_F16 = 1 };
+
+enum vitq_gemm_path {
+    VITQ_PATH_AUTO = 0,      /* s4 mma on sm_80..sm_89 with packed int4 weights, else s8 mma */
+    VITQ_PATH_S4_MMA = 1,    /* mma.sync m16n8k64 s4.s4 (sm_80..sm_89 only; int4 weights only) */
+    VITQ_PATH_S8_MMA = 2     /* mma.sync m16n8k32 s8.s8 on int4 values widened to int8 (sm_80+, incl. sm_90) */
+};
+
+/* Pack int8 [N, K] (values must be -8..7; not checked on device) into packed int4 [N, K/2]. K % 8 == 0. */
+int vitq_pack_int4(const int8_t* w, uint8_t* packed, int N, int K, cudaStream_t stream);
+
+/*
+ * Y[M, N] = ((float(sum_k xq[m,k] * W[n,k]) * act_scale) * w_scale[n]) + bias[n]
+ *   xq = clamp(rint(X / act_scale), -8, 7)   (IEEE division, round-half-even; exactly ONNX QuantizeLinear int4)
+ * x: float32 [M, K] row-major; w: see weight_format; w_scale: float32 [N]; bias: float32 [N] or NULL;
+ * y: float32 or float16 [M, N] row-major.
+ * Preconditions (else VITQ_ERR_SHAPE): M >= 1, N >= 1, K >= 8, K % 8 == 0. M and N tails are bounds-checked,
+ * K tails (K % 64 != 0) are zero-padded in shared memory. Float32 output is bit-exact w.r.t. the numpy reference
+ * while |acc| < 2^24 (always for K <= 2^14 with int4 weights).
+ */
+int vitq_quant_linear_a4(const float* x, const void* w, int weight_format, const float* w_scale, const float* bias,
+                         void* y, int out_dtype, int M, int N, int K, float act_scale, int path,
+                         cudaStream_t stream);
+
+/* The path VITQ_PATH_AUTO picks on the current device for this weight format (or a negative vitq_status). */
+int vitq_select_path(int weight_format);
+
+/*
+ * Window routing. x: float32 [B, nW, T, C] contiguous. n_high in [0, nW].
+ * importance[b, w] = sqrt(sum_t (mean_c |x[b,w,t,c]|)^2)            -> imp (float32 [B, nW], caller-allocated)
+ * high group: the n_high most important windows, by descending importance, ties -> lower window index first;
+ * low group: the rest in ascending window order.
+ * x_high: [B, n_high, T, C], x_low: [B, nW - n_high, T, C], idx_high: int64 [B, n_high], idx_low: int64
+ * [B, nW - n_high]. Requires nW <= 4096. Any of x_high / x_low may be NULL to skip that gather.
+ */
+int vitq_window_importance(const float* x, float* imp, int B, int nW, int T, int C, cudaStream_t stream);
+int vitq_window_route(const float* x, float* imp, float* x_high, float* x_low, int64_t* idx_high,
+                      int64_t* idx_low, int B, int nW, int T, int C, int n_high, cudaStream_t stream);
+/* Exact scatter back: y[b, idx_high[b,i]] = y_high[b,i]; y[b, idx_low[b,j]] = y_low[b,j]. y: [B, nW, T, C]. */
+int vitq_window_merge(const float* y_high, const float* y_low, const int64_t* idx_high, const int64_t* idx_low,
+                      float* y, int B, int nW, int T, int C, int n_high, cudaStream_t stream);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* VITQ_KERNELS_H */

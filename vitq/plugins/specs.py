@@ -1,0 +1,266 @@
+"""One definition per vitq custom op: name, namespace, version, attributes, I/O, and a numpy reference.
+
+The numpy reference functions here are the **semantic truth** for each op. Every other implementation (the
+standard-ONNX expansion in :mod:`vitq.plugins.lowering`, the CUDA kernels in ``kernels/``, the TensorRT plugin in
+``trt/``) is checked against them.
+
+QuantLinearA4
+    A linear layer with per-tensor symmetric int4 activations and per-output-channel symmetric int4 (or int8)
+    weights. TensorRT runs int8 activations and int4 weights natively but has no int4-activation path, so W4A4 needs
+    this plugin. It is exactly what standard ONNX computes for::
+
+        X -> QuantizeLinear(act_scale, zp=int4 0) -> DequantizeLinear -> MatMul(., DequantizeLinear(W, w_scale, axis))
+          [-> Add(bias)]
+
+    up to float rounding of the products and summation order (see :func:`quant_linear_a4_ref`).
+
+WindowRoute / WindowMerge
+    Fused window importance + top-k + gather of windows into a "high" and a "low" group, and the exact scatter back.
+    **These are only worth shipping as plugins if a GPU measurement shows they beat TensorRT's native
+    TopK/Gather/ScatterElements chain.** No GPU was available when they were written, so the native chain stays the
+    default (``OpSpec.shipped = False``): the lowering pass never emits them, and no TensorRT wrapper exists for them.
+    The CUDA kernels exist so that the measurement can be made (``bench/plugins_gpu.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from ..errors import InputError
+
+#: TensorRT plugin namespace of every vitq plugin (the ``plugin_namespace`` node attribute).
+NAMESPACE = "vitq"
+#: ONNX domain of vitq plugin nodes. TensorRT's ONNX parser finds plugins by op_type (= plugin name) plus the
+#: ``plugin_version`` / ``plugin_namespace`` attributes and does not look at the domain; a non-default domain keeps
+#: the node from being mistaken for a standard op by ONNX tools. "trt.plugins" is what NVIDIA ModelOpt uses.
+DOMAIN = "trt.plugins"
+VERSION = "1"
+
+
+@dataclass(frozen=True)
+class AttrSpec:
+    name: str
+    type: str  # "float" | "int"
+    default: Any = None  # None: required
+    doc: str = ""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name, or "float32|float16"
+    shape: str  # symbolic, for documentation
+    optional: bool = False
+    doc: str = ""
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    name: str
+    attrs: tuple[AttrSpec, ...]
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    reference: Callable[..., Any]
+    doc: str
+    #: True when the lowering pass emits this op by default (a plugin exists and was justified).
+    shipped: bool = True
+    namespace: str = NAMESPACE
+    version: str = VERSION
+    domain: str = DOMAIN
+    notes: tuple[str, ...] = field(default=())
+
+    def attr(self, name: str) -> AttrSpec:
+        for a in self.attrs:
+            if a.name == name:
+                return a
+        raise KeyError(name)
+
+    def resolve_attrs(self, given: dict[str, Any]) -> dict[str, Any]:
+        """Given attributes plus defaults; raises :class:`InputError` naming a missing/unknown attribute."""
+        known = {a.name for a in self.attrs}
+        unknown = set(given) - known - {"plugin_namespace", "plugin_version"}
+        if unknown:
+            raise InputError(f"{self.name}: unknown attribute(s) {sorted(unknown)}")
+        out = {}
+        for a in self.attrs:
+            if a.name in given:
+                out[a.name] = float(given[a.name]) if a.type == "float" else int(given[a.name])
+            elif a.default is None:
+                raise InputError(f"{self.name}: required attribute {a.name!r} missing")
+            else:
+                out[a.name] = a.default
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# QuantLinearA4
+# ---------------------------------------------------------------------------------------------------------------
+
+def qrange(bits: int) -> tuple[int, int]:
+    """Symmetric signed range of a ``bits``-bit integer: (-2^(b-1), 2^(b-1)-1)."""
+    if bits not in (4, 8):
+        raise InputError(f"unsupported bit width {bits} (expected 4 or 8)")
+    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+
+
+def quantize_act_ref(x: np.ndarray, act_scale: float, act_bits: int = 4) -> np.ndarray:
+    """ONNX QuantizeLinear(x, scale, zp=0) into a signed ``act_bits`` integer, as int32.
+
+    ``round(x / scale)`` with round-half-to-even, the division done in float32 (onnxruntime divides; it does not
+    multiply by a reciprocal, and neither may the CUDA kernel), then saturation to the integer range."""
+    lo, hi = qrange(act_bits)
+    x = np.asarray(x, dtype=np.float32)
+    q = np.rint(x / np.float32(act_scale))  # np.rint rounds half to even
+    return np.clip(q, lo, hi).astype(np.int32)
+
+
+def quant_linear_a4_ref(x: np.ndarray, w_q: np.ndarray, w_scale: np.ndarray, bias: np.ndarray | None = None, *,
+                        act_scale: float, act_bits: int = 4, weight_bits: int = 4) -> np.ndarray:
+    """Reference QuantLinearA4: ``Y = (xq @ W_q^T) * act_scale * w_scale + bias`` in float32.
+
+    x: float32 [..., K]; w_q: int8 [N, K] holding values in the ``weight_bits`` range; w_scale: float32 [N];
+    bias: float32 [N] or None. xq = clip(round_half_even(x / act_scale), -8, 7).
+
+    The integer product is exact (int64 here, int32 in the kernel: |acc| <= K * 8 * 128 < 2^31 for any realistic
+    K), then scaled in this exact float32 order: ``((float(acc) * act_scale) * w_scale[n]) + bias[n]``; the CUDA
+    kernel uses the same order with no FMA contraction, so for float32 output it is bit-exact for K <= 2^14.
+
+    Standard ONNX (QuantizeLinear -> DequantizeLinear -> MatMul with DequantizeLinear'd weights -> Add) computes
+    ``sum_k (xq_k * act_scale) * (w_nk * w_scale_n) + bias_n``: the same real number; the float32 results differ
+    only by rounding of the per-term products and the summation order (|diff| <= ~K * eps * sum_k |term_k|).
+    """
+    lo_w, hi_w = qrange(weight_bits)
+    w_q = np.asarray(w_q)
+    if w_q.ndim != 2:
+        raise InputError(f"QuantLinearA4: W_q must be 2-D [N, K], got shape {w_q.shape}")
+    if w_q.size and (w_q.min() < lo_w or w_q.max() > hi_w):
+        raise InputError(f"QuantLinearA4: W_q values outside the int{weight_bits} range [{lo_w}, {hi_w}]")
+    n, k = w_q.shape
+    x = np.asarray(x, dtype=np.float32)
+    if x.shape[-1] != k:
+        raise InputError(f"QuantLinearA4: X last dim {x.shape[-1]} != K={k}")
+    w_scale = np.asarray(w_scale, dtype=np.float32).reshape(-1)
+    if w_scale.shape != (n,):
+        raise InputError(f"QuantLinearA4: w_scale must have shape [{n}], got {w_scale.shape}")
+    xq = quantize_act_ref(x, act_scale, act_bits).astype(np.int64)
+    acc = xq.reshape(-1, k) @ w_q.astype(np.int64).T  # exact
+    y = acc.astype(np.float32) * np.float32(act_scale)
+    y = y * w_scale[None, :]
+    if bias is not None:
+        y = y + np.asarray(bias, dtype=np.float32).reshape(1, n)
+    return y.astype(np.float32).reshape(*x.shape[:-1], n)
+
+
+QUANT_LINEAR_A4 = OpSpec(
+    name="QuantLinearA4",
+    attrs=(
+        AttrSpec("act_scale", "float", None, "per-tensor symmetric activation scale (float32, > 0)"),
+        AttrSpec("act_bits", "int", 4, "activation bit width; only 4 is supported"),
+        AttrSpec("weight_bits", "int", 4, "4 (W_q values in [-8, 7]) or 8 (values in [-128, 127])"),
+    ),
+    inputs=(
+        TensorSpec("X", "float32", "[..., K]"),
+        TensorSpec("W_q", "int8", "[N, K]", doc="one int8 per weight (int4 values in [-8,7] when weight_bits=4), "
+                                              "row n = output channel; the CUDA side packs it (see NOTES.md)"),
+        TensorSpec("w_scale", "float32", "[N]", doc="per-output-channel symmetric weight scale"),
+        TensorSpec("bias", "float32", "[N]", optional=True),
+    ),
+    outputs=(TensorSpec("Y", "float32", "[..., N]"),),
+    reference=quant_linear_a4_ref,
+    doc="W4A4 / W8A4 linear layer with fused int4 activation quantization.",
+)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# WindowRoute / WindowMerge
+# ---------------------------------------------------------------------------------------------------------------
+
+def n_high_windows(num_windows: int, ratio: float) -> int:
+    """Windows in the high group: ``num_windows - floor(ratio * num_windows)`` (the top (1-r) fraction, rounded up).
+
+    ``ratio`` in [0, 1) is the fraction routed to the low group."""
+    if not 0.0 <= ratio < 1.0:
+        raise InputError(f"WindowRoute: ratio must be in [0, 1), got {ratio}")
+    return num_windows - int(math.floor(ratio * num_windows + 1e-9))
+
+
+def window_importance_ref(x: np.ndarray) -> np.ndarray:
+    """x: float32 [B, nW, T, C] -> importance [B, nW]: L2 norm over the window's T tokens of a = mean_c |x|."""
+    x = np.asarray(x, dtype=np.float32)
+    a = np.mean(np.abs(x), axis=-1)  # [B, nW, T]
+    return np.sqrt(np.sum(a * a, axis=-1)).astype(np.float32)
+
+
+def window_route_ref(x: np.ndarray, *, ratio: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Split windows into two groups by importance.
+
+    x: float32 [B, nW, T, C]. Returns (x_high [B, nH, T, C], x_low [B, nL, T, C], idx_high int64 [B, nH],
+    idx_low int64 [B, nL]) with nH = :func:`n_high_windows`. The high group is ordered by descending importance,
+    ties broken by the lower window index first (ONNX TopK's rule); the low group is in ascending window order.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim != 4:
+        raise InputError(f"WindowRoute: x must be [B, nW, T, C], got shape {x.shape}")
+    b, nw = x.shape[:2]
+    nh = n_high_windows(nw, ratio)
+    imp = window_importance_ref(x)
+    # stable sort of -imp: descending importance, lower index first on ties
+    order = np.argsort(-imp, axis=1, kind="stable")
+    idx_high = order[:, :nh].astype(np.int64)
+    idx_low = np.sort(order[:, nh:], axis=1).astype(np.int64)
+    bi = np.arange(b)[:, None]
+    return x[bi, idx_high], x[bi, idx_low], idx_high, idx_low
+
+
+def window_merge_ref(y_high: np.ndarray, y_low: np.ndarray, idx_high: np.ndarray,
+                     idx_low: np.ndarray) -> np.ndarray:
+    """Exact inverse scatter of :func:`window_route_ref`: y[b, idx_high[b, i]] = y_high[b, i] (same for low)."""
+    y_high = np.asarray(y_high)
+    y_low = np.asarray(y_low)
+    b, nh = idx_high.shape
+    nl = idx_low.shape[1]
+    nw = nh + nl
+    out = np.empty((b, nw) + y_high.shape[2:], dtype=np.result_type(y_high, y_low))
+    seen = np.zeros((b, nw), dtype=np.int32)
+    bi = np.arange(b)[:, None]
+    out[bi, idx_high] = y_high
+    out[bi, idx_low] = y_low
+    np.add.at(seen, (np.broadcast_to(bi, idx_high.shape), idx_high), 1)
+    np.add.at(seen, (np.broadcast_to(bi, idx_low.shape), idx_low), 1)
+    if not np.all(seen == 1):
+        raise InputError("WindowMerge: idx_high/idx_low are not a partition of the windows")
+    return out
+
+
+_NOT_SHIPPED = ("Not emitted by lower_trt: ship only if a GPU measurement beats TensorRT's native "
+                "TopK/Gather/ScatterElements chain (none made yet: no GPU was available).",)
+
+WINDOW_ROUTE = OpSpec(
+    name="WindowRoute",
+    attrs=(AttrSpec("ratio", "float", None, "fraction of windows routed to the low group, in [0, 1)"),),
+    inputs=(TensorSpec("x", "float32", "[B, nW, T, C]"),),
+    outputs=(TensorSpec("x_high", "float32", "[B, nH, T, C]"), TensorSpec("x_low", "float32", "[B, nL, T, C]"),
+             TensorSpec("idx_high", "int64", "[B, nH]"), TensorSpec("idx_low", "int64", "[B, nL]")),
+    reference=window_route_ref,
+    doc="importance = ||mean_c |x| ||_2 over a window's tokens; top (1-ratio) windows -> high group.",
+    shipped=False,
+    notes=_NOT_SHIPPED,
+)
+
+WINDOW_MERGE = OpSpec(
+    name="WindowMerge",
+    attrs=(),
+    inputs=(TensorSpec("y_high", "float32", "[B, nH, T, C]"), TensorSpec("y_low", "float32", "[B, nL, T, C]"),
+            TensorSpec("idx_high", "int64", "[B, nH]"), TensorSpec("idx_low", "int64", "[B, nL]")),
+    outputs=(TensorSpec("y", "float32", "[B, nH + nL, T, C]"),),
+    reference=window_merge_ref,
+    doc="exact scatter of the two window groups back to window order.",
+    shipped=False,
+    notes=_NOT_SHIPPED,
+)
+
+SPECS: dict[str, OpSpec] = {s.name: s for s in (QUANT_LINEAR_A4, WINDOW_ROUTE, WINDOW_MERGE)}
