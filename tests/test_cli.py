@@ -149,3 +149,25 @@ def test_help_everywhere(capsys):
             main(cmd + ["--help"])
         assert ei.value.code == 0
     assert "--calib-count" in capsys.readouterr().out
+
+
+def test_quantized_compile_w8a8_end_to_end(compiled, tmp_path):
+    """Calibrate -> export the prepared model -> graph passes -> verify the Q/DQ graph against the simulation."""
+    import onnx
+
+    _, calib = compiled
+    out = tmp_path / "q"
+    assert main(["compile", MODEL, "--calib", str(calib), "--recipe", "w8a8", "--out", str(out), "-q"]) == 0
+    assert {"model.onnx", "model.fp32.onnx", "report.json", "recipe.json"} <= {p.name for p in out.iterdir()}
+    r = json.loads((out / "report.json").read_text())
+    v = r["verification"]["qdq_vs_simulation"]
+    assert v["passed"] and v["rel_l2_error"] <= v["tolerance_rel_l2"]
+    assert r["bitops"]["total"] == r["bitops"]["total_macs"] * 64  # every layer at 8x8 bits
+    assert r["calibration"]["used"] and all(l["w_bits"] in (8, None) for l in r["recipe"]["layers"])
+    m = onnx.load(out / "model.onnx")
+    ops = {n.op_type for n in m.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+
+
+def test_quantized_recipe_needs_calibration(tmp_path, capsys):
+    _fails(["compile", MODEL, "--recipe", "w8a8", "--out", str(tmp_path / "o")], capsys, "needs calibration images")

@@ -1,0 +1,275 @@
+"""insert_qdq on tiny graphs built in code (ModelOpt style): which tensors get Q/DQ, at which bits, which axis, and
+the integer weights against ``functional.quantize``."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto as T
+from onnx import helper as h
+from onnx import numpy_helper as nph
+
+from vitq.passes.infra import GraphPassError, ort_run, run_passes, to_ir
+from vitq.passes.insert_qdq import InsertQDQ, quantize_weight
+from vitq.recipe.schema import Recipe
+
+SCOPES = "pkg.torch.onnx.name_scopes"
+
+
+def _node(op, ins, outs, scope, **attrs):
+    n = h.make_node(op, ins, outs, name=f"{scope}/{op}_{outs[0]}", **attrs)
+    if scope is not None:
+        parts = scope.split(".")
+        mods = [""] + [".".join(parts[:i + 1]) for i in range(len(parts))] if scope else [""]
+        p = n.metadata_props.add()
+        p.key, p.value = SCOPES, str(mods + [op.lower()])
+    return n
+
+
+def tiny_block(rng, d=8, hidden=16, out=4):
+    """LayerNorm -> fc1 (MatMul + Add, W^T [d, hidden]) -> Gelu -> fc2 (MatMul + Add) -> residual Add -> head Gemm
+    (transB=1), plus an attention core q@k^T -> Softmax -> @v under module 'attn'; fc1's and fc2's biases share one
+    initializer (as the exporter's dedup does)."""
+    f = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    inits = [nph.from_array(f(d), "ln.w"), nph.from_array(f(d), "ln.b"), nph.from_array(f(d, hidden), "W1t"),
+             nph.from_array(f(hidden), "b1"), nph.from_array(f(hidden, d), "W2t"),
+             nph.from_array(f(out, d), "head.weight"), nph.from_array(f(out), "head.bias"),
+             nph.from_array(np.array(0.5, np.float32), "qscale")]
+    inits.append(nph.from_array(f(d), "bshared"))
+    nodes = [
+        _node("LayerNormalization", ["x", "ln.w", "ln.b"], ["ln"], "norm", axis=-1),
+        _node("MatMul", ["ln", "W1t"], ["mm1"], "fc1"), _node("Add", ["mm1", "b1"], ["y1"], "fc1"),
+        _node("Gelu", ["y1"], ["g"], "act"),
+        _node("MatMul", ["g", "W2t"], ["mm2"], "fc2"), _node("Add", ["mm2", "bshared"], ["y2"], "fc2"),
+        _node("Add", ["x", "y2"], ["res"], ""),
+        # attention core on the residual stream: q = res*scale, k = res, v = y2  ([B, N, d])
+        _node("Mul", ["res", "qscale"], ["q"], "attn"),
+        _node("Transpose", ["res"], ["kt"], "attn", perm=[0, 2, 1]),
+        _node("MatMul", ["q", "kt"], ["s"], "attn"), _node("Softmax", ["s"], ["p"], "attn", axis=-1),
+        _node("MatMul", ["p", "y2"], ["o"], "attn"),
+        _node("ReduceMean", ["o"], ["pool"], "", axes=None) if False else
+        _node("Gather", ["o", "idx0"], ["pool"], ""),
+        _node("Gemm", ["pool", "head.weight", "head.bias"], ["logits"], "head", transB=1),
+    ]
+    inits.append(nph.from_array(np.array(0, np.int64), "idx0"))
+    g = h.make_graph(nodes, "tiny", [h.make_tensor_value_info("x", T.FLOAT, ["batch", 5, d])],
+                     [h.make_tensor_value_info("logits", T.FLOAT, ["batch", out])], inits)
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 21)], ir_version=10)
+    m.metadata_props.add(key="vitq.model", value="tiny")
+    onnx.checker.check_model(m, full_check=True)
+    return m
+
+
+def recipe_for(layers):
+    return Recipe.from_dict({"schema": "vitq.recipe/1", "name": "t", "model": "tiny", "layers": layers})
+
+
+def lin(module, wbits, abits, n_out, scale=0.05, **extra):
+    d = {"module": module, "kind": "linear", "weight": {"bits": wbits, "scale": [scale * (1 + i / 10) for i in
+                                                                                  range(n_out)], "axis": 0}}
+    if abits is not None:
+        d["input"] = {"bits": abits, "scale": [0.03]}
+    d.update(extra)
+    return d
+
+
+def run(model, recipe):
+    out = run_passes(model, [InsertQDQ(recipe)])
+    import onnx_ir as ir
+
+    proto = ir.serde.serialize_model(out)
+    onnx.checker.check_model(proto, full_check=True)
+    return proto
+
+
+def producers(m):
+    return {o: n for n in m.graph.node for o in n.output}
+
+
+def inits(m):
+    return {i.name: i for i in m.graph.initializer}
+
+
+def gemm_inputs(m, module_op):
+    return [n for n in m.graph.node if n.op_type in ("MatMul", "Gemm") and n.name.startswith(module_op)]
+
+
+def dq_of(m, tensor):
+    """(dq node, q node or None, clip node or None) behind a GEMM input tensor."""
+    pr = producers(m)
+    dq = pr[tensor]
+    assert dq.op_type == "DequantizeLinear", (tensor, dq.op_type)
+    src = pr.get(dq.input[0])
+    clip = None
+    if src is not None and src.op_type == "Clip":
+        clip, src = src, pr.get(src.input[0])
+    return dq, src, clip
+
+
+def test_weights_and_activations_bits_axis_values():
+    rng = np.random.default_rng(0)
+    m = tiny_block(rng)
+    r = recipe_for([lin("fc1", 8, 8, 16), lin("fc2", 4, 6, 8), lin("head", 8, 8, 4)])
+    q = run(m, r)
+    I = inits(q)
+    fc1 = gemm_inputs(q, "fc1/MatMul")[0]
+    dqw, qw, _ = dq_of(q, fc1.input[1])
+    assert qw is None  # weights: int initializer -> DQ only
+    w_int = I[dqw.input[0]]
+    assert w_int.data_type == T.INT8 and list(w_int.dims) == [8, 16]
+    assert h.get_attribute_value(dqw.attribute[0]) == 1  # MatMul(X, W^T): [in, out] -> axis 1
+    W1t = nph.to_array(inits(m)["W1t"])
+    s1 = np.array(r.layer("fc1").weight.scale, np.float32)
+    np.testing.assert_array_equal(nph.to_array(w_int), quantize_weight(W1t, s1, 8, 1))
+    # the same integers as functional.quantize on the torch-layout weight [out, in] along axis 0
+    import torch
+
+    from vitq.quant.functional import channel_scale, quantize
+
+    tq = quantize(torch.from_numpy(W1t.T.copy()), channel_scale(torch.from_numpy(s1), 2, 0), 8).numpy()
+    np.testing.assert_array_equal(nph.to_array(w_int), tq.T.astype(np.int8))
+    dqa, qa, clip = dq_of(q, fc1.input[0])
+    assert qa.op_type == "QuantizeLinear" and qa.input[0] == "ln" and clip is None
+    assert I[qa.input[2]].data_type == T.INT8 and nph.to_array(I[qa.input[2]]) == 0
+    # fc2: int4 weights (ONNX INT4), 6-bit activations (int8 Q -> Clip(-32, 31) -> DQ)
+    fc2 = gemm_inputs(q, "fc2/MatMul")[0]
+    dqw2, _, _ = dq_of(q, fc2.input[1])
+    assert I[dqw2.input[0]].data_type == T.INT4 and I[dqw2.input[2]].data_type == T.INT4
+    v = nph.to_array(I[dqw2.input[0]]).astype(int)
+    assert v.min() >= -8 and v.max() <= 7 and v.min() == -8  # clamped (scales 0.05.. are small)
+    dqa2, qa2, clip2 = dq_of(q, fc2.input[0])
+    assert clip2 is not None and [int(nph.to_array(I[i])) for i in clip2.input[1:]] == [-32, 31]
+    assert qa2.input[0] == "g"  # on the GEMM input (after Gelu), not on the Gelu input
+    # head: Gemm transB=1 -> axis 0, weight [out, in]
+    head = gemm_inputs(q, "head/Gemm")[0]
+    dqh, _, _ = dq_of(q, head.input[1])
+    assert h.get_attribute_value(dqh.attribute[0]) == 0 and list(I[dqh.input[0]].dims) == [4, 8]
+    # nothing on LayerNorm / Softmax inputs, residual add, bias adds
+    pr = producers(q)
+    for n in q.graph.node:
+        if n.op_type in ("LayerNormalization", "Softmax", "Add", "Gelu"):
+            for t in n.input:
+                assert t not in pr or pr[t].op_type != "DequantizeLinear", (n.name, t)
+    # model metadata kept; node metadata kept (module mapping still works on the result)
+    assert {p.key: p.value for p in q.metadata_props} == {"vitq.model": "tiny"}
+    from vitq.exporter.onnx_export import module_name
+
+    assert module_name(qa) == "fc1" and module_name(fc1) == "fc1"
+
+
+def test_6bit_weight_is_int8_in_range_and_per_tensor_scale():
+    m = tiny_block(np.random.default_rng(1))
+    layer = lin("fc1", 6, 8, 16)
+    layer["weight"] = {"bits": 6, "scale": [0.01]}  # per tensor
+    q = run(m, recipe_for([layer]))
+    fc1 = gemm_inputs(q, "fc1/MatMul")[0]
+    dqw, _, _ = dq_of(q, fc1.input[1])
+    w = nph.to_array(inits(q)[dqw.input[0]])
+    assert w.dtype == np.int8 and w.min() == -32 and w.max() == 31
+    assert not dqw.attribute and nph.to_array(inits(q)[dqw.input[1]]).shape == ()
+
+
+def test_attention_operands_identified_structurally():
+    m = tiny_block(np.random.default_rng(2))
+    att = {"module": "attn", "kind": "attn", "q": {"bits": 8, "scale": [0.1]}, "k": {"bits": 8, "scale": [0.2]},
+           "attn": {"bits": 8, "scale": [1 / 127]}, "v": {"bits": 4, "scale": [0.3]}}
+    q = run(m, recipe_for([att]))
+    mms = [n for n in q.graph.node if n.op_type == "MatMul" and n.name.startswith("attn/")]
+    qk = next(n for n in mms if any(c.op_type == "Softmax" and n.output[0] in c.input for c in q.graph.node))
+    av = next(n for n in mms if n is not qk)
+    I = inits(q)
+    scale = lambda t: float(nph.to_array(I[dq_of(q, t)[0].input[1]]))  # noqa: E731
+    assert scale(qk.input[0]) == pytest.approx(0.1) and dq_of(q, qk.input[0])[1].input[0] == "q"
+    assert scale(qk.input[1]) == pytest.approx(0.2) and dq_of(q, qk.input[1])[1].input[0] == "kt"
+    assert scale(av.input[0]) == pytest.approx(1 / 127) and dq_of(q, av.input[0])[1].input[0] == "p"
+    dq_v, q_v, _ = dq_of(q, av.input[1])
+    assert scale(av.input[1]) == pytest.approx(0.3) and I[q_v.input[2]].data_type == T.INT4
+    # the fc2 output feeding v is not quantized for other consumers (residual add keeps the float tensor)
+    res = next(n for n in q.graph.node if n.op_type == "Add" and n.output[0] == "res")
+    assert res.input[1] == "y2"
+
+
+def test_opt_m_regions_two_gemms_share_weight_bias_once():
+    rng = np.random.default_rng(3)
+    m = tiny_block(rng)
+    layer = lin("fc2", 8, None, 8, input_regions={"m": 4.0, "pos": {"bits": 8, "scale": [0.04]},
+                                                  "neg": {"bits": 8, "scale": [0.01]}})
+    hl = lin("head", 8, None, 4, input_regions={"m": 2.0, "pos": {"bits": 8, "scale": [0.04]},
+                                                "neg": {"bits": 8, "scale": [0.02]}})
+    q = run(m, recipe_for([layer, hl]))
+    mms = [n for n in q.graph.node if n.op_type == "MatMul" and n.name.startswith("fc2/")]
+    assert len(mms) == 2
+    assert mms[0].input[1] == mms[1].input[1]  # one weight DQ, shared
+    pr = producers(q)
+    srcs = sorted(pr[dq_of(q, n.input[0])[1].input[0]].op_type for n in mms)
+    assert srcs == ["Min", "Relu"]
+    add = next(n for n in q.graph.node if n.op_type == "Add" and set(n.input) == {mms[0].output[0], mms[1].output[0]})
+    bias = next(n for n in q.graph.node if n.op_type == "Add" and add.output[0] in n.input)
+    assert "bshared" in bias.input  # the bias Add once, after the region sum
+    gemms = [n for n in q.graph.node if n.op_type == "Gemm"]
+    assert len(gemms) == 2 and sorted(len(n.input) for n in gemms) == [2, 3]  # Gemm bias on one branch only
+
+
+def _fq(x, s, bits):
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    s = np.float32(s)
+    return (np.clip(np.round(x / s), lo, hi) * s).astype(np.float32)
+
+
+def test_opt_m_numerics_match_two_fake_quant_branches():
+    rng = np.random.default_rng(7)
+    W = rng.standard_normal((6, 3)).astype(np.float32)  # [in, out] (Linear exported as MatMul(X, W^T))
+    g = h.make_graph([_node("MatMul", ["x", "W"], ["y"], "fc")], "g",
+                     [h.make_tensor_value_info("x", T.FLOAT, [4, 6])], [h.make_tensor_value_info("y", T.FLOAT, [4, 3])],
+                     [nph.from_array(W, "W")])
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 21)], ir_version=10)
+    ws = [0.02, 0.03, 0.025]
+    layer = {"module": "fc", "kind": "linear", "weight": {"bits": 8, "scale": ws, "axis": 0},
+             "input_regions": {"m": 4.0, "pos": {"bits": 8, "scale": [0.02]}, "neg": {"bits": 6, "scale": [0.005]}}}
+    q = run(m, recipe_for([layer]))
+    assert q.graph.output[0].name == "y"  # the graph output keeps its name
+    x = (rng.standard_normal((4, 6)) * 0.5).astype(np.float32)
+    wq = _fq(W, np.array(ws, np.float32)[None, :], 8)
+    want = _fq(np.maximum(x, 0), 0.02, 8) @ wq + _fq(np.minimum(x, 0), 0.005, 6) @ wq
+    got = ort_run(q, {"x": x})[0]
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert np.abs(got - x @ W).max() > 1e-3  # really quantized
+
+
+def test_shared_float_initializer_is_not_mutated():
+    """Two Linears whose exported weights are one deduplicated initializer: each gets its own integer weights from
+    its own scales; the float initializer stays for any float user."""
+    rng = np.random.default_rng(4)
+    W = rng.standard_normal((8, 8)).astype(np.float32)
+    nodes = [_node("MatMul", ["x", "W"], ["a"], "l1"), _node("MatMul", ["a", "W"], ["b"], "l2"),
+             _node("MatMul", ["b", "W"], ["y"], "l3")]
+    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, [2, 8])],
+                     [h.make_tensor_value_info("y", T.FLOAT, [2, 8])], [nph.from_array(W, "W")])
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 21)], ir_version=10)
+    r = recipe_for([lin("l1", 8, 8, 8, scale=0.02), lin("l2", 8, 8, 8, scale=0.04)])
+    q = run(m, r)
+    I = inits(q)
+    np.testing.assert_array_equal(nph.to_array(I["W"]), W)  # untouched, still used by l3
+    l1, l2, l3 = (next(n for n in q.graph.node if n.name.startswith(f"{k}/MatMul")) for k in ("l1", "l2", "l3"))
+    assert l3.input[1] == "W"
+    w1 = nph.to_array(I[dq_of(q, l1.input[1])[0].input[0]])
+    w2 = nph.to_array(I[dq_of(q, l2.input[1])[0].input[0]])
+    assert not np.array_equal(w1, w2)
+
+
+def test_missing_module_is_a_clear_error():
+    m = tiny_block(np.random.default_rng(5))
+    with pytest.raises(GraphPassError, match=r"blocks\.7\.mlp\.fc9.*no linear node"):
+        run(m, recipe_for([lin("blocks.7.mlp.fc9", 8, 8, 16)]))
+    with pytest.raises(GraphPassError, match="fused_attn=False"):
+        run(m, recipe_for([{"module": "fc1", "kind": "attn", "q": {"bits": 8, "scale": [0.1]}}]))
+
+
+def test_scale_count_mismatch_and_requires_float_graph():
+    m = tiny_block(np.random.default_rng(6))
+    with pytest.raises(GraphPassError, match="fc1.weight: 3 scales"):
+        run(m, recipe_for([lin("fc1", 8, 8, 3)]))
+    q = run(m, recipe_for([lin("fc1", 8, 8, 16)]))
+    with pytest.raises(Exception, match="requires|already has"):
+        run(q, recipe_for([lin("fc2", 8, 8, 8)]))

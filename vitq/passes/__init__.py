@@ -1,0 +1,13 @@
+"""Graph passes over the exported ONNX (onnx-ir based): Q/DQ insertion from a recipe, target lowering, lints.
+
+* :mod:`.infra`        pass base (onnx-ir ``InPlacePass`` + REQUIRES/PROVIDES/SEMANTICS), PassManager, validation
+* :mod:`.analysis`     quantizable sites (Linear MatMul/Gemm, Conv, attention q@k^T / attn@v), module mapping
+* :mod:`.insert_qdq`   recipe -> Q/DQ (TensorRT explicit-quantization placement)
+* :mod:`.cleanup`      constant folding (never across Q/DQ), dead code, topological order
+* :mod:`.lower_ort_cpu` exact int8 -> uint8(zp 128) activation rewrite for ORT's U8S8 CPU kernels
+* :mod:`.trt_check`    TensorRT lint (errors / warnings, text formatter)
+* :mod:`.pipeline`     ``build_deployable(model, recipe, target) -> (ModelProto, report)``
+"""
+
+from .infra import GraphPass, GraphPassError, PassManager, PassRecord, run_passes  # noqa: F401
+from .pipeline import TARGETS, build_deployable  # noqa: F401

@@ -1,0 +1,244 @@
+"""``insert_qdq(recipe)``: the recipe's quantizers become QuantizeLinear/DequantizeLinear in the float graph.
+
+Placement (TensorRT explicit quantization; also what ORT's QDQ fusions match):
+
+* weights: an int8 / int4 initializer (per output channel, symmetric, zero point 0) -> DequantizeLinear ->
+  the GEMM/Conv weight input. The integers are computed from the graph's float initializer with the recipe's scales
+  exactly as :func:`vitq.quant.functional.quantize` does (float32 ``w / s``, round half to even, clamp). Axis: 1 for
+  a Linear exported as ``MatMul(X, W^T)`` (``W^T`` is ``[in, out]``), 0 for ``Gemm(transB=1)`` and Conv.
+  Bits < 8 other than 4 are stored as int8 holding values in the narrower range.
+* activations: QuantizeLinear -> DequantizeLinear directly on the GEMM/Conv input edge (zero point 0; int8, or
+  ONNX INT4 at 4 bits). Bits < 8 other than 4 (e.g. 6): int8 Q -> Clip(qmin, qmax) on the int8 tensor -> DQ, the
+  exact narrower grid. Both operands of both attention matmuls are quantized the same way (``k`` is quantized on
+  the ``k^T`` operand: per-tensor quantization commutes with the transpose, and TensorRT wants the Q/DQ directly on
+  the GEMM input).
+* nothing else: no Q/DQ on LayerNorm / Softmax / GELU inputs, none on residual adds (TensorRT keeps the residual
+  stream and LayerNorm in float and fuses the bias/residual adds into the int8 GEMM epilogue; a Q/DQ on the
+  residual branch only pays off for Conv+Add fusions in CNNs).
+* OPT-m (``input_regions``): ``x -> Relu -> Q/DQ(pos)`` and ``x -> Min(x, 0) -> Q/DQ(neg)``, two GEMMs sharing the
+  one weight DQ, then Add; a Gemm/Conv bias goes to the positive branch only (a MatMul's bias Add follows the Add).
+
+SQ-b ``smooth`` is already folded into the exported model: it is only counted here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from ..exporter.onnx_export import NAME_SCOPES_KEY
+from ..recipe.schema import LayerSpec, QuantSpec, Recipe
+from .analysis import Site, find_sites, has_qdq, sites_by_module
+from .infra import GraphPass, GraphPassError
+from .irutil import META_BITS, META_MODULE, META_ROLE, Namer, add_initializer
+
+
+def quantize_weight(w: np.ndarray, scale: np.ndarray, bits: int, axis: int | None) -> np.ndarray:
+    """Integer weights, exactly ``functional.quantize`` (float32 division, round half to even, clamp)."""
+    w = np.asarray(w, dtype=np.float32)
+    s = np.asarray(scale, dtype=np.float32)
+    if s.size > 1:
+        shape = [1] * w.ndim
+        shape[axis] = -1
+        s = s.reshape(shape)
+    else:
+        s = s.reshape(())
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    return np.clip(np.round(w / s), lo, hi).astype(np.int8)
+
+
+def _qtype(bits: int) -> ir.DataType:
+    return ir.DataType.INT4 if bits == 4 else ir.DataType.INT8
+
+
+class InsertQDQ(GraphPass):
+    NAME = "insert_qdq"
+    REQUIRES = frozenset({"float"})
+    PROVIDES = frozenset({"qdq"})
+    INVALIDATES = frozenset({"float"})
+    SEMANTICS = "changes"
+
+    def __init__(self, recipe: Recipe):
+        super().__init__()
+        self.recipe = recipe
+
+    # -- helpers -------------------------------------------------------------------------------------------------
+    def _meta(self, consumer: ir.Node, role: str, module: str, bits: int) -> dict[str, str]:
+        m = {META_ROLE: role, META_MODULE: module, META_BITS: str(bits)}
+        if NAME_SCOPES_KEY in consumer.metadata_props:
+            m[NAME_SCOPES_KEY] = consumer.metadata_props[NAME_SCOPES_KEY]
+        return m
+
+    def _act_qdq(self, x: ir.Value, spec: QuantSpec, role: str, module: str, before: ir.Node) -> ir.Value:
+        """Q(->Clip)->DQ on activation ``x``; returns the DQ output (cached per (tensor, bits, scale))."""
+        if len(spec.scale) != 1:
+            raise GraphPassError(f"{module}.{role}: activations are quantized per tensor (got {len(spec.scale)} "
+                                 f"scales)")
+        key = (id(x), spec.bits, float(spec.scale[0]))
+        if key in self._cache:
+            return self._cache[key]
+        g, nm = self._graph, self._namer
+        base = f"{module}.{role}"
+        qt = _qtype(spec.bits)
+        scale = add_initializer(g, nm, f"{base}.scale", np.array(spec.scale[0], dtype=np.float32))
+        zp = add_initializer(g, nm, f"{base}.zero_point", np.array(0, dtype=np.int8), qt)
+        meta = self._meta(before, role, module, spec.bits)
+        q_out = ir.Value(name=nm(f"{base}.q"), shape=x.shape, type=ir.TensorType(qt))
+        nodes = [ir.node("QuantizeLinear", [x, scale, zp], outputs=[q_out], name=nm(f"{base}/QuantizeLinear"),
+                         metadata_props=dict(meta))]
+        if spec.bits not in (4, 8):
+            lo = add_initializer(g, nm, f"{base}.qmin", np.array(spec.qmin, dtype=np.int8))
+            hi = add_initializer(g, nm, f"{base}.qmax", np.array(spec.qmax, dtype=np.int8))
+            c_out = ir.Value(name=nm(f"{base}.q_clip"), shape=x.shape, type=ir.TensorType(qt))
+            nodes.append(ir.node("Clip", [q_out, lo, hi], outputs=[c_out], name=nm(f"{base}/Clip"),
+                                 metadata_props=dict(meta)))
+            q_out = c_out
+        dq_out = ir.Value(name=nm(f"{base}.dq"), shape=x.shape, type=ir.TensorType(ir.DataType.FLOAT))
+        nodes.append(ir.node("DequantizeLinear", [q_out, scale, zp], outputs=[dq_out],
+                             name=nm(f"{base}/DequantizeLinear"), metadata_props=dict(meta)))
+        g.insert_before(before, nodes)
+        self._cache[key] = dq_out
+        self.stats["qdq_pairs"] += 1
+        return dq_out
+
+    def _weight_dq(self, site: Site, spec: QuantSpec, module: str) -> ir.Value:
+        node = site.node
+        w_val = node.inputs[site.weight_index]
+        w = w_val.const_value.numpy()
+        n = len(spec.scale)
+        if n != 1 and n != site.out_channels:
+            raise GraphPassError(f"{module}.weight: {n} scales, but the graph weight {w_val.name} {list(w.shape)} "
+                                 f"has {site.out_channels} output channels (axis {site.weight_axis})")
+        axis = site.weight_axis if n > 1 else None
+        q = quantize_weight(w, np.asarray(spec.scale, np.float32), spec.bits, axis)
+        g, nm = self._graph, self._namer
+        base = f"{module}.weight"
+        qt = _qtype(spec.bits)
+        q_init = add_initializer(g, nm, f"{base}.int{4 if spec.bits == 4 else 8}", q, qt)
+        scale = add_initializer(g, nm, f"{base}.scale",
+                                np.asarray(spec.scale, np.float32).reshape(() if n == 1 else (n,)))
+        zp = add_initializer(g, nm, f"{base}.zero_point", np.zeros(() if n == 1 else (n,), np.int8), qt)
+        dq_out = ir.Value(name=nm(f"{base}.dq"), shape=ir.Shape(list(w.shape)),
+                          type=ir.TensorType(ir.DataType.FLOAT))
+        attrs = {"axis": axis} if axis is not None else {}
+        dq = ir.node("DequantizeLinear", [q_init, scale, zp], attributes=attrs, outputs=[dq_out],
+                     name=nm(f"{base}/DequantizeLinear"),
+                     metadata_props=self._meta(node, "weight", module, spec.bits))
+        g.insert_before(node, dq)
+        node.replace_input_with(site.weight_index, dq_out)
+        if not w_val.uses() and not w_val.is_graph_output():  # the float weight is dead now (others keep theirs)
+            g.initializers.pop(w_val.name, None)
+        return dq_out
+
+    def _regions(self, site: Site, layer: LayerSpec) -> None:
+        """OPT-m: x = relu(x) + min(x, 0), each part its own quantizer, two GEMMs sharing the weight."""
+        node, g, nm, module = site.node, self._graph, self._namer, layer.module
+        reg = layer.input_regions
+        x = node.inputs[0]
+        meta = self._meta(node, "input.regions", module, max(reg.pos.bits, reg.neg.bits))
+        zero = add_initializer(g, nm, f"{module}.regions.zero", np.array(0.0, np.float32))
+        xp = ir.Value(name=nm(f"{module}.input.pos"), shape=x.shape, type=x.type)
+        xn = ir.Value(name=nm(f"{module}.input.neg"), shape=x.shape, type=x.type)
+        g.insert_before(node, [ir.node("Relu", [x], outputs=[xp], name=nm(f"{module}/regions/Relu"),
+                                       metadata_props=dict(meta)),
+                               ir.node("Min", [x, zero], outputs=[xn], name=nm(f"{module}/regions/Min"),
+                                       metadata_props=dict(meta))])
+        dq_p = self._act_qdq(xp, reg.pos, "input.pos", module, node)
+        dq_n = self._act_qdq(xn, reg.neg, "input.neg", module, node)
+        w_in = node.inputs[1]  # already the weight DQ output when the layer has a weight quantizer
+        y = node.outputs[0]
+        attrs = {k: a for k, a in node.attributes.items()}
+        y_p = ir.Value(name=nm(f"{y.name}.pos"), shape=y.shape, type=y.type)
+        y_n = ir.Value(name=nm(f"{y.name}.neg"), shape=y.shape, type=y.type)
+        pos_inputs = [dq_p, w_in, *node.inputs[2:]]  # bias (Gemm C / Conv B) once, on the positive branch
+        n_p = ir.Node("", node.op_type, pos_inputs, attributes=list(attrs.values()), outputs=[y_p],
+                      name=nm(f"{node.name}.pos"), metadata_props=dict(node.metadata_props))
+        n_n = ir.Node("", node.op_type, [dq_n, w_in], attributes=list(attrs.values()), outputs=[y_n],
+                      name=nm(f"{node.name}.neg"), metadata_props=dict(node.metadata_props))
+        y_sum = ir.Value(name=nm(f"{y.name}.regions"), shape=y.shape, type=y.type)
+        add = ir.node("Add", [y_p, y_n], outputs=[y_sum], name=nm(f"{module}/regions/Add"),
+                      metadata_props=dict(meta))
+        g.insert_after(node, [n_p, n_n, add])
+        was_output = y.is_graph_output()
+        y.replace_all_uses_with(y_sum, replace_graph_outputs=True)
+        if was_output:
+            y_sum.name, y.name = y.name, nm(f"{y.name}.orig")
+        g.remove(node, safe=True)
+
+    # -- the pass ------------------------------------------------------------------------------------------------
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        g = model.graph
+        if has_qdq(g):
+            raise GraphPassError("insert_qdq: the graph already has QuantizeLinear/DequantizeLinear nodes; it expects "
+                                 "the float export")
+        if model.opset_imports.get("", 0) < 21 and any(
+                (l.weight is not None and l.weight.bits == 4) or any(q.bits == 4 for q in l.quantizers().values())
+                for l in self.recipe.layers):
+            raise GraphPassError(f"insert_qdq: int4 Q/DQ needs opset >= 21 (graph has "
+                                 f"{model.opset_imports.get('', 0)})")
+        self._graph, self._namer, self._cache = g, Namer(g), {}
+        self.stats = {"layers": [], "qdq_pairs": 0, "weights": 0, "smooth_folded_at_export": 0}
+        by_mod = sites_by_module(find_sites(g))
+        for layer in self.recipe.layers:
+            sites = by_mod.get(layer.module, [])
+            entry: dict[str, Any] = {"module": layer.module, "kind": layer.kind, "nodes": []}
+            if layer.kind in ("linear", "conv"):
+                want = "linear" if layer.kind == "linear" else "conv"
+                sites = [s for s in sites if s.kind == want]
+                if not sites:
+                    raise GraphPassError(
+                        f"recipe layer {layer.module!r} ({layer.kind}): no {want} node in the graph maps to this "
+                        f"module (through the exporter's name scopes); modules with {want} nodes: "
+                        f"{_preview(m for m, ss in by_mod.items() if any(s.kind == want for s in ss))}")
+                for s in sites:
+                    entry["nodes"].append(s.name)
+                    if layer.weight is not None:
+                        self._weight_dq(s, layer.weight, layer.module)
+                        self.stats["weights"] += 1
+                        entry["weight"] = {"bits": layer.weight.bits,
+                                           "axis": s.weight_axis if len(layer.weight.scale) > 1 else None}
+                    if layer.input is not None:
+                        dq = self._act_qdq(s.node.inputs[0], layer.input, "input", layer.module, s.node)
+                        s.node.replace_input_with(0, dq)
+                        entry["input"] = {"bits": layer.input.bits}
+                    elif layer.input_regions is not None:
+                        self._regions(s, layer)
+                        entry["input_regions"] = {"pos_bits": layer.input_regions.pos.bits,
+                                                  "neg_bits": layer.input_regions.neg.bits,
+                                                  "m": layer.input_regions.m}
+                if layer.smooth is not None:
+                    self.stats["smooth_folded_at_export"] += 1
+            else:  # attn
+                qk = [s for s in sites if s.kind == "attn_qk"]
+                av = [s for s in sites if s.kind == "attn_av"]
+                if not qk or not av:
+                    raise GraphPassError(
+                        f"recipe layer {layer.module!r} (attn): found {len(qk)} q@k^T and {len(av)} attn@v MatMuls "
+                        f"under this module; export with fused_attn=False on every attention module so that the "
+                        f"two matmuls and the Softmax appear in the graph")
+                for s in qk + av:
+                    entry["nodes"].append(s.name)
+                for role, sites_, idx in (("q", qk, 0), ("k", qk, 1), ("attn", av, 0), ("v", av, 1)):
+                    spec = getattr(layer, role)
+                    if spec is None:
+                        continue
+                    for s in sites_:
+                        dq = self._act_qdq(s.node.inputs[idx], spec, role, layer.module, s.node)
+                        s.node.replace_input_with(idx, dq)
+                    entry[role] = {"bits": spec.bits}
+            self.stats["layers"].append(entry)
+        g.sort()
+        del self._graph, self._namer, self._cache
+        return ir.passes.PassResult(model, modified=bool(self.recipe.layers))
+
+
+def _preview(items, n: int = 8) -> str:
+    items = sorted(items)
+    s = ", ".join(items[:n])
+    return s + (f", ... ({len(items)} in all)" if len(items) > n else "") if items else "(none)"
+
+
+def insert_qdq(recipe: Recipe) -> InsertQDQ:
+    return InsertQDQ(recipe)

@@ -1,0 +1,140 @@
+"""Small onnx-ir helpers shared by the passes (no pass logic here)."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Iterable
+
+import numpy as np
+import onnx_ir as ir
+
+from ..exporter.onnx_export import NAME_SCOPES_KEY, module_name as _proto_module_name
+
+# Node metadata vitq writes on the nodes it creates (read back by trt_check and the lowering passes).
+META_ROLE = "vitq.role"        # "weight", "input", "input.pos", "input.neg", "q", "k", "attn", "v"
+META_MODULE = "vitq.module"    # timm module path of the quantized layer
+META_BITS = "vitq.bits"        # the recipe's bit-width (the graph may hold it in a wider container)
+
+
+class _Prop:
+    __slots__ = ("key", "value")
+
+    def __init__(self, key: str, value: str):
+        self.key, self.value = key, value
+
+
+class _PropsView:
+    """Adapter so that :func:`vitq.exporter.onnx_export.module_name` (written for NodeProto) reads an ir.Node."""
+
+    def __init__(self, props: dict[str, str]):
+        self.metadata_props = [_Prop(k, v) for k, v in props.items() if k == NAME_SCOPES_KEY]
+
+
+def module_of(node: ir.Node) -> str | None:
+    """The timm module path a node came from, through the exporter's name-scope metadata (never node order)."""
+    return _proto_module_name(_PropsView(node.metadata_props))
+
+
+def const_array(value: ir.Value | None) -> np.ndarray | None:
+    """The constant behind ``value`` (an initializer, or a Constant node's output), else None."""
+    if value is None:
+        return None
+    if value.const_value is not None:
+        return value.const_value.numpy()
+    prod = value.producer()
+    if prod is not None and prod.op_type == "Constant" and prod.domain in ("", "ai.onnx"):
+        attr = prod.attributes.get("value")
+        if attr is not None:
+            return attr.as_tensor().numpy()
+    return None
+
+
+class Namer:
+    """Unique value / node names within one graph."""
+
+    def __init__(self, graph: ir.Graph):
+        self.used: set[str] = set()
+        for n in graph.all_nodes() if hasattr(graph, "all_nodes") else graph:
+            if n.name:
+                self.used.add(n.name)
+            for v in n.outputs:
+                if v.name:
+                    self.used.add(v.name)
+        for v in itertools.chain(graph.inputs, graph.outputs, graph.initializers.values()):
+            if v.name:
+                self.used.add(v.name)
+
+    def __call__(self, base: str) -> str:
+        base = base or "v"
+        name, i = base, 0
+        while name in self.used:
+            i += 1
+            name = f"{base}_{i}"
+        self.used.add(name)
+        return name
+
+
+def add_initializer(graph: ir.Graph, namer: Namer, base: str, array: np.ndarray,
+                    dtype: ir.DataType | None = None) -> ir.Value:
+    """Register a new initializer (always a fresh one: passes never mutate an initializer in place, so one shared by
+    several nodes cannot change behind another node's back)."""
+    tensor = ir.tensor(array, dtype=dtype, name=namer(base)) if dtype is not None else \
+        ir.tensor(array, name=namer(base))
+    v = ir.Value(name=tensor.name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype),
+                 const_value=tensor)
+    graph.register_initializer(v)
+    return v
+
+
+def private_initializer(graph: ir.Graph, namer: Namer, node: ir.Node, index: int) -> ir.Value:
+    """Copy-on-write: make ``node.inputs[index]`` an initializer used by this node only (copied when shared), and
+    return it; a pass may then change it."""
+    v = node.inputs[index]
+    if v is None or v.const_value is None:
+        raise ValueError(f"input {index} of {node.name} is not an initializer")
+    if len(v.uses()) == 1 and not v.is_graph_output() and not v.is_graph_input():
+        return v
+    copy = add_initializer(graph, namer, f"{v.name}_copy", v.const_value.numpy().copy(), v.const_value.dtype)
+    node.replace_input_with(index, copy)
+    return copy
+
+
+def nodes_of(graph: ir.Graph, *op_types: str) -> list[ir.Node]:
+    return [n for n in graph if n.op_type in op_types and n.domain in ("", "ai.onnx")]
+
+
+def consumers(value: ir.Value) -> list[ir.Node]:
+    return [u.node for u in value.uses()]
+
+
+def walk_forward(value: ir.Value, through: Iterable[str], max_depth: int = 6) -> Iterable[ir.Node]:
+    """Nodes reachable from ``value`` through nodes whose op type is in ``through`` (breadth first, bounded)."""
+    through = set(through)
+    frontier, seen = [value], set()
+    for _ in range(max_depth):
+        nxt = []
+        for v in frontier:
+            for n in consumers(v):
+                if id(n) in seen:
+                    continue
+                seen.add(id(n))
+                yield n
+                if n.op_type in through:
+                    nxt.extend(n.outputs)
+        frontier = nxt
+        if not frontier:
+            break
+
+
+def walk_backward(value: ir.Value, through: Iterable[str], max_depth: int = 6) -> ir.Node | None:
+    """The first producer up the chain of single-input pass-through ops (``through``) that is not one of them."""
+    through = set(through)
+    v = value
+    for _ in range(max_depth):
+        p = v.producer()
+        if p is None:
+            return None
+        if p.op_type not in through:
+            return p
+        v = p.inputs[0]
+    return None

@@ -1,0 +1,70 @@
+"""OPT-m: region-wise scales for post-GELU activations (fc2 inputs).
+
+The input is split ``x = relu(x) + min(x, 0)``; each region has its own per-tensor symmetric quantizer
+(schema ``input_regions``): ``pos`` (scale ``s_p``, uses the grid ``0..qmax``) and ``neg`` (scale ``s_n``, uses
+``qmin..0``; GELU's negative lobe is >= -0.17 so ``s_n`` is far finer). ``m = s_p / s_n`` is searched per layer:
+``s_p`` minimizes the fc2 output error of the positive part, then ``s_n = s_p / m`` over a grid of ``m`` (powers of
+two and the values implied by clip fractions of ``|min x|``) minimizing the full fc2 output error
+``|| (fq_p(relu x) + fq_n(min(x,0))) Wq^T - x W^T ||^2``.
+
+The split costs a second GEMM in the graph, so it is kept only if it lowers the output error by at least
+``MIN_GAIN`` (relative) versus the best plain ``input`` quantizer; the decision is returned for the report.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import observers as ob
+from .functional import fake_quant, qrange
+from .search import best_act_scale, search_linear, subsample
+
+MIN_GAIN = 0.10
+
+
+@dataclass
+class RegionChoice:
+    use: bool
+    m: float
+    pos_scale: torch.Tensor
+    neg_scale: torch.Tensor
+    err: float
+    err_plain: float
+    plain: object  # LinearChoice of the plain quantizer
+    reason: str
+
+
+def region_fq(x: torch.Tensor, sp, sn, bits_p: int, bits_n: int) -> torch.Tensor:
+    """The OPT-m input as the graph computes it: ``fq_p(relu(x)) + fq_n(min(x, 0))``."""
+    return fake_quant(torch.relu(x), sp, bits_p) + fake_quant(torch.clamp(x, max=0.0), sn, bits_n)
+
+
+def search_regions(x: torch.Tensor, w: torch.Tensor, wbits: int, abits: int, amax: float,
+                   xmin: float) -> RegionChoice:
+    x = subsample(x)
+    plain = search_linear(x, w, wbits, abits, amax)
+    wq = ob.fake_quant_weight(w, plain.w_scale, wbits)
+    ref = x @ w.t()
+    pos, neg = torch.relu(x), torch.clamp(x, max=0.0)
+    neg_out = neg @ wq.t()
+    pmax = max(float(pos.max()), 1e-8)
+    sp = best_act_scale(pos, abits, max(amax, pmax), lambda t: t @ wq.t() + neg_out, ref).scale
+    pos_out = fake_quant(pos, sp, abits) @ wq.t()
+    nmax = max(-xmin, 1e-8)
+    lo = -qrange(abits)[0]  # negative region uses qmin..0
+    cands = [float(sp) / 2 ** k for k in range(0, 13)]
+    cands += [nmax * r / lo for r in torch.linspace(1.0, 0.3, 15).tolist()]
+    best = None
+    for sn in cands:
+        s = torch.tensor([sn], dtype=torch.float32)
+        e = float((pos_out + fake_quant(neg, s, abits) @ wq.t() - ref).double().pow(2).sum())
+        if best is None or e < best[0]:
+            best = (e, s)
+    err, sn = best
+    use = err < (1.0 - MIN_GAIN) * plain.a.err
+    reason = (f"split err {err:.4g} vs plain {plain.a.err:.4g} ("
+              f"{100 * (1 - err / max(plain.a.err, 1e-30)):.1f}% lower)")
+    return RegionChoice(bool(use), float(sp) / float(sn), sp.reshape(1), sn, err, plain.a.err, plain,
+                        ("split: " if use else "plain kept: ") + reason)

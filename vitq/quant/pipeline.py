@@ -1,0 +1,275 @@
+"""MPTQ-ViT calibration: the entry point ``vitq compile`` calls.
+
+``calibrate(model, family, calib_x, request, ...)``:
+
+1. ``prepare_model`` (deep copy, explicit attention path) and enumerate the quantization points;
+2. one float forward over the calibration images collecting per-point statistics (:mod:`.calibrate`);
+3. SQ-b (:mod:`.sqb`): per LayerNorm -> Linear group, alpha searched on the quantized output error and folded
+   into the copy (float-exact);
+4. per layer: weight scales (per-channel MSE clipping) and the input scale chosen best-of {min/max, percentiles,
+   tensor-MSE, clip grid} by the layer's output error; OPT-m (:mod:`.optm`) for post-GELU fc2 inputs;
+   attention operands scored on the matmul outputs;
+5. uniform presets: every layer at (w, a) bits; ``mp:<bits>``: Greedy MP (:mod:`.mp`) over {8, 6, 4}.
+
+Defaults (documented contract): the classifier head is quantized at 8/8 in every preset (it is <0.1% of the
+MACs and the most sensitive layer); the patch-embed conv is quantized at the preset's bits; residual adds,
+LayerNorm, softmax, GELU stay float (only matmul inputs are quantized, as the schema states).
+
+``methods`` (ablations): ``{"observer": "search"|"minmax", "sqb": bool, "optm": bool, "mp": bool,
+"head_bits": (8, 8), "mp_batch": 16, "sqb_bits": None}``; with ``mp=False`` an ``mp:<b>`` request becomes
+the uniform recipe with w = 4 and the smallest a in {8, 6, 4} whose average bit-width is <= b (the naive
+baseline Greedy MP is compared against).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..recipe import RecipeRequest
+from ..recipe.schema import LayerSpec, QuantSpec, Recipe, RecipeError, RegionSpec, SmoothSpec
+from . import observers as ob
+from .calibrate import collect_stats
+from .mp import greedy_mp
+from .optm import search_regions
+from .prepare import Graph, enumerate_points, prepare_model
+from .search import LinearChoice, search_attn, search_conv, search_linear, subsample
+from .simulate import QuantSim
+from .sqb import fold_smoothing, group_foldable, search_alpha, shared_params
+
+DEFAULT_METHODS = {"observer": "search", "sqb": True, "optm": True, "mp": True, "head_bits": (8, 8),
+                   "mp_batch": 16, "sqb_bits": None}
+
+
+@dataclass
+class CalibrationResult:
+    model: nn.Module  # prepared, SQ-b-folded float model (what gets exported)
+    recipe: Recipe
+    sim: QuantSim
+    layer_stats: dict = field(default_factory=dict)  # module -> {sqnr_db, w_bits, a_bits, method, ...}
+    timings: dict = field(default_factory=dict)
+
+
+def _log(progress, msg):
+    if progress:
+        import sys
+
+        print(f"[vitq.quant] {msg}", file=sys.stderr, flush=True)
+
+
+def _db(ref: float, err: float) -> float:
+    return 10 * math.log10(max(ref, 1e-30) / err) if err > 0 else float("inf")
+
+
+def calibrate(model: nn.Module, family: str, calib_x: np.ndarray, request: RecipeRequest, *, model_name: str,
+              provenance: dict, progress: bool | None = None, methods: dict | None = None) -> CalibrationResult:
+    meth = {**DEFAULT_METHODS, **(methods or {})}
+    timings: dict[str, float] = {}
+    t0 = time.time()
+    torch.manual_seed(0)
+    prepared = prepare_model(model)
+    x = torch.from_numpy(np.ascontiguousarray(calib_x, dtype=np.float32))
+    graph = enumerate_points(prepared, image_size=tuple(x.shape[-2:]))
+    timings["prepare_s"] = time.time() - t0
+
+    t = time.time()
+    cache = meth.get("stats_cache")  # benchmarks: reuse the (pre-SQ-b) statistics across configurations
+    if cache is not None and "stats" in cache:
+        stats = copy.deepcopy(cache["stats"])
+    else:
+        stats = collect_stats(prepared, graph, x, progress=progress)
+        if cache is not None:
+            cache["stats"] = copy.deepcopy(stats)
+    timings["collect_s"] = time.time() - t
+    _log(progress, f"statistics over {len(x)} images in {timings['collect_s']:.1f}s")
+
+    if request.kind == "uniform" or (request.kind == "mp" and not meth["mp"]):
+        if request.kind == "mp":
+            wb, ab = 4, next((a for a in (8, 6, 4) if math.sqrt(4 * a) <= request.mp_target_bits + 1e-9), 4)
+        else:
+            wb, ab = request.weight_bits, request.act_bits
+        bits_w, bits_a = [wb], [ab]
+        search_bits = (wb, ab)
+    elif request.kind == "mp":
+        bits_w, bits_a = [8, 6, 4], [8, 6, 4]
+        search_bits = (6, 6)
+    else:
+        raise RecipeError(f"recipe request {request.name!r} ({request.kind}) is not calibrated")
+    if meth["sqb_bits"]:
+        search_bits = tuple(meth["sqb_bits"])
+    head_w, head_a = meth["head_bits"]
+    minmax = meth["observer"] == "minmax"
+
+    # ---- SQ-b ----
+    t = time.time()
+    smooth: dict[str, SmoothSpec] = {}
+    layer_stats: dict[str, dict] = {}
+    if meth["sqb"]:
+        shared = shared_params(prepared)
+        for ln_name, lins in graph.norm_groups.items():
+            lins = [l for l in lins if l in stats]
+            if not lins:
+                continue
+            why = group_foldable(prepared, ln_name, lins, shared)
+            if why:
+                for l in lins:
+                    layer_stats.setdefault(l, {})["sqb"] = f"skipped: {why}"
+                continue
+            st = stats[lins[0]]
+            ws = [prepared.get_submodule(l).weight.detach() for l in lins]
+            ch = search_alpha(st.sample, st.chmin, st.chmax, ws, *search_bits)
+            for l in lins:
+                layer_stats.setdefault(l, {})["sqb"] = (
+                    f"alpha={ch.alpha}" if ch.alpha is not None else "off (no gain)") + \
+                    f" err {ch.err:.4g} vs {ch.err_plain:.4g}"
+            if ch.alpha is None:
+                continue
+            fold_smoothing(prepared.get_submodule(ln_name), [prepared.get_submodule(l) for l in lins], ch.s, ch.z)
+            st.samples = [(st.sample - ch.z) / ch.s]
+            st.chmin, st.chmax = (st.chmin - ch.z) / ch.s, (st.chmax - ch.z) / ch.s
+            st.amax = float(torch.maximum(st.chmin.abs(), st.chmax.abs()).max())
+            for l in lins:
+                smooth[l] = SmoothSpec(ch.alpha, ch.s.tolist(), ch.z.tolist())
+    timings["sqb_s"] = time.time() - t
+    _log(progress, f"SQ-b: {len(smooth)} layers smoothed in {timings['sqb_s']:.1f}s")
+
+    # ---- per-layer scales, for every bit-width the request needs ----
+    t = time.time()
+    lib: dict[str, dict] = {}
+    for p in graph.points:
+        st = stats[p.module]
+        entry: dict = {}
+        ls = layer_stats.setdefault(p.module, {})
+        if p.kind == "attn":
+            for a in ([head_a] if False else bits_a):
+                if minmax:
+                    ch = {r: ob.scale_from_clip(st.amax[r], a).reshape(1) for r in ("q", "k", "attn", "v")}
+                    specs = {r: QuantSpec(a, [float(ch[r])], method="minmax") for r in ch}
+                    sq = None
+                else:
+                    samples = {r: st.sample(r) for r in ("q", "k", "attn", "v")}
+                    ch = search_attn(samples, st.amax, {r: a for r in ("q", "k", "attn", "v")})
+                    specs = {r: QuantSpec(a, [float(c.scale)], method=_meth(c.method)) for r, c in ch.items()}
+                    sq = 0.5 * (_db(ch["k"].ref, ch["k"].err) + _db(ch["v"].ref, ch["v"].err))
+                entry[("a", a)] = LayerSpec(p.module, "attn", p.macs, **specs)
+                ls.setdefault("sqnr_db", {})[f"a{a}"] = sq
+            lib[p.module] = entry
+            continue
+        mod = prepared.get_submodule(p.module)
+        w = mod.weight.detach()
+        wl = [head_w] if p.is_head else bits_w
+        al = [head_a] if p.is_head else bits_a
+        for wb in wl:
+            ws = ob.weight_minmax(w, wb) if minmax else ob.weight_mse(w, wb)
+            entry[("w", wb)] = QuantSpec(wb, ws.tolist(), axis=0, method="minmax" if minmax else "mse")
+        for a in al:
+            wb = a if a in wl else wl[-1]
+            wspec = entry[("w", wb)]
+            spec = LayerSpec(p.module, p.kind, p.macs, weight=wspec, smooth=smooth.get(p.module))
+            xs = st.sample if p.kind == "conv" else subsample(st.sample)
+            if minmax:
+                spec.input = QuantSpec(a, [float(ob.scale_from_clip(st.amax, a))], method="minmax")
+                sq = None
+            elif p.kind == "conv":
+                c = search_conv(xs, mod, wb, a, st.amax)
+                spec.input = QuantSpec(a, [float(c.a.scale)], method=_meth(c.a.method))
+                sq = _db(c.a.ref, c.a.err)
+            elif p.post_gelu and meth["optm"]:
+                rc = search_regions(xs, w, wb, a, st.amax, float(st.chmin.min()))
+                ls.setdefault("optm", {})[f"a{a}"] = rc.reason
+                ref = float((xs @ w.t()).double().pow(2).sum())
+                if rc.use:
+                    spec.input_regions = RegionSpec(rc.m, QuantSpec(a, [float(rc.pos_scale)], method="search"),
+                                                    QuantSpec(a, [float(rc.neg_scale)], method="search"))
+                    sq = _db(ref, rc.err)
+                else:
+                    spec.input = QuantSpec(a, [float(rc.plain.a.scale)], method=_meth(rc.plain.a.method))
+                    sq = _db(ref, rc.err_plain)
+            else:
+                c = search_linear(xs, w, wb, a, st.amax)
+                spec.input = QuantSpec(a, [float(c.a.scale)], method=_meth(c.a.method))
+                sq = _db(c.a.ref, c.a.err)
+            entry[("a", a)] = spec
+            ls.setdefault("sqnr_db", {})[f"w{wb}a{a}"] = sq
+        lib[p.module] = entry
+    timings["scales_s"] = time.time() - t
+    _log(progress, f"scales for {len(graph.points)} layers in {timings['scales_s']:.1f}s")
+
+    def spec_at(p, w, a):
+        e = lib[p.module]
+        if p.kind == "attn":
+            return e[("a", a)]
+        if p.is_head:
+            w, a = head_w, head_a
+        s = copy.copy(e[("a", a)])
+        s.weight = e[("w", w)]
+        return s
+
+    w0, a0 = (bits_w[0], bits_a[0])
+    layers = [spec_at(p, w0, a0) for p in graph.points]
+    name = request.name
+    defaults = {"weight_bits": w0, "act_bits": a0, "head_bits": [head_w, head_a]}
+    recipe = Recipe(name, model_name, layers, defaults, dict(provenance))
+    sim = QuantSim(prepared, recipe, family)
+
+    if request.kind == "mp" and meth["mp"]:
+        t = time.time()
+        n = min(int(meth["mp_batch"]), len(x))
+        modules = [p.module for p in graph.points if not p.is_head]
+        state, info = greedy_mp(sim, lib, modules, x[:n], request.mp_target_bits,
+                                log=(lambda m: _log(progress, m)))
+        recipe.layers = [sim.wrappers[p.module].qfn.spec if p.kind == "attn" else sim.wrappers[p.module].spec
+                         for p in graph.points]
+        recipe.defaults = {"weight_bits": None, "act_bits": None, "head_bits": [head_w, head_a],
+                           "mp_target_bits": request.mp_target_bits, "avg_bits": round(info["avg_bits"], 4),
+                           "mp_candidates": [8, 6, 4], "mp_metric": "sqrt(total_bitops / total_macs)"}
+        timings["mp_s"] = time.time() - t
+        for m, (wb, ab) in state.items():
+            layer_stats[m]["mp"] = {"w_bits": wb, "a_bits": ab}
+        layer_stats["__mp__"] = {k: v for k, v in info.items() if k != "sensitivity"}
+        layer_stats["__mp_sensitivity__"] = info["sensitivity"]
+    for l in recipe.layers:
+        ls = layer_stats.setdefault(l.module, {})
+        ls["w_bits"], ls["a_bits"] = l.weight_bits, l.act_bits
+        key = f"a{l.act_bits}" if l.kind == "attn" else f"w{l.weight_bits}a{l.act_bits}"
+        sq = ls.get("sqnr_db", {})
+        ls["sqnr"] = sq.get(key) if isinstance(sq, dict) else sq
+    timings["total_s"] = time.time() - t0
+    return CalibrationResult(prepared, recipe, sim, layer_stats, timings)
+
+
+def _meth(m: str) -> str:
+    return m if m in ("minmax", "percentile", "mse", "search") else "search"
+
+
+def apply_recipe(model: nn.Module, family: str, recipe: Recipe) -> tuple[nn.Module, QuantSim]:
+    """Re-apply a stored recipe to a fresh (unprepared) model: prepare, fold the recorded SQ-b smoothing (once
+    per LayerNorm), and build the simulation with the recipe's scales."""
+    prepared = prepare_model(model)
+    mods = dict(prepared.named_modules())
+    for l in recipe.layers:
+        if l.module not in mods:
+            raise RecipeError(f"recipe layer {l.module!r} does not exist in model {type(model).__name__}")
+        kind = "attn" if hasattr(mods[l.module], "qkv") else \
+            ("conv" if isinstance(mods[l.module], nn.Conv2d) else "linear")
+        if kind != l.kind:
+            raise RecipeError(f"recipe layer {l.module!r}: kind {l.kind!r} but the model has a {kind}")
+    graph = enumerate_points(prepared)
+    for ln_name, lins in graph.norm_groups.items():
+        specs = [recipe.layer(l) for l in lins]
+        sm = [s.smooth for s in specs if s is not None and s.smooth is not None]
+        if not sm:
+            continue
+        if len(sm) != len(lins):
+            raise RecipeError(f"recipe: LayerNorm {ln_name} feeds {lins} but only some carry 'smooth'")
+        s0 = sm[0]
+        s = torch.tensor(s0.scale, dtype=torch.float32)
+        z = torch.tensor(s0.shift, dtype=torch.float32)
+        fold_smoothing(prepared.get_submodule(ln_name), [prepared.get_submodule(l) for l in lins], s, z)
+    return prepared, QuantSim(prepared, recipe, family)

@@ -1,0 +1,138 @@
+"""QuantSim: the torch simulation of a recipe on a prepared (SQ-b-folded) float model.
+
+Every quantizer is :func:`vitq.quant.functional.fake_quant` at exactly the position the recipe schema names:
+
+* ``linear``/``conv``: weight fake-quantized per output channel once (cached), input per tensor
+  (``input``), or the OPT-m split ``fq_pos(relu(x)) + fq_neg(min(x, 0))`` (``input_regions``);
+* ``attn``: ``q`` after ``* scale``, ``k`` (before the transpose), ``attn`` post-softmax, ``v``.
+
+Layers absent from the recipe stay float. The wrapped model is a deep copy; ``set_layer`` swaps one layer's spec
+in place (re-quantizing only its weight), which is what the mixed-precision search uses.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..exporter.models import SUPPORTED_FAMILIES
+from ..recipe.schema import LayerSpec, Recipe
+from .functional import fake_quant
+from .observers import fake_quant_weight
+from .optm import region_fq
+from .prepare import AttnHook, model_chain, set_submodule
+
+
+def _t(scale) -> torch.Tensor:
+    return torch.tensor(scale, dtype=torch.float32)
+
+
+class _InputQuant:
+    def __init__(self, spec: LayerSpec):
+        self.plain = (_t(spec.input.scale), spec.input.bits) if spec.input is not None else None
+        r = spec.input_regions
+        self.regions = (_t(r.pos.scale), r.pos.bits, _t(r.neg.scale), r.neg.bits) if r is not None else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.plain is not None:
+            return fake_quant(x, self.plain[0], self.plain[1])
+        if self.regions is not None:
+            sp, bp, sn, bn = self.regions
+            return region_fq(x, sp, sn, bp, bn)
+        return x
+
+
+class QLinear(nn.Module):
+    def __init__(self, lin: nn.Linear, spec: LayerSpec):
+        super().__init__()
+        self.float_weight = lin.weight.detach()
+        self.bias = None if lin.bias is None else lin.bias.detach()
+        self.set_spec(spec)
+
+    def set_spec(self, spec: LayerSpec) -> None:
+        self.spec = spec
+        w = self.float_weight
+        self.weight = fake_quant_weight(w, _t(spec.weight.scale), spec.weight.bits) if spec.weight else w
+        self.qin = _InputQuant(spec)
+
+    def forward(self, x):
+        return F.linear(self.qin(x), self.weight, self.bias)
+
+
+class QConv(nn.Module):
+    def __init__(self, conv: nn.Conv2d, spec: LayerSpec):
+        super().__init__()
+        self.conv = conv
+        self.float_weight = conv.weight.detach()
+        self.set_spec(spec)
+
+    def set_spec(self, spec: LayerSpec) -> None:
+        self.spec = spec
+        w = self.float_weight
+        self.weight = fake_quant_weight(w, _t(spec.weight.scale), spec.weight.bits) if spec.weight else w
+        self.qin = _InputQuant(spec)
+
+    def forward(self, x):
+        c = self.conv
+        return F.conv2d(self.qin(x), self.weight, c.bias, c.stride, c.padding, c.dilation, c.groups)
+
+
+class _AttnQ:
+    def __init__(self, spec: LayerSpec):
+        self.spec = spec
+        self.ops = {r: (_t(getattr(spec, r).scale), getattr(spec, r).bits)
+                    for r in ("q", "k", "attn", "v") if getattr(spec, r) is not None}
+
+    def __call__(self, role: str, t: torch.Tensor) -> torch.Tensor:
+        op = self.ops.get(role)
+        return t if op is None else fake_quant(t, op[0], op[1])
+
+
+class QuantSim(nn.Module):
+    """``QuantSim(prepared_model, recipe)(x)`` -> logits of the fake-quantized model."""
+
+    def __init__(self, prepared_model: nn.Module, recipe: Recipe, family: str | None = None):
+        super().__init__()
+        self.model = copy.deepcopy(prepared_model).eval()
+        self.family = family or SUPPORTED_FAMILIES.get(type(prepared_model).__name__, "vit")
+        self.recipe = recipe
+        self.wrappers: dict[str, nn.Module] = {}
+        # Linears/convs first (they live inside attention modules), then attention wrappers.
+        specs = sorted(recipe.layers, key=lambda l: l.kind == "attn")
+        for spec in specs:
+            self._install(spec)
+
+    def _install(self, spec: LayerSpec) -> None:
+        m = self.model.get_submodule(spec.module)
+        if spec.kind == "attn":
+            w = AttnHook(m, _AttnQ(spec))
+        elif spec.kind == "conv":
+            w = QConv(m, spec)
+        else:
+            w = QLinear(m, spec)
+        set_submodule(self.model, spec.module, w)
+        self.wrappers[spec.module] = w
+
+    def set_layer(self, spec: LayerSpec) -> None:
+        """Swap the spec of an already-quantized layer (fast: only that layer's weight is re-quantized)."""
+        w = self.wrappers[spec.module]
+        if isinstance(w, AttnHook):
+            w.qfn = _AttnQ(spec)
+        else:
+            w.set_spec(spec)
+
+    def chain(self):
+        return model_chain(self.model, self.family)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    @torch.no_grad()
+    def predict(self, x, batch_size: int = 64) -> torch.Tensor:
+        if not torch.is_tensor(x):
+            x = torch.from_numpy(x)
+        return torch.cat([self.model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
