@@ -4,8 +4,11 @@
 
 Per configuration: top-1, drop vs fp32, top-1 agreement with fp32, mean KL(fp32 || quant) of the logits, average
 bit-width and bit-op ratio, calibration time. Ablations (on w4a4 and mp:5): plain min/max observers, +searched
-observers, +SQ-b, +OPT-m (= full), and Greedy MP vs the naive uniform recipe at the same budget. Prints a table and
-writes ``bench/results/mptq.json`` after every configuration.
+observers, +SQ-b, +OPT-m (+ KL scale refinement + GPTQ = full), Greedy MP vs the naive uniform recipe at the same
+budget, and w4a8 without GPTQ / w6a6 without the attention-scale refinement. Prints a table and writes
+``bench/results/mptq.json`` after every configuration; recipes (with their GPTQ ``.weights.safetensors`` sidecars)
+go to ``--save-recipes``. Run with ``OMP_NUM_THREADS=1`` on a shared machine (many small ops: oversubscribed
+threads are >10x slower).
 """
 
 from __future__ import annotations
@@ -53,6 +56,8 @@ def main():
     ap.add_argument("--configs", default="w8a8,w6a6,w4a8,w4a4,mp:5")
     ap.add_argument("--no-ablations", action="store_true")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "mptq.json"))
+    ap.add_argument("--save-recipes", default=str(REPO / "bench" / "results" / "recipes"),
+                    help="folder for each configuration's recipe JSON (reused by bench/qdq_agreement.py)")
     args = ap.parse_args()
     torch.manual_seed(0)
     t0 = time.time()
@@ -81,6 +86,8 @@ def main():
             ("w4a4 +SQ-b", "w4a4", {"optm": False}),
             ("w4a8 minmax", "w4a8", {"observer": "minmax", "sqb": False, "optm": False}),
             ("mp:5 naive w4a6", "mp:5", {"mp": False}),
+            ("w4a8 no-GPTQ", "w4a8", {"gptq": False}),
+            ("w6a6 no-refine", "w6a6", {"refine": ()}),
         ]
     for label, preset, methods in runs:
         req = parse_recipe_arg(preset)
@@ -88,6 +95,9 @@ def main():
         res = calibrate(lm.model, lm.family, xc, req, model_name=lm.name, provenance={"calib_count": len(xc)},
                         progress=True, methods={**methods, "stats_cache": cache})
         tc = time.time() - t
+        if args.save_recipes:
+            Path(args.save_recipes).mkdir(parents=True, exist_ok=True)
+            res.recipe.save(Path(args.save_recipes) / (label.replace(" ", "_").replace(":", "") + ".json"))
         t = time.time()
         out = predict(res.sim, xd)
         te = time.time() - t

@@ -180,7 +180,7 @@ def test_vit_qdq_matches_fake_quant_reference(vit, cfg):
     flt = ref(x, "float")
     outs = {}
     for target in ("trt", "ort"):
-        m, report = build_deployable(proto, recipe, target, sample_inputs=x[:2] if target == "ort" else None)
+        m, report = build_deployable(proto, recipe, target, sample_inputs=x[:2])
         onnx.checker.check_model(m, full_check=True)
         json.dumps(report)  # the report goes into report.json as is
         assert report["target"] == target and report["recipe"] == cfg
@@ -194,14 +194,42 @@ def test_vit_qdq_matches_fake_quant_reference(vit, cfg):
         assert per_image.max() <= FLIP, (cfg, target, per_image)
         assert (per_image <= EXACT).mean() >= 0.75, (cfg, target, per_image)
         assert (got.argmax(1) == want.argmax(1)).all()
+        if target == "trt":
+            names = [p["name"] for p in report["passes"]]
+            assert names == ["insert_qdq", "cleanup", "lower_trt", "clip_sub8_activations", "cleanup", "trt_check"]
+            low = report["passes"][2]
+            n_plugins = sum(1 for n in m.graph.node if n.op_type == "QuantLinearA4")
+            if c["abits"] == 4:  # every int4-activation linear became a plugin node, exactly (checked on samples)
+                assert low["changed"] and low["stats"]["plugin_nodes"] == n_plugins > 0
+                assert low["numeric_max_abs_diff"] == 0.0
+                assert {n.domain for n in m.graph.node if n.op_type == "QuantLinearA4"} == {"trt.plugins"}
+            else:
+                assert not low["changed"] and n_plugins == 0
+            # sub-8-bit activations no plugin took (int4 attention operands, 6-bit inputs) run as clipped int8, exactly
+            clip = report["passes"][3]
+            # w4a4: 4 attention operands x 2 blocks + the patch-embed Conv input; mixed: the two 6-bit activations
+            n_sub8 = 4 * 2 + 1 if c["abits"] == 4 else (2 if cfg == "mixed_optm" else 0)
+            assert clip["stats"]["activations_clipped_to_int8"] == n_sub8
+            if n_sub8:
+                assert clip["numeric_max_abs_diff"] == 0.0
+            assert report["trt_check"]["ok"], report["trt_check_text"]  # TensorRT can build all of it
+            assert not any(n.op_type == "QuantizeLinear" and n.output[0] and any(
+                i.name == n.input[2] and i.data_type == onnx.TensorProto.INT4 for i in m.graph.initializer)
+                for n in m.graph.node)
         if target == "ort":
             low = report["passes"][-1]
             assert low["name"] == "lower_ort_cpu"
             if c["abits"] == 8:  # int8 activations were rewritten to uint8, and exactly (checked on the samples)
                 assert low["changed"] and low["stats"]["activations_to_u8"] > 0
                 assert low["numeric_max_abs_diff"] == 0.0
-            else:  # int4 activations stay int4 Q/DQ (ORT runs them at opset 21)
-                assert not low["changed"]
+            else:  # int4 activations first became float Clip + int8 (exactly), then uint8 like the others
+                clip = report["passes"][-2]
+                assert clip["name"] == "clip_sub8_activations" and clip["numeric_max_abs_diff"] == 0.0
+                assert clip["stats"]["activations_clipped_to_int8"] > 0
+                assert low["changed"] and low["numeric_max_abs_diff"] == 0.0
+                zp_type = {i.name: i.data_type for i in m.graph.initializer}
+                assert {zp_type[n.input[2]] for n in m.graph.node if n.op_type == "QuantizeLinear"} == \
+                    {onnx.TensorProto.UINT8}
     # the quantization is really there: the reference differs from float far more than the exactness bound
     assert float(np.abs(want - flt).max()) > 100 * EXACT
     # ORT-lowered (uint8) and TRT-form (int8) graphs compute the same function

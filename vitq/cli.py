@@ -6,6 +6,7 @@
     vitq info DIR|MODEL.onnx
     vitq bundle verify DIR
     vitq check RESULT.json --baseline BASELINE.json [--latency-tol 0.1] [--accuracy-tol 0.5]
+    vitq report DIR [--eval EVAL.json ...] [--bench BENCH.json ...] [--points POINTS.json ...] [--out FILE.html]
     vitq serve DIR [--port N] [--host 127.0.0.1] [--max-batch 8] [--max-wait-ms 5] [--threads N]
     vitq export-triton DIR --out REPO [--format onnx|plan]
 
@@ -64,6 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tolerance", type=float, default=1e-4,
                    help="max |logit diff| allowed between ONNX Runtime and torch (default 1e-4)")
     c.add_argument("--quiet", "-q", action="store_true", help="print only the summary")
+    c.add_argument("--mixa", metavar="TARGET|RATIOS.json",
+                   help="MixA-Q mixed-precision activations: a bit-operation reduction vs the recipe's uniform base "
+                        "(e.g. 1.35x, ratios searched) or a JSON of per-block low-bit ratios")
+    c.add_argument("--mixa-bits", metavar="HIGH/LOW", help="MixA-Q activation bits of the two branches (default: "
+                   "the recipe's / 4; fp32/8 = float high branch)")
+    c.add_argument("--mixa-group", metavar="HxW", help="MixA-Q token group on ViT/DeiT (default 2x2)")
+    c.add_argument("--mixa-routed", choices=("linear+attn", "linear"), help="MixA-Q: route the attention "
+                   "operands too (default linear+attn)")
     _add_trt_args(c)
     c.set_defaults(func=cmd_compile)
 
@@ -100,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=cmd_info)
     _add_bundle_parsers(sub)
     _add_ops_parsers(sub)
+    _add_report_parser(sub)
     return ap
 
 
@@ -121,11 +131,22 @@ def cmd_compile(args) -> int:
 
     opts = CompileOptions(model=args.model, out=args.out, weights=args.weights, calib=args.calib,
                           calib_count=args.calib_count, seed=args.seed, recipe=args.recipe, target=args.target,
-                          skip_bad=args.skip_bad, tolerance=args.tolerance)
+                          skip_bad=args.skip_bad, tolerance=args.tolerance, mixa=args.mixa,
+                          mixa_bits=args.mixa_bits, mixa_group=args.mixa_group, mixa_routed=args.mixa_routed)
+    if args.target != "ort":
+        from .trt.common import TrtBuildOptions
+
+        opts.trt = TrtBuildOptions.from_args(args)
     echo = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr))
     report = compile_model(opts, echo=echo)
     print(summarize_report(report))
-    print(f"wrote {args.out}/ (model.onnx, model.fp32.onnx, report.json)")
+    extra = {"ort": "", "trt": ", build_engine.sh" + (", model.engine" if (report.get("tensorrt") or {}).get("engine")
+                                                      else ""),
+             "jetson": ", manifest.json, README.md, build_engine.sh, plugins/"}[args.target]
+    print(f"wrote {args.out}/ (model.onnx, model.fp32.onnx, report.json{extra})")
+    if args.target == "jetson":
+        print(f"copy {args.out}/ to the Jetson and follow its README.md (check it with: vitq bundle verify "
+              f"{args.out})")
     return 0
 
 
@@ -217,6 +238,36 @@ def _add_ops_parsers(sub) -> None:
     t.add_argument("--gpu", action="store_true", help="instance kind KIND_GPU (default KIND_CPU for onnx)")
     t.add_argument("--plugin-lib", help="TensorRT plugin library path to note in the config (LD_PRELOAD)")
     t.set_defaults(func=cmd_export_triton)
+
+
+def _add_report_parser(sub) -> None:
+    r = sub.add_parser("report", help="write an HTML report (tables + plots) of a compiled artifact directory",
+                       description="Read DIR/report.json (and every vitq eval/bench/points JSON found in DIR, e.g. "
+                                   "DIR/eval.json, DIR/bench.json) and write a self-contained HTML report with "
+                                   "the PNG plots embedded (also written beside it): per-layer bit-widths, "
+                                   "per-layer SQNR, top-1 vs bit-operations. Needs matplotlib (vitq[compile]).")
+    r.add_argument("dir", type=Path, help="artifact directory written by vitq compile")
+    r.add_argument("--eval", dest="evals", type=Path, action="append", default=[], metavar="EVAL.json",
+                   help="vitq eval --json result to include (repeatable)")
+    r.add_argument("--bench", dest="benches", type=Path, action="append", default=[], metavar="BENCH.json",
+                   help="vitq bench --json result to include (repeatable)")
+    r.add_argument("--points", type=Path, action="append", default=[], metavar="POINTS.json",
+                   help="accuracy/bit-ops points for the Pareto plot: [{label, top1, bitops_ratio|avg_bits, "
+                        "kind}] or a benchmark JSON with rows (bench/mptq.py) (repeatable)")
+    r.add_argument("--out", type=Path, help="output HTML (default DIR/report.html); PNGs go beside it")
+    r.set_defaults(func=cmd_report)
+
+
+def cmd_report(args) -> int:
+    from .report import write_report
+
+    built, written = write_report(args.dir, out=args.out, evals=args.evals, benches=args.benches,
+                                  points=args.points)
+    print(built.text)
+    for key, why in built.skipped_plots.items():
+        print(f"no {key} plot: {why}")
+    print(f"wrote {written['html']} (" + ", ".join(p.name for k, p in written.items() if k != "html") + ")")
+    return 0
 
 
 def cmd_check(args) -> int:

@@ -21,7 +21,7 @@ from . import __version__
 from .artifacts import atomic_output_dir, check_writable_parent, sha256_file, write_json_atomic
 from .errors import InputError, UnsupportedError
 from .recipe import RecipeRequest, parse_recipe_arg
-from .runtime.engine import ARTIFACT_FP32, ARTIFACT_MODEL, ARTIFACT_REPORT
+from .runtime.engine import ARTIFACT_FP32, ARTIFACT_MODEL, ARTIFACT_REPORT, META_TARGET
 from .runtime.preprocess import PreprocessConfig
 
 TARGETS = ("ort", "trt", "jetson")
@@ -41,6 +41,11 @@ class CompileOptions:
     verify_count: int = 8
     tolerance: float = 1e-4
     progress: bool | None = None
+    trt: Any = None  # vitq.trt.common.TrtBuildOptions for --target trt|jetson (None: defaults)
+    mixa: str | None = None        # MixA-Q: "1.35x" (target reduction) or a ratios .json (vitq/mixa/compile.py)
+    mixa_bits: str | None = None   # "8/4", "fp32/8"
+    mixa_group: str | None = None  # ViT token group, "2x2"
+    mixa_routed: str | None = None  # "linear+attn" (default) | "linear"
 
 
 @dataclass
@@ -95,9 +100,11 @@ def compile_model(opts: CompileOptions, echo: Callable[[str], None] = print) -> 
         Recipe.load(recipe.path)  # validate before any model work
     if recipe.quantized and recipe.kind != "file" and opts.calib is None:
         raise InputError(f"recipe {recipe.name!r} needs calibration images: pass --calib DIR")
+    trt_opts = None
     if opts.target != "ort":
-        raise UnsupportedError(f"target {opts.target!r} is not available in this build of vitq (TensorRT lowering "
-                               f"and trt_check are not implemented yet); use --target ort")
+        from .trt.common import TrtBuildOptions
+
+        trt_opts = opts.trt if opts.trt is not None else TrtBuildOptions()
     check_writable_parent(Path(opts.out))  # fail before minutes of work
     log = _Log(echo=echo)
     report: dict[str, Any] = {"schema": "vitq.report/1", "vitq_version": __version__,
@@ -143,11 +150,59 @@ def compile_model(opts: CompileOptions, echo: Callable[[str], None] = print) -> 
             _quantize(opts, recipe, lm, calib, cfg, x_verify, stage, report, log, echo)
         else:
             shutil.copyfile(fp32_path, model_path)  # fp32 recipe: the deployable model is the float export
+            if opts.target != "ort":
+                from .passes.trt_check import check
+
+                chk = check(str(model_path))
+                report["passes"] = {"target": opts.target, "trt_check": chk.to_dict()}
+                _stop_on_trt_errors(chk, echo)
+        bundle_manifest = None
+        if opts.target == "trt":
+            from .trt.builder import build_trt_target
+            from .trt.bundle import _copy_plugins, _custom_ops, default_plugin_sources
+
+            plugins_dir = _copy_plugins(default_plugin_sources(), stage) if _custom_ops(model_path) else None
+            with log.step("TensorRT engine (or the script that builds it on the target)"):
+                report["tensorrt"] = build_trt_target(model_path, stage, trt_opts, echo=echo, plugins_dir=plugins_dir)
+            report["tensorrt"]["plugin_sources"] = plugins_dir
+            if report["tensorrt"].get("reason"):  # name the final folder, not the staging one
+                report["tensorrt"]["reason"] = report["tensorrt"]["reason"].replace(f"{stage.name}/",
+                                                                                    f"{Path(opts.out).name}/")
+            if report["tensorrt"].get("engine") is None:
+                echo(f"[vitq] {report['tensorrt']['reason']}")
+        elif opts.target == "jetson":
+            from .trt.bundle import default_plugin_sources, populate_bundle
+
+            recipe_file = stage / "recipe.json"
+            recipe_hash = sha256_file(recipe_file) if recipe_file.is_file() else f"preset:{recipe.name}"
+            with log.step("Jetson bundle (plugin sources, build_engine.sh, manifest)"):
+                bundle_manifest = populate_bundle(stage, model_path, model_name=opts.model, recipe_hash=recipe_hash,
+                                                  preprocess=cfg.to_dict(), opts=trt_opts,
+                                                  num_classes=lm.num_classes,
+                                                  plugin_sources_dir=default_plugin_sources())
+            report["jetson"] = {"bundle": True, "manifest": "manifest.json", "recipe_hash": recipe_hash,
+                                "custom_ops": bundle_manifest["plugins"]["custom_ops"],
+                                "engine": "built on the device: ./build_engine.sh (see README.md)"}
         report["artifacts"] = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
                                for p in sorted(stage.iterdir()) if p.is_file() and not p.name.startswith(".")}
         report["timings_s"] = {**log.steps, "total": round(time.perf_counter() - t_start, 3)}
         write_json_atomic(stage / ARTIFACT_REPORT, report)
+        if bundle_manifest is not None:
+            from .trt.bundle import finalize_bundle
+
+            finalize_bundle(stage, bundle_manifest)  # last: hashes every file, report.json included
     return report
+
+
+def _stop_on_trt_errors(chk, echo) -> None:
+    """``--target trt|jetson``: print the trt_check report; its errors stop the build (TensorRT would reject the
+    graph or silently run it in float)."""
+    echo(chk.format_text())
+    if not chk.ok:
+        raise UnsupportedError(f"TensorRT cannot build this graph ({len(chk.errors)} trt_check error"
+                               f"{'s' if len(chk.errors) != 1 else ''}; see the report above)",
+                               hint="use a recipe TensorRT supports (int8/int4 weights, int8/int4 activations) or "
+                                    "--target ort")
 
 
 #: The Q/DQ graph on ONNX Runtime and the torch simulation compute the same quantizers (each Q/DQ pair equals
@@ -198,6 +253,10 @@ def _quantize(opts, req, lm, calib, cfg, x_verify, stage: Path, report: dict, lo
         report["calibration"]["used"] = True
         report["calibration"].pop("note", None)
         report["calibration"]["timings_s"] = res.timings
+    if opts.mixa is not None or rec.mixa is not None:  # MixA-Q (vitq/mixa/compile.py)
+        from .mixa.compile import apply_mixa
+
+        rec, sim = apply_mixa(opts, rec, qmodel, sim, lm, calib, cfg, report, log, echo)
     rec.save(stage / "recipe.json")
     prepared = stage / ".prepared.onnx"
     meta = artifact_metadata(opts.model, cfg.to_dict(), lm.num_classes, rec.name)
@@ -208,6 +267,12 @@ def _quantize(opts, req, lm, calib, cfg, x_verify, stage: Path, report: dict, lo
     prepared.unlink()
     import onnx
 
+    tgt = next((p for p in proto.metadata_props if p.key == META_TARGET), None) or proto.metadata_props.add()
+    tgt.key, tgt.value = META_TARGET, opts.target
+    if opts.target != "ort":
+        from .passes.trt_check import TrtReport
+
+        _stop_on_trt_errors(TrtReport.from_dict(passes["trt_check"]), echo)
     onnx.save(proto, stage / ARTIFACT_MODEL)
     with log.step("verifying the Q/DQ graph on ONNX Runtime against the torch simulation"):
         eng = Engine.load(stage / ARTIFACT_MODEL, backend="ort")
@@ -239,8 +304,6 @@ def _quantize(opts, req, lm, calib, cfg, x_verify, stage: Path, report: dict, lo
                             for l in rec.layers]}
     report["bitops"] = bitops_report(rec)
     report["passes"] = {k: v for k, v in passes.items() if k != "trt_check_text"}
-    if passes.get("trt_check_text"):
-        echo(passes["trt_check_text"])
 
 
 def summarize_report(r: dict) -> str:
@@ -256,5 +319,25 @@ def summarize_report(r: dict) -> str:
                                      f"top-1 agreement {ver['top1_agreement'] * 100:.1f}%"])
     if r.get("bitops"):
         rows.append(["bit-ops", f"{r['bitops']['ratio']:.3f}x of fp32"])
+    if r.get("mixa"):
+        mx = r["mixa"]
+        rows.append(["MixA-Q", f"{mx['bitops_reduction']:.3f}x fewer bit-ops than uniform {mx['base']} (high a"
+                               f"{mx['high_bits']} / low a{mx['low_bits']}, {mx['scheme']} {mx['group'][0]}x"
+                               f"{mx['group'][1]})"])
+    q = (r.get("verification") or {}).get("qdq_vs_simulation")
+    if q:
+        rows.append(["Q/DQ vs sim", f"rel logit error {q['rel_l2_error']:.2e} (tol {q['tolerance_rel_l2']:.2e}), "
+                                    f"top-1 agreement {q['top1_agreement'] * 100:.1f}% on {q['n']} images"])
+    chk = (r.get("passes") or {}).get("trt_check")
+    if chk:
+        plug = sum(p.get("stats", {}).get("plugin_nodes", 0) for p in (r.get("passes") or {}).get("passes", []))
+        rows.append(["trt_check", f"{'ok' if chk['ok'] else 'FAILED'}: {len(chk['errors'])} errors, "
+                                  f"{len(chk['warnings'])} warnings; {plug} plugin node(s)"])
+    if r.get("tensorrt"):
+        e = r["tensorrt"]
+        rows.append(["TensorRT", f"engine {e['engine']}" if e.get("engine") else
+                     f"no engine here; build on the target with {e['build_script']}"])
+    if r.get("jetson"):
+        rows.append(["Jetson bundle", "manifest.json + README.md (engine built on the device)"])
     rows.append(["time", f"{r['timings_s']['total']:.1f}s"])
     return format_kv([tuple(r) for r in rows])

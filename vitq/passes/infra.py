@@ -72,10 +72,15 @@ NUMERIC_TOLERANCE = {"exact": 0.0, "float": 1e-4}
 
 
 def ort_run(model: onnx.ModelProto | ir.Model, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """Run a model on ONNX Runtime (CPU, all graph optimizations off so that the graph itself is what runs)."""
+    """Run a model on ONNX Runtime (CPU, all graph optimizations off so that the graph itself is what runs). vitq
+    plugin nodes are expanded to their standard-ONNX definition first."""
     import onnxruntime as ort
 
     proto = model if isinstance(model, onnx.ModelProto) else ir.serde.serialize_model(model)
+    from ..plugins.lowering import expand_plugins, has_plugins
+
+    if has_plugins(proto):  # TensorRT plugin nodes: run their exact standard-ONNX expansion
+        proto, _ = expand_plugins(proto)
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.log_severity_level = 3

@@ -16,6 +16,7 @@ from .cleanup import Cleanup
 from .infra import GraphPass, PassManager, to_ir
 from .insert_qdq import InsertQDQ
 from .lower_ort_cpu import LowerOrtCpu
+from .lower_trt import ClipSub8Activations, LowerTrt
 from .trt_check import TrtCheck
 
 TARGETS = ("ort", "trt", "jetson")
@@ -23,10 +24,14 @@ REPORT_SCHEMA = "vitq.passes/1"
 
 
 def pipeline_for(recipe: Recipe, target: str) -> list[GraphPass]:
+    if recipe.mixa is not None and target in TARGETS:  # MixA-Q: split_windows around insert_qdq
+        from .split_windows import mixa_passes
+
+        return mixa_passes(recipe, target, pipeline_for)
     if target == "ort":
-        return [InsertQDQ(recipe), Cleanup(), LowerOrtCpu()]
+        return [InsertQDQ(recipe), Cleanup(), ClipSub8Activations(), LowerOrtCpu()]
     if target in ("trt", "jetson"):
-        return [InsertQDQ(recipe), Cleanup(), TrtCheck()]
+        return [InsertQDQ(recipe), Cleanup(), LowerTrt(), ClipSub8Activations(), Cleanup(), TrtCheck()]
     raise InputError(f"unknown target {target!r} (expected one of: {', '.join(TARGETS)})")
 
 
@@ -35,8 +40,12 @@ def build_deployable(model: onnx.ModelProto | str | Path, recipe: Recipe | dict 
                      ) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """Run the target's pass pipeline on the float export ``model`` (a ModelProto or a path; not modified).
 
-    ort:        insert_qdq -> cleanup -> lower_ort_cpu
-    trt/jetson: insert_qdq -> cleanup -> trt_check (lint; TensorRT errors are reported, not raised)
+    ort:        insert_qdq -> cleanup -> clip_sub8_activations -> lower_ort_cpu (int4 / 6-bit activations as float
+                Clip + int8 Q/DQ, then int8 as uint8 zp 128: exact rewrites onto ORT's fast u8 kernels; ORT's
+                optimizer miscompiles int4 Q/DQ behind Relu, see clip_sub8_activations)
+    trt/jetson: insert_qdq -> cleanup -> lower_trt (int4-activation linears -> vitq plugin nodes) ->
+                clip_sub8_activations (other sub-8-bit activations -> float Clip + int8 Q/DQ, exact) -> cleanup ->
+                trt_check (lint; TensorRT errors are reported, not raised: the caller decides)
 
     ``validate``: ONNX full checker after each changing pass. ``sample_inputs`` (``[N,3,H,W]`` float32): also check
     that the function-preserving passes (cleanup, lowering) keep ONNX Runtime's outputs (exact for lowering).

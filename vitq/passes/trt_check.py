@@ -19,6 +19,8 @@ warnings
   ``QDQ_ON_NORM_SOFTMAX``    Q/DQ on a LayerNormalization / Softmax input (those run in float: extra reformat)
   ``INT4_WEIGHT``            int4 weights: TensorRT runs them weight-only (dequantized), not as an int4 GEMM
   ``SUB8_WEIGHT``            6-bit (etc.) weights stored as int8: run as int8 (correct, no extra speed)
+  ``SUB8_ACT_AS_INT8``       a sub-8-bit activation lowered to float Clip + int8 Q/DQ (``clip_sub8_activations``):
+                             exact, runs as an int8 GEMM (no sub-8-bit speed)
   ``DECOMPOSED_LAYERNORM``   ReduceMean/Sub/Pow/.../Div LayerNorm: slower, fp16-overflow prone; export at opset
                              >= 17 to keep LayerNormalization
   ``OPSET``                  opset outside the range this list was written for
@@ -99,6 +101,12 @@ class TrtReport:
     def to_dict(self) -> dict[str, Any]:
         return {"ok": self.ok, "errors": [i.to_dict() for i in self.errors],
                 "warnings": [i.to_dict() for i in self.warnings], "stats": self.stats}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrtReport":
+        """Inverse of :meth:`to_dict` (e.g. from ``build_deployable``'s report)."""
+        return cls([TrtIssue(**i) for i in list(d.get("errors", [])) + list(d.get("warnings", []))],
+                   dict(d.get("stats", {})))
 
     def format_text(self, max_per_code: int = 5) -> str:
         lines = [f"trt_check: {len(self.errors)} error(s), {len(self.warnings)} warning(s)"
@@ -193,6 +201,10 @@ def _check_qdq(n: ir.Node, add) -> None:
         add("error", "UINT8_QDQ", f"{n.op_type} on {qt.name}: TensorRT Q/DQ are signed (int8/int4); build the TRT "
                                   f"target from the un-lowered Q/DQ graph", n)
     if n.op_type == "QuantizeLinear":
+        if n.metadata_props.get("vitq.lowered") == "clip_int8":
+            bits = n.metadata_props.get(META_BITS, "?")
+            add("warning", "SUB8_ACT_AS_INT8", f"{bits}-bit activation runs as int8 (float Clip to the {bits}-bit "
+                                               f"range, then int8 Q/DQ: exact, no sub-8-bit speed)", n)
         if qt == ir.DataType.INT4:
             add("error", "INT4_ACTIVATION", "int4 activation quantization has no native TensorRT kernel; lower it "
                                             "with vitq.plugins.lowering.lower_trt (plugin)", n)

@@ -298,6 +298,11 @@ def _is_plugin(node: onnx.NodeProto) -> bool:
         node.domain == DOMAIN or _attrs(node).get("plugin_namespace", b"") in (NAMESPACE, NAMESPACE.encode()))
 
 
+def has_plugins(model: onnx.ModelProto) -> bool:
+    """Whether the main graph has vitq plugin nodes (what :func:`expand_plugins` rewrites)."""
+    return any(_is_plugin(n) for n in model.graph.node)
+
+
 def expand_plugins(model: onnx.ModelProto, int4: str = "native") -> tuple[onnx.ModelProto, int]:
     """Rewrite every vitq plugin node back to standard ONNX opset 21; returns (new model, rewrites).
 

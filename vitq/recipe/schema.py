@@ -39,6 +39,11 @@ Field meanings:
   own per-tensor quantizer, realized in the graph as two int8 GEMMs sharing the weight (deployable in TensorRT).
   ``m`` is the searched ratio ``pos.scale / neg.scale``. Mutually exclusive with ``input``.
 * ``macs``: multiply-accumulates per image for this layer (bit-operations = macs * w_bits * a_bits).
+* ``weights`` (optional, top level; GPTQ): ``{"file": "<stem>.weights.safetensors", "sha256": ..., "method":
+  "gptq", "layers": [module, ...]}``. GPTQ changes the integer weights, so the listed layers' (post-``smooth``)
+  float weights, each exactly ``q * weight.scale``, live in that sidecar next to the recipe JSON; applying the
+  recipe overwrites those weights after folding ``smooth``. ``Recipe.save`` writes it, ``Recipe.load`` checks its
+  presence and sha256 (tensors kept in ``Recipe.weight_tensors`` as numpy arrays).
 """
 
 from __future__ import annotations
@@ -253,6 +258,8 @@ class Recipe:
     provenance: dict[str, Any] = field(default_factory=dict)
     mixa: dict[str, Any] | None = None
     schema: str = SCHEMA
+    weights: dict[str, Any] | None = None  # GPTQ sidecar reference (see module doc)
+    weight_tensors: dict[str, Any] | None = field(default=None, repr=False, compare=False)  # module -> ndarray
 
     def layer(self, module: str) -> LayerSpec | None:
         for l in self.layers:
@@ -265,6 +272,8 @@ class Recipe:
              "provenance": self.provenance, "layers": [l.to_dict() for l in self.layers]}
         if self.mixa is not None:
             d["mixa"] = self.mixa
+        if self.weights is not None:
+            d["weights"] = self.weights
         return d
 
     def to_json(self) -> str:
@@ -273,6 +282,8 @@ class Recipe:
     def save(self, path: str | Path) -> None:
         from ..artifacts import write_json_atomic
 
+        if self.weight_tensors:  # GPTQ sidecar first: its sha256 goes into the JSON
+            self.weights = _save_sidecar(Path(path), self.weight_tensors, (self.weights or {}).get("method", "gptq"))
         write_json_atomic(path, self.to_dict())
 
     @classmethod
@@ -281,7 +292,7 @@ class Recipe:
         schema = d.get("schema")
         if schema != SCHEMA:
             raise RecipeError(f"{where}.schema: expected {SCHEMA!r}, got {schema!r}")
-        _only_keys(d, where, {"schema", "name", "model", "defaults", "provenance", "layers", "mixa"})
+        _only_keys(d, where, {"schema", "name", "model", "defaults", "provenance", "layers", "mixa", "weights"})
         for k in ("name", "model"):
             if not isinstance(d.get(k), str) or not d[k]:
                 raise RecipeError(f"{where}.{k}: expected a non-empty string")
@@ -298,8 +309,26 @@ class Recipe:
         for k in ("defaults", "provenance"):
             if not isinstance(d.get(k, {}), dict):
                 raise RecipeError(f"{where}.{k}: expected an object")
-        return cls(d["name"], d["model"], specs, dict(d.get("defaults", {})), dict(d.get("provenance", {})),
-                   d.get("mixa"))
+        mixa = d.get("mixa")
+        if mixa is not None:  # MixA-Q section: validated here (vitq/mixa/spec.py), kept as the plain dict
+            from ..mixa.spec import MixaSpec
+
+            MixaSpec.from_dict(mixa, f"{where}.mixa", layers=specs)
+        weights = d.get("weights")
+        if weights is not None:
+            _require_obj(weights, f"{where}.weights")
+            _only_keys(weights, f"{where}.weights", {"file", "sha256", "method", "layers"})
+            f, h, wl = weights.get("file"), weights.get("sha256"), weights.get("layers")
+            if not isinstance(f, str) or not f or "/" in f or "\\" in f:
+                raise RecipeError(f"{where}.weights.file: expected a file name next to the recipe, got {f!r}")
+            if not isinstance(h, str) or len(h) != 64:
+                raise RecipeError(f"{where}.weights.sha256: expected a 64-hex-digit sha256, got {h!r}")
+            if not isinstance(wl, list) or not all(isinstance(m, str) and m in seen for m in wl):
+                raise RecipeError(f"{where}.weights.layers: expected a list of this recipe's layer modules")
+        rec = cls(d["name"], d["model"], specs, dict(d.get("defaults", {})), dict(d.get("provenance", {})),
+                  mixa)
+        rec.weights = weights
+        return rec
 
     @classmethod
     def load(cls, path: str | Path) -> "Recipe":
@@ -315,7 +344,59 @@ class Recipe:
         except json.JSONDecodeError as e:
             raise RecipeError(f"recipe file {p} is not valid JSON: line {e.lineno} column {e.colno}: {e.msg}") \
                 from None
-        return cls.from_dict(d, where=str(p))
+        rec = cls.from_dict(d, where=str(p))
+        if rec.weights is not None:
+            rec.weight_tensors = _load_sidecar(p, rec.weights)
+        return rec
+
+
+def _save_sidecar(recipe_path: Path, tensors: dict, method: str) -> dict:
+    """Write ``<stem>.weights.safetensors`` beside ``recipe_path``; return the recipe's ``weights`` section."""
+    import os
+    import tempfile
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from ..artifacts import sha256_file
+
+    side = recipe_path.with_name(recipe_path.stem + ".weights.safetensors")
+    arrays = {m: np.ascontiguousarray(np.asarray(t, dtype=np.float32)) for m, t in sorted(tensors.items())}
+    fd, tmp = tempfile.mkstemp(prefix=f".{side.name}.", suffix=".tmp", dir=side.parent)
+    os.close(fd)
+    try:
+        save_file(arrays, tmp)
+        os.replace(tmp, side)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return {"file": side.name, "sha256": sha256_file(side), "method": method, "layers": list(arrays)}
+
+
+def _load_sidecar(recipe_path: Path, weights: dict) -> dict:
+    """The GPTQ sidecar's tensors (numpy), after checking it exists, matches its sha256 and holds the listed
+    layers."""
+    from safetensors.numpy import load_file
+
+    from ..artifacts import sha256_file
+
+    side = recipe_path.parent / weights["file"]
+    if not side.is_file():
+        raise RecipeError(f"{recipe_path}: weights sidecar {side} is missing (the recipe's 'weights.file'; GPTQ "
+                          f"recipes need the .weights.safetensors file saved next to the JSON)")
+    h = sha256_file(side)
+    if h != weights["sha256"]:
+        raise RecipeError(f"{recipe_path}: weights sidecar {side} has sha256 {h}, the recipe expects "
+                          f"{weights['sha256']} (file modified or from another calibration)")
+    try:
+        t = load_file(str(side))
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types on corrupt files
+        raise RecipeError(f"{recipe_path}: weights sidecar {side} is not a valid safetensors file: {e}") from None
+    if sorted(t) != sorted(weights["layers"]):
+        raise RecipeError(f"{recipe_path}: weights sidecar {side} holds {sorted(t)}, the recipe lists "
+                          f"{sorted(weights['layers'])}")
+    return t
 
 
 def _require_obj(d: Any, where: str) -> None:

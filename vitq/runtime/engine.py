@@ -24,6 +24,7 @@ META_MODEL = "vitq.model"
 META_NUM_CLASSES = "vitq.num_classes"
 META_RECIPE = "vitq.recipe"
 META_VERSION = "vitq.version"
+META_TARGET = "vitq.target"  # the compile target the graph was lowered for: "ort" | "trt" | "jetson"
 
 ARTIFACT_MODEL = "model.onnx"
 ARTIFACT_FP32 = "model.fp32.onnx"

@@ -27,21 +27,51 @@ class OrtBackend:
     name = "ort"
 
     def __init__(self, path: Path, threads: int | None = None, providers: list[str] | None = None,
-                 optimization: str = "all"):
+                 optimization: str = "auto"):
+        """``optimization``: ORT graph optimization level, or ``"auto"``: ``"all"``, except for graphs compiled for
+        TensorRT (``vitq.target`` trt/jetson metadata: signed int8 Q/DQ, vitq plugin nodes), which run with graph
+        optimizations off: ONNX Runtime's fused S8S8 int8 kernels can saturate on AVX2 CPUs, and the point of
+        running a TensorRT graph on the CPU is to check its exact function. vitq plugin nodes are expanded to their
+        standard-ONNX definition (:func:`vitq.plugins.lowering.expand_plugins`) before the session is created."""
+        self.notes: list[str] = []
+        model_src: str | bytes = str(path)
+        try:
+            import onnx
+
+            head = onnx.load(str(path), load_external_data=False)
+        except Exception as e:
+            raise InputError(f"ONNX Runtime cannot load {path}: {e}") from None
+        meta = {p.key: p.value for p in head.metadata_props}
+        from ..plugins.lowering import expand_plugins, has_plugins
+
+        if has_plugins(head):
+            full = onnx.load(str(path))
+            expanded, n = expand_plugins(full)
+            model_src = expanded.SerializeToString()
+            self.notes.append(f"{n} vitq plugin node(s) expanded to standard ONNX for ONNX Runtime")
+        if optimization == "auto":
+            optimization = "disable" if meta.get("vitq.target") in ("trt", "jetson") else "all"
+            if optimization == "disable":
+                self.notes.append("graph compiled for TensorRT: ONNX Runtime runs it unoptimized (exact, slow); "
+                                  "compile with --target ort for fast CPU inference")
         so = ort.SessionOptions()
         if threads:
             so.intra_op_num_threads = int(threads)
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.graph_optimization_level = {
+        level = {
             "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
             "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
             "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
             "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-        }[optimization]
+        }.get(optimization)
+        if level is None:
+            raise InputError(f"optimization must be auto, disable, basic, extended or all (got {optimization!r})")
+        so.graph_optimization_level = level
+        self.optimization = optimization
         so.log_severity_level = 3
         try:
-            self.session = ort.InferenceSession(str(path), sess_options=so,
+            self.session = ort.InferenceSession(model_src, sess_options=so,
                                                 providers=providers or ["CPUExecutionProvider"])
         except Exception as e:  # ORT raises its own exception types; name the file
             raise InputError(f"ONNX Runtime cannot load {path}: {e}") from None

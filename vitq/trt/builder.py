@@ -24,11 +24,9 @@ None of this has run in vitq's CI (TensorRT cannot be installed there); tests th
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import stat
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -106,15 +104,9 @@ def _parser_errors(parser) -> list[dict]:
 
 # -- the build -----------------------------------------------------------------------------------------------------
 def _write_bytes_atomic(path: Path, data) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from ..artifacts import write_bytes_atomic
+
+    write_bytes_atomic(path, bytes(data))
 
 
 def engine_metadata(onnx_path: str | os.PathLike, opts: TrtBuildOptions, *, tensorrt_version: str | None = None,
@@ -235,12 +227,13 @@ def write_build_script(out_dir: str | os.PathLike, onnx_name: str, inputs: Seque
 
 
 def build_trt_target(onnx_path: str | os.PathLike, out_dir: str | os.PathLike, opts: TrtBuildOptions | None = None,
-                     *, echo: Callable[[str], None] = print) -> dict[str, Any]:
+                     *, echo: Callable[[str], None] = print, plugins_dir: str | None = None) -> dict[str, Any]:
     """What ``vitq compile --target trt`` calls after writing ``out_dir/model.onnx``.
 
     Always writes ``build_engine.sh`` (to rebuild on the device) and ``model.engine.json``. Builds ``model.engine``
     when TensorRT and a GPU are usable here; otherwise returns ``{"engine": None, "reason": ...}`` (not an error: the
-    engine must be built on the target). Returns the ``report["tensorrt"]`` entry."""
+    engine must be built on the target). ``plugins_dir``: folder (relative to ``out_dir``) with the plugin sources'
+    CMakeLists.txt, built by the script before the engine. Returns the ``report["tensorrt"]`` entry."""
     opts = opts or TrtBuildOptions()
     onnx_path, out_dir = Path(onnx_path), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -248,7 +241,8 @@ def build_trt_target(onnx_path: str | os.PathLike, out_dir: str | os.PathLike, o
         shutil.copyfile(onnx_path, out_dir / onnx_path.name)
         onnx_path = out_dir / onnx_path.name
     inputs, outputs, meta = read_onnx_io(onnx_path)
-    script = write_build_script(out_dir, onnx_path.name, inputs, opts, model_name=meta.get("vitq.model"))
+    script = write_build_script(out_dir, onnx_path.name, inputs, opts, model_name=meta.get("vitq.model"),
+                                plugins_dir=plugins_dir)
     cache = opts.timing_cache.name if opts.timing_cache else DEFAULT_TIMING_CACHE
     cmds = {f"tensorrt{m}": trtexec_command(m, onnx=onnx_path.name, engine=ENGINE_NAME, inputs=inputs, opts=opts,
                                             timing_cache=cache,

@@ -162,47 +162,68 @@ def write_bundle(onnx_path: str | os.PathLike, out_dir: str | os.PathLike, *, mo
         except ValueError as e:
             raise InputError(f"preprocess: not a JSON object ({e})") from None
     src = Path(plugin_sources_dir) if plugin_sources_dir is not None else default_plugin_sources()
-    inputs, outputs, meta = read_onnx_io(onnx_path)
-    custom = _custom_ops(onnx_path)
 
     with atomic_output_dir(out_dir) as stage:
+        manifest = populate_bundle(stage, onnx_path, model_name=model_name, recipe_hash=recipe_hash,
+                                   preprocess=preprocess, opts=opts, num_classes=num_classes, plugin_sources_dir=src)
+        finalize_bundle(stage, manifest)
+    return manifest
+
+
+def populate_bundle(stage: Path, onnx_path: Path, *, model_name: str, recipe_hash: str,
+                    preprocess: Mapping[str, Any] | None, opts: TrtBuildOptions, num_classes: int | None,
+                    plugin_sources_dir: Path | None) -> dict[str, Any]:
+    """Write the bundle's files into the (staging) folder ``stage``: the model (unless it already is
+    ``stage/model.onnx``), its external data, plugin sources, ``build_engine.sh`` and the engine metadata sidecar.
+    Returns the manifest without its ``files`` table: :func:`finalize_bundle` adds it (so that a caller, e.g.
+    ``vitq compile --target jetson``, can add its own files first and have them hashed too)."""
+    stage, onnx_path = Path(stage), Path(onnx_path)
+    inputs, outputs, meta = read_onnx_io(onnx_path)
+    custom = _custom_ops(onnx_path)
+    if onnx_path.resolve() != (stage / MODEL).resolve():
         shutil.copyfile(onnx_path, stage / MODEL)
         for rel in _external_data_files(onnx_path):
             if PurePosixPath(rel).is_absolute() or ".." in PurePosixPath(rel).parts:
                 raise InputError(f"{onnx_path}: external data location {rel!r} escapes the model folder")
             (stage / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(onnx_path.parent / rel, stage / rel)
-        cmake_dir = _copy_plugins(src, stage)
-        write_build_script(stage, MODEL, inputs, opts, plugins_dir=cmake_dir, model_name=model_name)
+    cmake_dir = _copy_plugins(plugin_sources_dir, stage)
+    write_build_script(stage, MODEL, inputs, opts, plugins_dir=cmake_dir, model_name=model_name)
 
-        side = engine_metadata(stage / MODEL, opts)
-        md = side["metadata"]
-        md.setdefault("vitq.model", model_name)
-        if preprocess is not None:
-            md.setdefault("vitq.preprocess", json.dumps(dict(preprocess), sort_keys=True))
-        if num_classes is not None:
-            md.setdefault("vitq.num_classes", str(int(num_classes)))
-        md.setdefault("vitq.recipe_hash", recipe_hash)
-        write_json_atomic(engine_meta_path(stage / ENGINE_NAME), side)
+    side = engine_metadata(stage / MODEL, opts)
+    md = side["metadata"]
+    md.setdefault("vitq.model", model_name)
+    if preprocess is not None:
+        md.setdefault("vitq.preprocess", json.dumps(dict(preprocess), sort_keys=True))
+    if num_classes is not None:
+        md.setdefault("vitq.num_classes", str(int(num_classes)))
+    md.setdefault("vitq.recipe_hash", recipe_hash)
+    write_json_atomic(engine_meta_path(stage / ENGINE_NAME), side)
 
-        manifest: dict[str, Any] = {
-            "schema": BUNDLE_SCHEMA, "vitq_version": __version__,
-            "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "model": model_name, "recipe_hash": recipe_hash, "num_classes": num_classes,
-            "preprocess": dict(preprocess) if preprocess is not None else None,
-            "target": {"device": "Jetson Orin", "sm": TARGET_SM, "tensorrt": REQUIRED_TENSORRT},
-            "io": {"inputs": inputs, "outputs": outputs},
-            "batch_range": opts.batch_range.to_dict(), "build": opts.to_dict(),
-            "engine": {"file": ENGINE_NAME, "built": False, "script": SCRIPT_NAME,
-                       "trtexec": {f"tensorrt{m}": trtexec_command(m, onnx=MODEL, engine=ENGINE_NAME, inputs=inputs,
-                                                                   opts=opts, timing_cache="timing.cache")
-                                   for m in (10, 11)}},
-            "plugins": {"custom_ops": custom, "sources": cmake_dir is not None, "cmake_dir": cmake_dir},
-        }
-        (stage / README).write_text(_readme(manifest))
-        manifest["files"] = {p.relative_to(stage).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-                             for p in sorted(stage.rglob("*")) if p.is_file()}
-        write_json_atomic(stage / MANIFEST, manifest)
+    return {
+        "schema": BUNDLE_SCHEMA, "vitq_version": __version__,
+        "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": model_name, "recipe_hash": recipe_hash, "num_classes": num_classes,
+        "preprocess": dict(preprocess) if preprocess is not None else None,
+        "target": {"device": "Jetson Orin", "sm": TARGET_SM, "tensorrt": REQUIRED_TENSORRT},
+        "io": {"inputs": inputs, "outputs": outputs},
+        "batch_range": opts.batch_range.to_dict(), "build": opts.to_dict(),
+        "engine": {"file": ENGINE_NAME, "built": False, "script": SCRIPT_NAME,
+                   "trtexec": {f"tensorrt{m}": trtexec_command(m, onnx=MODEL, engine=ENGINE_NAME, inputs=inputs,
+                                                               opts=opts, timing_cache="timing.cache")
+                               for m in (10, 11)}},
+        "plugins": {"custom_ops": custom, "sources": cmake_dir is not None, "cmake_dir": cmake_dir},
+    }
+
+
+def finalize_bundle(stage: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Write the device README and ``manifest.json`` with the sha256 of every file now in ``stage``."""
+    stage = Path(stage)
+    (stage / README).write_text(_readme(manifest))
+    manifest["files"] = {p.relative_to(stage).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+                         for p in sorted(stage.rglob("*")) if p.is_file() and p.name != MANIFEST
+                         and not p.name.startswith(".")}
+    write_json_atomic(stage / MANIFEST, manifest)
     return manifest
 
 

@@ -1,0 +1,104 @@
+"""ONNX Runtime Q/DQ graph vs the torch simulation of the same recipe, on dev650 (issue #4's central invariant).
+
+    python bench/qdq_agreement.py [--recipes w8a8,w4a8,w4a4,mp5] [--eval N] [--threads 2]
+
+For each recipe file in bench/results/recipes/ (written by bench/mptq.py): apply it to DeiT-Tiny (real weights),
+export the prepared model, run the graph passes for each target (ort: ORT-lowered, ORT optimizations on, what
+`vitq compile` deploys; trt: the TensorRT graph with plugins expanded, run unoptimized = its exact function), and
+compare with the simulation on dev650: top-1 agreement, relative L2 logit error, and each one's top-1 vs labels.
+Prints a table and writes bench/results/qdq_agreement.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from vitq.data import load_array, open_image_set  # noqa: E402
+from vitq.exporter import export_onnx  # noqa: E402
+from vitq.exporter.models import data_config, load_model  # noqa: E402
+from vitq.passes.pipeline import build_deployable  # noqa: E402
+from vitq.quant.pipeline import apply_recipe  # noqa: E402
+from vitq.recipe.schema import Recipe  # noqa: E402
+from vitq.runtime import Engine  # noqa: E402
+from vitq.runtime.preprocess import PreprocessConfig  # noqa: E402
+
+SHARED = Path(os.environ.get("VITQ_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--recipes", default="w8a8,w4a8,w4a4,mp5,w6a6")
+    ap.add_argument("--recipe-dir", default=str(REPO / "bench" / "results" / "recipes"))
+    ap.add_argument("--targets", default="ort,trt")
+    ap.add_argument("--eval", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "qdq_agreement.json"))
+    args = ap.parse_args()
+    lm = load_model("deit_tiny_patch16_224", SHARED / "weights" / "deit_tiny_patch16_224.wvfunc_matdump.pth")
+    cfg = PreprocessConfig.from_dict(data_config(lm.model))
+    dev = open_image_set(SHARED / "imagenet-val-dev650")
+    if args.eval:
+        dev = dev.subset(args.eval, seed=0)
+    x, y = load_array(dev, cfg)
+    rows = []
+    tmp = Path(tempfile.mkdtemp(prefix="vitq-agree-"))
+    for name in args.recipes.split(","):
+        path = Path(args.recipe_dir) / f"{name}.json"
+        if not path.is_file():
+            print(f"skip {name}: {path} not found (run bench/mptq.py first)", flush=True)
+            continue
+        rec = Recipe.load(path)
+        qm, sim = apply_recipe(lm.model, lm.family, rec)
+        t = time.time()
+        ref = sim.predict(x, batch_size=50).numpy().astype(np.float64)
+        t_sim = time.time() - t
+        prepared = tmp / f"{name}.prepared.onnx"
+        export_onnx(qm, prepared, image_size=(cfg.height, cfg.width), metadata={"vitq.model": lm.name})
+        for target in args.targets.split(","):
+            proto, rep = build_deployable(prepared, rec, target, validate=False)
+            tgt = proto.metadata_props.add()
+            tgt.key, tgt.value = "vitq.target", target
+            mpath = tmp / f"{name}.{target}.onnx"
+            import onnx
+
+            onnx.save(proto, mpath)
+            eng = Engine.load(mpath, backend="ort", threads=args.threads)
+            t = time.time()
+            got = np.concatenate([eng.run(x[i:i + 50]) for i in range(0, len(x), 50)]).astype(np.float64)
+            t_ort = time.time() - t
+            row = {"recipe": name, "target": target, "n": int(len(x)),
+                   "top1_agreement": float((got.argmax(1) == ref.argmax(1)).mean() * 100),
+                   "rel_l2": float(np.linalg.norm(got - ref) / np.linalg.norm(ref)),
+                   "rel_l2_median_per_image": float(np.median(np.linalg.norm(got - ref, axis=1)
+                                                              / np.linalg.norm(ref, axis=1))),
+                   "top1_sim": float((ref.argmax(1) == y).mean() * 100),
+                   "top1_onnx": float((got.argmax(1) == y).mean() * 100),
+                   "plugin_nodes": sum(p.get("stats", {}).get("plugin_nodes", 0) for p in rep["passes"]),
+                   "ort_optimization": eng._b.optimization, "sim_s": round(t_sim, 1), "onnx_s": round(t_ort, 1)}
+            rows.append(row)
+            print(f"{name:6s} {target:4s} agree {row['top1_agreement']:6.2f}%  rel {row['rel_l2']:.3e} "
+                  f"(median/img {row['rel_l2_median_per_image']:.3e})  top-1 sim {row['top1_sim']:.2f} onnx "
+                  f"{row['top1_onnx']:.2f}  [{row['ort_optimization']}, {row['plugin_nodes']} plugins]", flush=True)
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps({"model": lm.name, "rows": rows}, indent=1))
+    print("\n| recipe | target | agreement % | rel L2 | top-1 sim | top-1 ONNX |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['recipe']} | {r['target']} | {r['top1_agreement']:.2f} | {r['rel_l2']:.3e} | {r['top1_sim']:.2f} "
+              f"| {r['top1_onnx']:.2f} |")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""`vitq compile ... --mixa`: argument parsing and errors (fast), and one end-to-end compile (slow)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("timm")
+
+from conftest import make_image_folder  # noqa: E402
+from vitq.cli import main  # noqa: E402
+from vitq.errors import InputError  # noqa: E402
+from vitq.mixa.compile import parse_bits_arg, parse_mixa_arg  # noqa: E402
+from vitq.recipe.schema import Recipe  # noqa: E402
+
+MODEL = "deit_tiny_patch16_224"
+
+
+def test_parse_mixa_arg(tmp_path):
+    assert parse_mixa_arg("1.35x") == ("target", 1.35)
+    assert parse_mixa_arg("1.5") == ("target", 1.5)
+    with pytest.raises(InputError, match=">= 1"):
+        parse_mixa_arg("0.8x")
+    with pytest.raises(InputError, match="reduction target like 1.35x"):
+        parse_mixa_arg("fast")
+    p = tmp_path / "r.json"
+    p.write_text(json.dumps({"blocks.0": 0.5, "default": 0.2}))
+    assert parse_mixa_arg(str(p)) == ("ratios", {"blocks.0": 0.5, "default": 0.2})
+    p.write_text(json.dumps({"blocks.0": 0.95}))
+    with pytest.raises(InputError, match=r"ratio in \[0, 0.8\]"):
+        parse_mixa_arg(str(p))
+    p.write_text("{nope")
+    with pytest.raises(InputError, match="not valid JSON"):
+        parse_mixa_arg(str(p))
+
+
+def test_parse_bits_arg():
+    rec = Recipe("w4a8", MODEL, [], {"weight_bits": 4, "act_bits": 8})
+    assert parse_bits_arg(None, rec) == (8, 4)
+    assert parse_bits_arg("fp32/8", rec) == (32, 8)
+    assert parse_bits_arg("8/4", rec) == (8, 4)
+    for bad, msg in (("4/8", "more bits"), ("9/4", "2..8"), ("eight/4", "HIGH/LOW")):
+        with pytest.raises(InputError, match=msg):
+            parse_bits_arg(bad, rec)
+
+
+def test_mixa_needs_calibration_images(tmp_path, capsys):
+    code = main(["compile", MODEL, "--recipe", "w4a8", "--mixa", "1.2x", "--out", str(tmp_path / "o")])
+    assert code == 2 and "calibration images" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_compile_mixa_end_to_end(tmp_path):
+    """DeiT-Tiny (random weights), w4a8 + MixA-Q at 1.2x: report contract, two-precision graph, verification."""
+    calib = make_image_folder(tmp_path / "calib", n=6, size=(64, 48))
+    out = tmp_path / "out"
+    assert main(["compile", MODEL, "--calib", str(calib), "--recipe", "w4a8", "--mixa", "1.2x", "--out", str(out),
+                 "-q"]) == 0
+    r = json.loads((out / "report.json").read_text())
+    mx = r["mixa"]
+    assert isinstance(mx["bitops_reduction"], float) and mx["bitops_reduction"] >= 1.2
+    assert set(mx["ratios"]) == {f"blocks.{i}" for i in range(12)}
+    assert all(g["groups"] == 49 for g in mx["groups"].values())
+    assert r["verification"]["qdq_vs_simulation"]["passed"]
+    rec = Recipe.load(out / "recipe.json")
+    assert rec.mixa is not None and rec.mixa["low_bits"] == 4 and rec.mixa["high_bits"] == 8
+    import onnx
+
+    m = onnx.load(str(out / "model.onnx"))
+    ops = [n.op_type for n in m.graph.node]
+    assert ops.count("TopK") == 1 and "GatherND" in ops

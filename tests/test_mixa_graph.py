@@ -1,0 +1,126 @@
+"""The split_windows graph pass on ONNX Runtime: exact routing in float (difference 0), r = 0 equals the uniform
+graph, the deployed two-precision graph equals the MixA-Q simulation, dynamic batch (1 and 3), ViT token groups
+and Swin (shifted) windows. Tiny random timm models."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+timm = pytest.importorskip("timm")
+
+from vitq.exporter.onnx_export import export_onnx  # noqa: E402
+from vitq.mixa.calib import attach, build_mixa_spec  # noqa: E402
+from vitq.mixa.sim import MixaSim  # noqa: E402
+from vitq.mixa.spec import MixaSpec  # noqa: E402
+from vitq.passes.infra import ort_run, run_passes  # noqa: E402
+from vitq.passes.pipeline import build_deployable  # noqa: E402
+from vitq.passes.split_windows import SplitWindows  # noqa: E402
+from vitq.quant.pipeline import calibrate  # noqa: E402
+from vitq.recipe import parse_recipe_arg  # noqa: E402
+
+from test_mixa_core import tiny_swin, tiny_vit  # noqa: E402
+
+
+def _setup(model, family, hw, group, tmp, methods):
+    x = torch.randn(6, 3, hw, hw, generator=torch.Generator().manual_seed(2))
+    res = calibrate(model, family, x.numpy(), parse_recipe_arg("w4a8"), model_name="m", provenance={},
+                    progress=False, methods={"gptq": False, **methods})
+    spec = build_mixa_spec(res.model, res.sim, res.recipe, x, group=group, low_bits=4, routed=("linear", "attn"),
+                           ratios=0.5)
+    rec = attach(res.recipe, spec)
+    path = tmp / f"{family}.onnx"
+    export_onnx(res.model, path, image_size=(hw, hw))
+    return res, rec, path, x
+
+
+@pytest.fixture(scope="module")
+def vit_setup(tmp_path_factory):
+    return _setup(tiny_vit(), "vit", 32, (2, 2), tmp_path_factory.mktemp("mixa_vit"), {})
+
+
+@pytest.fixture(scope="module")
+def swin_setup(tmp_path_factory):
+    # min/max observers, no SQ-b: the graph/simulation agreement does not depend on how scales were chosen
+    return _setup(tiny_swin(), "swin", 56, None, tmp_path_factory.mktemp("mixa_swin"),
+                  {"observer": "minmax", "sqb": False})
+
+
+def _rel(a, b):
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.mark.parametrize("which", ["vit", "swin"])
+def test_float_routing_is_exact(which, vit_setup, swin_setup):
+    res, rec, path, x = vit_setup if which == "vit" else swin_setup
+    fl = onnx.load(str(path))
+    routed = run_passes(fl, [SplitWindows(rec)], validate=True)
+    ops = [n.op_type for n in routed.graph]
+    assert "TopK" in ops and "GatherND" in ops and "ReduceL2" in ops and "ScatterElements" in ops
+    for b in (1, 3):
+        xb = x[:b].numpy()
+        assert np.array_equal(ort_run(fl, {"input": xb})[0], ort_run(routed, {"input": xb})[0])
+
+
+@pytest.mark.parametrize("which", ["vit", "swin"])
+def test_deployed_graph_matches_simulation(which, vit_setup, swin_setup):
+    res, rec, path, x = vit_setup if which == "vit" else swin_setup
+    proto, rep = build_deployable(path, rec, "ort", sample_inputs=x[:2].numpy())
+    names = [p["name"] for p in rep["passes"]]
+    assert names[:3] == ["split_windows", "insert_qdq", "split_windows_attn"]
+    sim = MixaSim(res.sim, MixaSpec.from_dict(rec.mixa, layers=rec.layers))
+    for b in (1, 3):  # dynamic batch
+        xb = x[:b].numpy()
+        got = ort_run(proto, {"input": xb})[0]
+        ref = sim(torch.from_numpy(xb)).numpy()
+        base = res.sim(torch.from_numpy(xb)).numpy()
+        assert got.shape == (b, 10)
+        assert _rel(base, ref) > 1e-3  # the routing does something
+        # equal up to float kernels (typically ~1e-7); a rare rounding flip of one quantizer (torch's float
+        # kernels vary run to run) stays far below what a routing difference gives
+        assert _rel(got, ref) < 0.05 * _rel(base, ref), (_rel(got, ref), _rel(base, ref))
+        assert (got.argmax(1) == ref.argmax(1)).all()
+    # each split layer: a high and a low MatMul; the low one quantized at 4 bits
+    low_q = [n for n in proto.graph.node if n.op_type == "QuantizeLinear" and
+             any(p.key == "vitq.module" and p.value.endswith("@low") for p in n.metadata_props)]
+    assert low_q and all(any(p.key == "vitq.bits" and p.value == "4" for p in n.metadata_props) for n in low_q)
+
+
+def test_ratio_zero_graph_equals_uniform(vit_setup):
+    res, rec, path, x = vit_setup
+    spec = MixaSpec.from_dict(rec.mixa, layers=rec.layers).with_ratios({})
+    spec = spec.with_ratios({b.block: 0.0 for b in spec.blocks})
+    rec0 = attach(res.recipe, spec)
+    p0, _ = build_deployable(path, rec0, "ort", validate=False)
+    pb, _ = build_deployable(path, res.recipe, "ort", validate=False)
+    assert [n.op_type for n in p0.graph.node] == [n.op_type for n in pb.graph.node]
+    xb = x[:3].numpy()
+    assert np.array_equal(ort_run(p0, {"input": xb})[0], ort_run(pb, {"input": xb})[0])
+
+
+def test_pruning_is_rejected_in_graph(vit_setup):
+    from vitq.passes.infra import GraphPassError
+
+    res, rec, path, x = vit_setup
+    spec = MixaSpec.from_dict(rec.mixa, layers=rec.layers)
+    spec = spec.with_ratios({}, prune={spec.blocks[0].block: 0.25})
+    with pytest.raises(GraphPassError, match="pruning"):
+        build_deployable(path, attach(res.recipe, spec), "ort", validate=False)
+
+
+def test_native_pair_float_high_branch(vit_setup):
+    """high = fp32 (no quantizers), low = the base's 8-bit quantizers: the graph has float MatMuls for the high
+    tokens and Q/DQ ones for the low tokens, and equals the simulation."""
+    res, rec, path, x = vit_setup
+    spec = build_mixa_spec(res.model, res.sim, res.recipe, x, group=(2, 2), high_bits=32, low_bits=8,
+                           routed=("linear",), ratios=0.5)
+    assert all(l.high is None and l.low is res.recipe.layer(l.module) for l in spec.layers)
+    r2 = attach(res.recipe, spec)
+    proto, _ = build_deployable(path, r2, "ort", validate=False)
+    xb = x[:3].numpy()
+    got = ort_run(proto, {"input": xb})[0]
+    ref = MixaSim(res.sim, spec)(torch.from_numpy(xb)).numpy()
+    base = res.sim(torch.from_numpy(xb)).numpy()
+    assert _rel(got, ref) < 0.05 * _rel(base, ref), (_rel(got, ref), _rel(base, ref))

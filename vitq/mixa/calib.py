@@ -1,0 +1,300 @@
+"""Building a recipe's ``mixa`` section: geometry, ratios, and the two branches' quantizers.
+
+Per routed layer with base spec ``S`` (the uniform recipe's layer):
+
+* a branch whose bits equal ``S``'s activation bits *is* ``S`` (so ``r = 0`` is exactly the base recipe, and the
+  usual PTQ default "base W4A8, low windows W4A4" keeps the base's a8 quantizers in the high branch);
+* a branch at 32 bits is float (no weight or activation quantizer: the "high = fp32" deployment pair);
+* any other branch gets new activation quantizers, calibrated **on its own tokens/windows only** (the groups the
+  router sends to that branch on the calibration images at the calibration ratios), by the same output-error
+  scale search as the base pipeline (:func:`vitq.quant.search.best_act_scale`), with the weight kept at ``S``'s
+  quantized weight (the branches share weights). OPT-m layers (post-GELU ``fc2``) get their region quantizers
+  re-searched at the branch's bits; attention operands are scored on their own matmul
+  (``q`` on ``q @ k^T`` with float ``k``, ``k`` with float ``q``, ``attn`` on ``attn @ v``, ``v`` with float
+  ``attn``), restricted to the branch's tokens (ViT: rows; Swin: whole windows).
+"""
+
+from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..quant.functional import fake_quant, qrange
+from ..quant.observers import fake_quant_weight
+from ..quant.optm import MIN_GAIN
+from ..quant.prepare import AttnHook, set_submodule
+from ..quant.search import best_act_scale, subsample
+from ..quant.simulate import QuantSim, _t
+from ..recipe.schema import LayerSpec, QuantSpec, Recipe, RegionSpec
+from .routing import BlockGeom, block_geometry
+from .sim import Router, layer_layout, routed_modules
+from .spec import FLOAT_BITS, MixaBlock, MixaLayer, MixaSpec, n_low_groups
+
+DEFAULT_GROUP_VIT = (2, 2)
+
+
+def _act_bits(s: LayerSpec) -> int | None:
+    return s.act_bits
+
+
+def skeleton(model: nn.Module, family: str, recipe: Recipe, *, group=None, high_bits: int | None = None,
+             low_bits: int = 4, routed=("linear",), ratios: float | dict = 0.0) -> tuple[MixaSpec, list[BlockGeom]]:
+    """A spec whose branches are still the base layers (no calibration): blocks, ratios, routed layers."""
+    if family == "vit" and group is None:
+        group = DEFAULT_GROUP_VIT
+    geoms = block_geometry(model, family, group)
+    base_bits = recipe.defaults.get("act_bits")
+    if high_bits is None:
+        high_bits = base_bits if isinstance(base_bits, int) else 8
+    blocks = []
+    for g in geoms:
+        r = float(ratios.get(g.block, 0.0) if isinstance(ratios, dict) else ratios)
+        blocks.append(MixaBlock(g.block, g.stage, g.groups, r, n_low_groups(g.groups, r), 0, g.shift, g.grid))
+    layers = []
+    for g in geoms:
+        for m in routed_modules(g, routed):
+            s = recipe.layer(m)
+            if s is None:
+                continue
+            layers.append(MixaLayer(m, s, s))
+    scheme = "windows" if family == "swin" else "tokens"
+    grp = geoms[0].group
+    spec = MixaSpec(scheme, tuple(grp), int(high_bits), int(low_bits), blocks, layers, tuple(routed), recipe.name,
+                    geoms[0].prefix)
+    spec.validate()
+    return spec, geoms
+
+
+@torch.no_grad()
+def collect_branch_samples(prepared: nn.Module, family: str, spec: MixaSpec, geoms: list[BlockGeom],
+                           x: torch.Tensor, *, batch_size: int = 16, tokens_per_image: int = 48,
+                           keep_images: int = 8, seed: int = 0) -> dict:
+    """Float forward of ``prepared`` over ``x`` with the router of ``spec``; per routed layer and level (0 high,
+    1 low): token samples and max|x| (Linears), operand tensors of the first ``keep_images`` images plus the
+    levels (attention). Returns ``{module: {...}}``."""
+    gen = torch.Generator().manual_seed(seed)
+    router = Router(geoms, spec)
+    gmap = {g.block: g for g in geoms}
+    out: dict = {}
+    hooks, wrapped = [], {}
+    state = {"seen": 0}
+    mods = dict(prepared.named_modules())
+    for first in sorted({g.stage_first for g in geoms}):
+        hooks.append(mods[first].register_forward_pre_hook(
+            lambda m, a, first=first: router.set_importance(first, a[0])))
+    for l in spec.layers:
+        b = spec.block_of(l.module)
+        g = gmap[b.block]
+        layout = layer_layout(g, l.module)
+        kind = (l.high or l.low).kind
+        if kind == "attn":
+            st = out.setdefault(l.module, {"kind": "attn", "layout": layout, "t": {r: [] for r in
+                                                                                    ("q", "k", "attn", "v")},
+                                           "lvl": [], "amax": {}})
+
+            def qfn(role, t, st=st, blk=b.block, layout=layout):
+                n_img = max(0, keep_images - state["seen"])
+                if n_img:
+                    per = t.shape[0] // state["batch"]
+                    st["t"][role].append(t[: n_img * per].clone())
+                    if role == "q":
+                        lv = router.glevel(blk) if layout == "windows" else router.tlevel(blk)
+                        st["lvl"].append(lv[:n_img].clone())
+                return t
+
+            wrapped[l.module] = mods[l.module]
+            set_submodule(prepared, l.module, AttnHook(mods[l.module], qfn))
+            continue
+        st = out.setdefault(l.module, {"kind": "linear", "layout": layout, 0: [], 1: [], "amax": {0: 0.0, 1: 0.0},
+                                       "min": {0: 0.0, 1: 0.0}})
+
+        def pre(mod, args, st=st, blk=b.block, layout=layout):
+            t = args[0]
+            if layout == "windows":
+                lv = router.glevel(blk).reshape(-1)  # [B*G]
+                rows = {k: t[lv == k].reshape(-1, t.shape[-1]) for k in (0, 1)}
+            else:
+                lv = router.tlevel(blk)  # [B, N]
+                rows = {k: t[lv == k] for k in (0, 1)}
+            for k, r in rows.items():
+                if r.numel() == 0:
+                    continue
+                st["amax"][k] = max(st["amax"][k], float(r.abs().max()))
+                st["min"][k] = min(st["min"][k], float(r.min()))
+                n = min(r.shape[0], tokens_per_image * state["batch"])
+                idx = torch.randperm(r.shape[0], generator=gen)[:n]
+                st[k].append(r[idx].clone())
+
+        hooks.append(mods[l.module].register_forward_pre_hook(pre))
+    try:
+        for i in range(0, len(x), batch_size):
+            xb = x[i:i + batch_size]
+            state["batch"] = len(xb)
+            prepared(xb)
+            state["seen"] += len(xb)
+    finally:
+        for h in hooks:
+            h.remove()
+        for n, m in wrapped.items():
+            set_submodule(prepared, n, m)
+    for st in out.values():
+        if st["kind"] == "linear":
+            for k in (0, 1):
+                st[k] = torch.cat(st[k]) if st[k] else None
+        else:
+            st["t"] = {r: torch.cat(v) for r, v in st["t"].items()}
+            st["lvl"] = torch.cat(st["lvl"])
+    return out
+
+
+def _regions_fixed_w(x, w, wq, bits, amax, xmin):
+    """OPT-m region scales at ``bits`` for a fixed quantized weight ``wq`` (as :func:`vitq.quant.optm.
+    search_regions`, without re-searching the weight). Returns (RegionSpec | None, plain QuantSpec)."""
+    ref = x @ w.t()
+    plain = best_act_scale(x, bits, amax, lambda xq: xq @ wq.t(), ref)
+    pos, neg = torch.relu(x), torch.clamp(x, max=0.0)
+    neg_out = neg @ wq.t()
+    pmax = max(float(pos.max()), 1e-8)
+    sp = best_act_scale(pos, bits, max(amax, pmax), lambda t: t @ wq.t() + neg_out, ref).scale
+    pos_out = fake_quant(pos, sp, bits) @ wq.t()
+    lo = -qrange(bits)[0]
+    nmax = max(-xmin, 1e-8)
+    cands = [float(sp) / 2 ** k for k in range(0, 13)] + [nmax * r / lo for r in torch.linspace(1.0, 0.3, 15).tolist()]
+    best = None
+    for sn in cands:
+        s = torch.tensor([sn], dtype=torch.float32)
+        e = float((pos_out + fake_quant(neg, s, bits) @ wq.t() - ref).double().pow(2).sum())
+        if best is None or e < best[0]:
+            best = (e, s)
+    pq = QuantSpec(bits, [float(plain.scale)], method="search")
+    if best[0] < (1.0 - MIN_GAIN) * plain.err:
+        m = float(sp) / float(best[1])
+        return RegionSpec(m, QuantSpec(bits, [float(sp)], method="search"),
+                          QuantSpec(bits, [float(best[1])], method="search")), pq
+    return None, pq
+
+
+def _calib_linear(base: LayerSpec, w: torch.Tensor, st: dict, level: int, bits: int) -> LayerSpec:
+    xs = st[level]
+    if xs is None or xs.shape[0] == 0:  # a block with one group (e.g. Swin's last stage) never routes: any tokens
+        level = 1 - level
+        xs = st[level]
+    if xs is None or xs.shape[0] == 0:
+        raise ValueError(f"{base.module}: no calibration tokens reached either branch")
+    xs = subsample(xs, 2048)
+    wq = fake_quant_weight(w, _t(base.weight.scale), base.weight.bits) if base.weight is not None else w
+    amax = st["amax"][level]
+    s = copy.copy(base)
+    if base.input_regions is not None:
+        reg, plain = _regions_fixed_w(xs, w, wq, bits, amax, st["min"][level])
+        s.input_regions, s.input = (reg, None) if reg is not None else (None, plain)
+    else:
+        c = best_act_scale(xs, bits, amax, lambda xq: xq @ wq.t(), xs @ w.t())
+        s.input = QuantSpec(bits, [float(c.scale)], method="search")
+        s.input_regions = None
+    return s
+
+
+def _calib_attn(base: LayerSpec, st: dict, level: int, bits: int) -> LayerSpec:
+    t, lvl = st["t"], st["lvl"]
+    q, k, a, v = t["q"], t["k"], t["attn"], t["v"]
+    out = {}
+    if st["layout"] == "windows":  # whole windows: [B*G, h, T, *]
+        sel = lvl.reshape(-1) == level
+        if not sel.any():  # one-window stage: never routed, calibrate on all windows
+            sel = torch.ones_like(sel)
+        q, k, a, v = q[sel], k[sel], a[sel], v[sel]
+        pairs = {"q": (q, lambda x: x @ k.transpose(-2, -1)), "k": (k, lambda x: q @ x.transpose(-2, -1)),
+                 "attn": (a, lambda x: x @ v), "v": (v, lambda x: a @ x)}
+        for r, (val, fn) in pairs.items():
+            out[r] = best_act_scale(val, bits, float(val.abs().max()), fn, fn(val))
+    else:  # ViT tokens: rows of q/k/v are tokens, rows of attn are queries (dim 2); per image
+        m = (lvl == level)  # [n, N]
+        if not m.any():
+            m = torch.ones_like(m)
+        # per image, this branch's rows of each operand and the matmul it feeds (other operand float)
+        ops = {"q": [], "k": [], "attn": [], "v": []}
+        for i in range(m.shape[0]):
+            idx = m[i].nonzero().flatten()
+            if idx.numel() == 0:
+                continue
+            qi, ki, ai, vi = q[i], k[i], a[i], v[i]
+            ops["q"].append((qi[:, idx], lambda x, kk=ki: x @ kk.transpose(-2, -1)))
+            ops["k"].append((ki[:, idx], lambda x, qq=qi: qq @ x.transpose(-2, -1)))
+            ops["attn"].append((ai[:, idx], lambda x, vv=vi: x @ vv))
+            ops["v"].append((vi[:, idx], lambda x, aa=ai[:, :, idx]: aa @ x))
+        from ..quant.search import act_candidates
+
+        for r, lst in ops.items():
+            allv = torch.cat([val.reshape(-1) for val, _ in lst])
+            amax = float(allv.abs().max())
+            refs_ = [fn(val) for val, fn in lst]
+            best = None
+            for name, s in act_candidates(allv, bits, amax):
+                e = sum(float((fn(fake_quant(val, s, bits)) - ref).double().pow(2).sum())
+                        for (val, fn), ref in zip(lst, refs_))
+                if best is None or e < best[0]:
+                    best = (e, s)
+            out[r] = SimpleNamespace(scale=best[1])
+    s = copy.copy(base)
+    for r in ("q", "k", "attn", "v"):
+        if getattr(base, r) is not None:
+            setattr(s, r, QuantSpec(bits, [float(out[r].scale)], method="search"))
+    return s
+
+
+def build_mixa_spec(prepared: nn.Module, qsim: QuantSim, recipe: Recipe, calib_x, *, group=None,
+                    high_bits: int | None = None, low_bits: int = 4, routed=("linear",),
+                    ratios: float | dict = 0.5, calib_ratios: float | dict | None = None,
+                    progress=None) -> MixaSpec:
+    """The full ``mixa`` section: skeleton at ``ratios``, branch quantizers calibrated at ``calib_ratios``
+    (default: ``ratios``; where that is 0 for a block, 0.5, so every block's low branch sees tokens)."""
+    family = qsim.family
+    x = calib_x if torch.is_tensor(calib_x) else torch.from_numpy(np.ascontiguousarray(calib_x, np.float32))
+    spec, geoms = skeleton(prepared, family, recipe, group=group, high_bits=high_bits, low_bits=low_bits,
+                           routed=routed, ratios=ratios)
+    cr = ratios if calib_ratios is None else calib_ratios
+    cr = {b.block: (cr.get(b.block, 0.0) if isinstance(cr, dict) else cr) for b in spec.blocks}
+    cr = {k: (v if v > 0 else 0.5) for k, v in cr.items()}
+    cr = {b.block: min(max(cr[b.block], 1.0 / b.groups), 0.8) for b in spec.blocks}  # >= 1 low group if G >= 2
+    cspec = spec.with_ratios(cr)
+    need = []
+    for l in spec.layers:
+        ab = _act_bits(l.high)
+        if any(b not in (ab, FLOAT_BITS) for b in (spec.high_bits, spec.low_bits)):
+            need.append(l.module)
+    samples = collect_branch_samples(prepared, family, cspec, geoms, x) if need else {}
+    layers = []
+    for l in spec.layers:
+        base = recipe.layer(l.module)
+        ab = _act_bits(base)
+        br = {}
+        for level, bits in ((0, spec.high_bits), (1, spec.low_bits)):
+            if bits == FLOAT_BITS:
+                br[level] = None
+            elif bits == ab:
+                br[level] = base
+            elif base.kind == "attn":
+                br[level] = _calib_attn(base, samples[l.module], level, bits)
+            else:
+                w = qsim.wrappers[l.module].float_weight
+                br[level] = _calib_linear(base, w, samples[l.module], level, bits)
+        layers.append(MixaLayer(l.module, br[0], br[1]))
+        if progress:
+            progress(f"mixa: {l.module} calibrated")
+    spec.layers = layers
+    spec.info = {"calib_ratios": {k: round(v, 4) for k, v in cr.items()}, "calib_images": int(len(x))}
+    return spec
+
+
+def attach(recipe: Recipe, spec: MixaSpec) -> Recipe:
+    """A copy of ``recipe`` carrying ``spec`` as its ``mixa`` section (validated by the schema round trip)."""
+    d = spec.to_dict()
+    MixaSpec.from_dict(d, "mixa", layers=recipe.layers)  # validate (as the schema does on load)
+    r = copy.copy(recipe)
+    r.mixa = d
+    return r

@@ -1,0 +1,148 @@
+"""``vitq compile ... --mixa 1.35x|ratios.json [--mixa-bits 8/4]``: build the recipe's ``mixa`` section inside
+the compile pipeline and report it.
+
+* ``--mixa 1.35x`` (or ``1.35``): a target bit-operation reduction against the recipe's uniform base; ratios are
+  searched (:func:`vitq.mixa.search.search_ratios`) on the first ``SEARCH_IMAGES`` calibration images.
+* ``--mixa ratios.json``: explicit ratios, ``{"blocks.3": 0.5, ...}`` (ViT blocks, Swin blocks; a Swin pair may be
+  given as ``"layers.0.blocks.0+1"``) or ``{"default": 0.5}``; blocks not listed get ``default`` (0 if absent).
+* ``--mixa-bits H/L``: high/low activation bits (``32``/``fp32`` = float high branch); default: the recipe's
+  activation bits / 4.
+* a recipe file that already has a ``mixa`` section is used as is (without ``--mixa``).
+
+Adds ``report["mixa"]``: ``bitops_reduction`` (float, vs the uniform base), ``ratios`` (per block / pair),
+``groups`` (per block: groups, n_high, n_low), bits, scheme, the search summary.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from ..errors import InputError
+from .spec import FLOAT_BITS
+
+SEARCH_IMAGES = 16
+CALIB_IMAGES = 32
+_TARGET = re.compile(r"^(\d+(?:\.\d+)?)x?$")
+
+
+def parse_mixa_arg(arg: str) -> tuple[str, object]:
+    """``("target", 1.35)`` or ``("ratios", {...})``."""
+    m = _TARGET.match(arg.strip())
+    if m:
+        t = float(m.group(1))
+        if t < 1.0:
+            raise InputError(f"--mixa {arg}: the bit-operation reduction target must be >= 1 (e.g. 1.35x)")
+        return "target", t
+    p = Path(arg)
+    if not p.is_file():
+        raise InputError(f"--mixa {arg!r}: expected a reduction target like 1.35x or a ratios .json file")
+    try:
+        d = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(f"--mixa {p}: not valid JSON: line {e.lineno}: {e.msg}") from None
+    if not isinstance(d, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and
+                                          0 <= v <= 0.8 for v in d.values()):
+        raise InputError(f"--mixa {p}: expected an object of block -> ratio in [0, 0.8]")
+    return "ratios", {str(k): float(v) for k, v in d.items()}
+
+
+def parse_bits_arg(arg: str | None, recipe) -> tuple[int, int]:
+    base = recipe.defaults.get("act_bits")
+    if arg is None:
+        if not isinstance(base, int):
+            raise InputError("--mixa needs --mixa-bits H/L for a recipe without uniform activation bits")
+        return base, 4
+    m = re.match(r"^(fp32|\d+)/(\d+)$", arg.strip())
+    if not m:
+        raise InputError(f"--mixa-bits {arg!r}: expected HIGH/LOW, e.g. 8/4 or fp32/8")
+    hi = FLOAT_BITS if m.group(1) == "fp32" else int(m.group(1))
+    lo = int(m.group(2))
+    for b in (hi, lo):
+        if not (2 <= b <= 8 or b == FLOAT_BITS):
+            raise InputError(f"--mixa-bits {arg}: bits must be 2..8 (or 32/fp32 for a float high branch)")
+    if lo > hi:
+        raise InputError(f"--mixa-bits {arg}: the low branch has more bits than the high one")
+    return hi, lo
+
+
+def _explicit_ratios(spec, given: dict) -> dict:
+    out = {}
+    known = {b.block for b in spec.blocks}
+    for k, v in given.items():
+        if k == "default":
+            continue
+        if "+" in k:  # Swin pair "layers.0.blocks.0+1"
+            first, second = k.split("+", 1)
+            names = [first, first.rsplit(".", 1)[0] + "." + second]
+        else:
+            names = [k]
+        for n in names:
+            if n not in known:
+                raise InputError(f"--mixa ratios: {n!r} is not a routed block of this model "
+                                 f"({', '.join(sorted(known)[:4])}, ...)")
+            out[n] = v
+    d = given.get("default", 0.0)
+    return {b.block: out.get(b.block, d) for b in spec.blocks}
+
+
+def apply_mixa(opts, rec, prepared, sim, lm, calib, cfg, report: dict, log, echo):
+    """Returns ``(recipe with mixa, MixaSim)``; fills ``report["mixa"]``."""
+    import torch
+
+    from .bitops import mixa_bitops
+    from .calib import attach, build_mixa_spec
+    from .search import search_ratios, units_of, unit_name
+    from .sim import MixaSim
+    from .spec import MixaSpec
+
+    info = None
+    if opts.mixa is None:  # recipe file with a mixa section
+        spec = MixaSpec.from_dict(rec.mixa, layers=rec.layers)
+        msim = MixaSim(sim, spec)
+    else:
+        if rec.mixa is not None:
+            raise InputError("--mixa given, but the recipe file already has a mixa section (drop one of them)")
+        kind, val = parse_mixa_arg(opts.mixa)
+        hi, lo = parse_bits_arg(opts.mixa_bits, rec)
+        if calib is None:
+            raise InputError("--mixa needs calibration images for the branch quantizers: pass --calib DIR")
+        from ..data import load_array
+
+        n = max(CALIB_IMAGES, SEARCH_IMAGES)
+        x, _ = load_array(calib.subset(min(n, len(calib)), seed=opts.seed), cfg, skip_bad=opts.skip_bad)
+        group = None
+        if lm.family == "vit":
+            g = opts.mixa_group or "2x2"
+            try:
+                group = tuple(int(v) for v in g.lower().split("x"))
+                assert len(group) == 2
+            except (ValueError, AssertionError):
+                raise InputError(f"--mixa-group {g!r}: expected HxW, e.g. 2x2") from None
+        routed = tuple((opts.mixa_routed or "linear+attn").split("+"))
+        with log.step("MixA-Q: calibrating the branch quantizers on their own tokens/windows"):
+            spec = build_mixa_spec(prepared, sim, rec, x[:CALIB_IMAGES], group=group, high_bits=hi, low_bits=lo,
+                                   routed=routed, ratios=0.0, calib_ratios=0.6)
+            msim = MixaSim(sim, spec)
+        if kind == "target":
+            with log.step(f"MixA-Q: ratio search for {val:g}x fewer bit-operations"):
+                spec, info = search_ratios(msim, rec, torch.from_numpy(x[:SEARCH_IMAGES]), val)
+        else:
+            spec = msim.set_ratios(_explicit_ratios(spec, val))
+        rec = attach(rec, spec)
+    bo = mixa_bitops(rec, spec)
+    units = units_of(spec)
+    report["mixa"] = {
+        "scheme": spec.scheme, "group": list(spec.group), "high_bits": spec.high_bits, "low_bits": spec.low_bits,
+        "routed": list(spec.routed), "base": spec.base, "bitops_reduction": float(bo["reduction"]),
+        "bitops": {"base_total": bo["base_total"], "total": bo["total"]},
+        "ratios": {unit_name(u): spec.block(u[0]).ratio for u in units},
+        "groups": {b.block: {"stage": b.stage, "groups": b.groups, "n_high": b.n_high, "n_low": b.n_low}
+                   for b in spec.blocks},
+        "search": None if info is None else {k: v for k, v in info.items() if k not in ("sensitivity", "trace")},
+    }
+    echo(f"[vitq] MixA-Q: {bo['reduction']:.3f}x fewer bit-operations than uniform {spec.base} "
+         f"(high a{spec.high_bits} / low a{spec.low_bits}, {spec.scheme})")
+    return rec, msim
+
