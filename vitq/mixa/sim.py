@@ -23,8 +23,8 @@ from torch import nn
 
 from ..errors import UnsupportedError
 from ..quant.observers import fake_quant_weight
-from ..quant.prepare import AttnHook, attention_forward, model_chain, set_submodule
-from ..quant.simulate import QuantSim, _AttnQ, _InputQuant, _t
+from ..quant.prepare import AttnHook, attention_forward, set_submodule
+from ..quant.simulate import QuantSim, SimModule, _AttnQ, _InputQuant, _t
 from ..recipe.schema import LayerSpec
 from .routing import BlockGeom, block_geometry, group_levels, group_scores, rank_groups, token_importance, \
     token_levels
@@ -197,7 +197,7 @@ def _set_inner(root: nn.Module, path: str, new: nn.Module) -> None:
     setattr(p, name, new)
 
 
-class MixaSim(nn.Module):
+class MixaSim(SimModule):
     """``MixaSim(quant_sim, spec)(x)`` -> logits with per-group activation precision."""
 
     def __init__(self, qsim: QuantSim, spec: MixaSpec):
@@ -252,15 +252,3 @@ class MixaSim(nn.Module):
         self.set_spec(spec)
         return spec
 
-    def chain(self):
-        return model_chain(self.model, self.family)
-
-    @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
-
-    @torch.no_grad()
-    def predict(self, x, batch_size: int = 64) -> torch.Tensor:
-        if not torch.is_tensor(x):
-            x = torch.from_numpy(x)
-        return torch.cat([self.model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])

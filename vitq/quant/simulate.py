@@ -91,7 +91,24 @@ class _AttnQ:
         return t if op is None else fake_quant(t, op[0], op[1])
 
 
-class QuantSim(nn.Module):
+class SimModule(nn.Module):
+    """What every simulation exposes: ``self.model`` (the wrapped copy) and ``self.family``; forward = logits."""
+
+    def chain(self):
+        return model_chain(self.model, self.family)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    @torch.no_grad()
+    def predict(self, x, batch_size: int = 64) -> torch.Tensor:
+        if not torch.is_tensor(x):
+            x = torch.from_numpy(x)
+        return torch.cat([self.model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
+class QuantSim(SimModule):
     """``QuantSim(prepared_model, recipe)(x)`` -> logits of the fake-quantized model."""
 
     def __init__(self, prepared_model: nn.Module, recipe: Recipe, family: str | None = None):
@@ -124,15 +141,3 @@ class QuantSim(nn.Module):
         else:
             w.set_spec(spec)
 
-    def chain(self):
-        return model_chain(self.model, self.family)
-
-    @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
-
-    @torch.no_grad()
-    def predict(self, x, batch_size: int = 64) -> torch.Tensor:
-        if not torch.is_tensor(x):
-            x = torch.from_numpy(x)
-        return torch.cat([self.model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
