@@ -58,7 +58,11 @@ def main():
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "mptq.json"))
     ap.add_argument("--save-recipes", default=str(REPO / "bench" / "results" / "recipes"),
                     help="folder for each configuration's recipe JSON (reused by bench/qdq_agreement.py)")
+    ap.add_argument("--methods", default="{}",
+                    help="JSON dict of calibration methods applied to every configuration (experiments), e.g. "
+                         "'{\"refine\": [\"attn\", \"input\"]}'")
     args = ap.parse_args()
+    extra_methods = json.loads(args.methods)
     torch.manual_seed(0)
     t0 = time.time()
     lm = load_model("deit_tiny_patch16_224", SHARED / "weights" / "deit_tiny_patch16_224.wvfunc_matdump.pth")
@@ -93,7 +97,7 @@ def main():
         req = parse_recipe_arg(preset)
         t = time.time()
         res = calibrate(lm.model, lm.family, xc, req, model_name=lm.name, provenance={"calib_count": len(xc)},
-                        progress=True, methods={**methods, "stats_cache": cache})
+                        progress=True, methods={**extra_methods, **methods, "stats_cache": cache})
         tc = time.time() - t
         if args.save_recipes:
             Path(args.save_recipes).mkdir(parents=True, exist_ok=True)
@@ -106,7 +110,7 @@ def main():
         bo = bitops_report(res.recipe)
         n_split = sum(1 for l in res.recipe.layers if l.input_regions is not None)
         n_smooth = sum(1 for l in res.recipe.layers if l.smooth is not None)
-        row = {"config": label, "preset": preset, "methods": methods, "top1": top1, "drop": fp32_top1 - top1,
+        row = {"config": label, "preset": preset, "methods": {**extra_methods, **methods}, "top1": top1, "drop": fp32_top1 - top1,
                "agreement": agree, "kl": kl_mean(ref, out), "avg_bits": bo["avg_bits"], "bitops_ratio_vs_w8a8":
                bo["ratio_vs_base"], "smoothed_layers": n_smooth, "optm_split_layers": n_split,
                "calib_s": round(tc, 1), "eval_s": round(te, 1), "timings": {k: round(v, 1) for k, v in

@@ -74,11 +74,11 @@ class _Ref:
             w = fake_quant(w, channel_scale(torch.tensor(spec.weight.scale), w.ndim, 0), spec.weight.bits)
         if spec.input_regions is not None:
             r = spec.input_regions
-            xp = fake_quant(torch.relu(x), r.pos.scale[0], r.pos.bits)
-            xn = fake_quant(torch.clamp(x, max=0), r.neg.scale[0], r.neg.bits)
+            xp = fake_quant(torch.relu(x), r.pos.scale[0], r.pos.bits, r.pos.shift)
+            xn = fake_quant(torch.clamp(x, max=0), r.neg.scale[0], r.neg.bits, r.neg.shift)
             return op(xp, w, mod.bias) + op(xn, w, None)
         if spec.input is not None:
-            x = fake_quant(x, spec.input.scale[0], spec.input.bits)
+            x = fake_quant(x, spec.input.scale[0], spec.input.bits, spec.input.shift)
         return op(x, w, mod.bias)
 
     def _attn(self, mod, x):
@@ -93,7 +93,8 @@ class _Ref:
             if self.mode == "record":
                 self._rec((name, role), t)
             if spec is not None and getattr(spec, role) is not None:
-                t = fake_quant(t, getattr(spec, role).scale[0], getattr(spec, role).bits)
+                qs = getattr(spec, role)
+                t = fake_quant(t, qs.scale[0], qs.bits, qs.shift)
             return t
 
         q, k, v = h("q", q), h("k", k), h("v", v)
@@ -107,7 +108,10 @@ class _Ref:
             return self.model(torch.from_numpy(x)).numpy()
 
 
-def _make_recipe(ref: _Ref, wbits: int, abits: int, name: str, rng, regions=(), six_bit=()) -> Recipe:
+def _make_recipe(ref: _Ref, wbits: int, abits: int, name: str, rng, regions=(), six_bit=(),
+                 shifted: bool = False) -> Recipe:
+    """``shifted``: Linear inputs on their asymmetric [min, max] range, OPT-m regions and the post-softmax operand on
+    their one-signed full grids (schema ``shift``)."""
     layers = []
     for mname, m in ref.model.named_modules():
         if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
@@ -119,11 +123,22 @@ def _make_recipe(ref: _Ref, wbits: int, abits: int, name: str, rng, regions=(), 
             a = ref.stats[(mname, "input")]
             d = {"module": mname, "kind": "conv" if isinstance(m, torch.nn.Conv2d) else "linear",
                  "weight": {"bits": wb, "scale": wscale, "axis": 0, "method": "fixed"}}
-            if mname in regions:
+            half, full = 1 << (ab - 1), (1 << ab) - 1
+            if mname in regions and shifted:
+                ps = a[1] / full * rng.uniform(0.7, 1.0)
+                ns = max(a[2], 1e-3) / full * rng.uniform(0.7, 1.0)
+                d["input_regions"] = {"m": ps / ns, "pos": {"bits": ab, "scale": [ps], "shift": half},
+                                      "neg": {"bits": ab, "scale": [ns], "shift": -(half - 1)}}
+            elif mname in regions:
                 ps = a[1] / 127 * rng.uniform(0.7, 1.0)
                 ns = max(a[2], 1e-3) / 127 * rng.uniform(0.7, 1.0)
                 d["input_regions"] = {"m": ps / ns, "pos": {"bits": 8, "scale": [ps]},
                                       "neg": {"bits": ab, "scale": [ns]}}
+            elif shifted and d["kind"] == "linear":
+                lo, hi = -a[2], a[1]
+                sc = (hi - lo) / full * rng.uniform(0.7, 1.0)
+                sh = max(-half, min(half, int(round(lo / sc)) + half))
+                d["input"] = {"bits": ab, "scale": [sc], "shift": sh}
             else:
                 d["input"] = {"bits": ab, "scale": [a[0] / ((1 << (ab - 1)) - 1) * rng.uniform(0.6, 1.0)]}
             layers.append(d)
@@ -131,6 +146,10 @@ def _make_recipe(ref: _Ref, wbits: int, abits: int, name: str, rng, regions=(), 
         d = {"module": mname, "kind": "attn"}
         for role in ("q", "k", "attn", "v"):
             ab = 6 if (mname, role) in six_bit else abits
+            if shifted and role == "attn":
+                d[role] = {"bits": ab, "scale": [ref.stats[(mname, role)][0] / ((1 << ab) - 1)
+                                                 * rng.uniform(0.6, 1.0)], "shift": 1 << (ab - 1)}
+                continue
             d[role] = {"bits": ab, "scale": [ref.stats[(mname, role)][0] / ((1 << (ab - 1)) - 1)
                                              * rng.uniform(0.6, 1.0)]}
         layers.append(d)
@@ -166,6 +185,8 @@ CONFIGS = {
     "mixed_optm": dict(wbits=8, abits=8, regions=("blocks.0.mlp.fc2", "blocks.1.mlp.fc2"),
                        six_bit=(("blocks.1.attn.proj", "input"), ("blocks.0.mlp.fc1", "weight"),
                                 ("blocks.1.attn", "attn"))),
+    # shifted grids (schema ``shift``): Sub -> Q/DQ, offsets restored after the GEMMs (bias / colsum(v))
+    "w4a4_shifted": dict(wbits=4, abits=4, regions=("blocks.0.mlp.fc2",), shifted=True),
 }
 
 
@@ -174,7 +195,9 @@ def test_vit_qdq_matches_fake_quant_reference(vit, cfg):
     proto, ref, x = vit
     c = CONFIGS[cfg]
     recipe = _make_recipe(ref, c["wbits"], c["abits"], cfg, np.random.default_rng(1), c.get("regions", ()),
-                          c.get("six_bit", ()))
+                          c.get("six_bit", ()), c.get("shifted", False))
+    if c.get("shifted"):
+        assert sum(1 for l in recipe.layers for q in l.quantizers().values() if q.shift) >= 8
     ref.recipe = recipe
     want = ref(x, "quant")
     flt = ref(x, "float")

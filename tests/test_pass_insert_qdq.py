@@ -273,3 +273,125 @@ def test_scale_count_mismatch_and_requires_float_graph():
     q = run(m, recipe_for([lin("fc1", 8, 8, 16)]))
     with pytest.raises(Exception, match="requires|already has"):
         run(q, recipe_for([lin("fc2", 8, 8, 8)]))
+
+
+# ---- shifted quantizers (schema ``shift``): Sub -> Q/DQ on the GEMM input, the offset restored after the GEMM ----
+
+def _fq_shift(x, s, bits, shift):
+    """The torch simulation's arithmetic (vitq.quant.functional.fake_quant with a shift), in numpy."""
+    import torch
+
+    from vitq.quant.functional import fake_quant
+    return fake_quant(torch.from_numpy(np.asarray(x, np.float32)), float(s), bits, shift).numpy()
+
+
+def _linear_graph(rng, bias: str | None, n_in=6, n_out=3):
+    W = rng.standard_normal((n_in, n_out)).astype(np.float32)
+    inits_ = [nph.from_array(W, "W")]
+    if bias == "gemm":
+        inits_ = [nph.from_array(W.T.copy(), "W"), nph.from_array(rng.standard_normal(n_out).astype(np.float32), "b")]
+        nodes = [_node("Gemm", ["x", "W", "b"], ["y"], "fc", transB=1)]
+    elif bias == "add":
+        inits_.append(nph.from_array(rng.standard_normal(n_out).astype(np.float32), "b"))
+        nodes = [_node("MatMul", ["x", "W"], ["mm"], "fc"), _node("Add", ["mm", "b"], ["y"], "fc")]
+    else:
+        nodes = [_node("MatMul", ["x", "W"], ["y"], "fc")]
+    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, [4, n_in])],
+                     [h.make_tensor_value_info("y", T.FLOAT, [4, n_out])], inits_)
+    return h.make_model(g, opset_imports=[h.make_opsetid("", 21)], ir_version=10), inits_
+
+
+@pytest.mark.parametrize("bias", ["add", "gemm", None])
+@pytest.mark.parametrize("bits,shift", [(4, 8), (6, -31), (8, 100)])
+def test_shifted_linear_input_matches_simulation(bias, bits, shift):
+    rng = np.random.default_rng(11)
+    m, ini = _linear_graph(rng, bias)
+    ws = [0.02, 0.03, 0.025]
+    layer = {"module": "fc", "kind": "linear", "weight": {"bits": 8, "scale": ws, "axis": 0},
+             "input": {"bits": bits, "scale": [0.07], "shift": shift}}
+    q = run(m, recipe_for([layer]))
+    assert q.graph.output[0].name == "y"
+    mm = next(n for n in q.graph.node if n.op_type in ("MatMul", "Gemm"))
+    dq, qn, _ = dq_of(q, mm.input[0])
+    sub = producers(q)[qn.input[0]]
+    assert sub.op_type == "Sub" and sub.input[0] == "x"
+    c = float(nph.to_array(inits(q)[sub.input[1]]))
+    assert c == pytest.approx(0.07 * shift, rel=1e-6)
+    n_add = sum(n.op_type == "Add" for n in q.graph.node)
+    assert n_add == (1 if bias != "gemm" else 0)  # folded into the constant bias (or one new Add when none)
+    # one-signed data beyond the symmetric grid's half: the shifted grid covers it, the symmetric one clips
+    x = (np.sign(shift) * np.abs(rng.standard_normal((4, 6))) * 0.07 * (1 << (bits - 1)) * 1.2).astype(np.float32)
+    W = nph.to_array(ini[0])
+    Wt = W.T if bias == "gemm" else W  # [in, out]
+    wq = _fq(Wt, np.array(ws, np.float32)[None, :], 8)
+    b = nph.to_array(ini[1]) if bias else 0.0
+    want = _fq_shift(x, 0.07, bits, shift) @ wq + b
+    got = ort_run(q, {"x": x})[0]
+    np.testing.assert_allclose(got, want, atol=2e-5 * (1 << (bits - 1)))
+    unshifted = _fq(x, 0.07, bits) @ wq + b
+    assert np.abs(got - unshifted).max() > 1e-3  # the shift changes the function (it is not silently dropped)
+
+
+def test_shifted_opt_m_regions_match_simulation():
+    rng = np.random.default_rng(12)
+    m, ini = _linear_graph(rng, "add")
+    ws = [0.02, 0.03, 0.025]
+    layer = {"module": "fc", "kind": "linear", "weight": {"bits": 4, "scale": ws, "axis": 0},
+             "input_regions": {"m": 4.0, "pos": {"bits": 4, "scale": [0.1], "shift": 8},
+                               "neg": {"bits": 4, "scale": [0.01], "shift": -7}}}
+    q = run(m, recipe_for([layer]))
+    x = (rng.standard_normal((4, 6)) * 0.6).astype(np.float32)
+    wq = _fq(nph.to_array(ini[0]), np.array(ws, np.float32)[None, :], 4)
+    want = (_fq_shift(np.maximum(x, 0), 0.1, 4, 8) + _fq_shift(np.minimum(x, 0), 0.01, 4, -7)) @ wq + \
+        nph.to_array(ini[1])
+    np.testing.assert_allclose(ort_run(q, {"x": x})[0], want, atol=2e-5)
+    # zero stays exact on both shifted grids: an all-zero input gives exactly the bias
+    np.testing.assert_allclose(ort_run(q, {"x": np.zeros((4, 6), np.float32)})[0],
+                               np.broadcast_to(nph.to_array(ini[1]), (4, 3)), atol=1e-5)
+
+
+def test_shifted_attention_probabilities_colsum_restore():
+    m = tiny_block(np.random.default_rng(13))
+    att = {"module": "attn", "kind": "attn", "attn": {"bits": 4, "scale": [1 / 15], "shift": 8},
+           "v": {"bits": 8, "scale": [0.05]}}
+    q = run(m, recipe_for([att]))
+    av = next(n for n in q.graph.node if n.op_type == "MatMul" and n.name.startswith("attn/")
+              and producers(q)[n.input[0]].op_type == "DequantizeLinear"
+              and producers(q)[dq_of(q, n.input[0])[1].input[0]].op_type == "Sub")
+    red = next(n for n in q.graph.node if n.op_type == "ReduceSum")
+    assert red.input[0] == av.input[1]  # colsum of the quantized v the matmul uses
+    add = next(n for n in q.graph.node if n.op_type == "Add" and av.output[0] in n.input)
+    assert add.name.startswith("attn/")
+    # numerics: the attention core of the tiny block, quantized operands as the simulation computes them
+    ref = tiny_block(np.random.default_rng(13))
+    x = np.random.default_rng(1).standard_normal((2, 5, 8)).astype(np.float32)
+    taps = ["p", "y2"]
+    from onnx import helper as hh
+    for t in taps:
+        ref.graph.output.append(hh.make_tensor_value_info(t, T.FLOAT, None))
+    _, p, v = ort_run(ref, {"x": x})
+    want_o = _fq_shift(p, 1 / 15, 4, 8) @ _fq(v, 0.05, 8)
+    q.graph.output.append(hh.make_tensor_value_info(add.output[0], T.FLOAT, None))
+    got_o = ort_run(q, {"x": x})[1]
+    np.testing.assert_allclose(got_o, want_o, atol=1e-5)
+
+
+@pytest.mark.parametrize("role", ["q", "k", "v"])
+def test_shift_on_unsupported_operand_is_an_error(role):
+    m = tiny_block(np.random.default_rng(14))
+    att = {"module": "attn", "kind": "attn", role: {"bits": 8, "scale": [0.1], "shift": 3}}
+    with pytest.raises(GraphPassError, match="grid shift"):
+        run(m, recipe_for([att]))
+
+
+def test_shift_schema_round_trip_and_errors():
+    from vitq.recipe.schema import QuantSpec, RecipeError
+    q = QuantSpec.from_dict({"bits": 4, "scale": [0.1], "shift": 8}, "x")
+    assert q.shift == 8 and q.to_dict()["shift"] == 8 and q.offset == pytest.approx(0.8)
+    assert "shift" not in QuantSpec.from_dict({"bits": 4, "scale": [0.1]}, "x").to_dict()
+    with pytest.raises(RecipeError, match=r"x\.shift"):
+        QuantSpec.from_dict({"bits": 4, "scale": [0.1], "shift": 9}, "x")
+    with pytest.raises(RecipeError, match=r"x\.shift"):
+        QuantSpec.from_dict({"bits": 8, "scale": [0.1, 0.2], "axis": 0, "shift": 1}, "x")
+    with pytest.raises(RecipeError, match=r"x\.shift"):
+        QuantSpec.from_dict({"bits": 8, "scale": [0.1], "shift": 1.5}, "x")

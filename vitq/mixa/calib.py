@@ -23,11 +23,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..quant.functional import fake_quant, qrange
+from ..quant.functional import fake_quant
 from ..quant.observers import fake_quant_weight
-from ..quant.optm import MIN_GAIN
+from ..quant.optm import fit_regions
 from ..quant.prepare import AttnHook, set_submodule
-from ..quant.search import best_act_scale, subsample
+from ..quant.search import SHIFT_MAX_BITS, best_act_scale, subsample
 from ..quant.simulate import QuantSim, _t
 from ..recipe.schema import LayerSpec, QuantSpec, Recipe, RegionSpec
 from .routing import BlockGeom, block_geometry
@@ -151,30 +151,15 @@ def collect_branch_samples(prepared: nn.Module, family: str, spec: MixaSpec, geo
     return out
 
 
-def _regions_fixed_w(x, w, wq, bits, amax, xmin):
-    """OPT-m region scales at ``bits`` for a fixed quantized weight ``wq`` (as :func:`vitq.quant.optm.
-    search_regions`, without re-searching the weight). Returns (RegionSpec | None, plain QuantSpec)."""
-    ref = x @ w.t()
-    plain = best_act_scale(x, bits, amax, lambda xq: xq @ wq.t(), ref)
-    pos, neg = torch.relu(x), torch.clamp(x, max=0.0)
-    neg_out = neg @ wq.t()
-    pmax = max(float(pos.max()), 1e-8)
-    sp = best_act_scale(pos, bits, max(amax, pmax), lambda t: t @ wq.t() + neg_out, ref).scale
-    pos_out = fake_quant(pos, sp, bits) @ wq.t()
-    lo = -qrange(bits)[0]
-    nmax = max(-xmin, 1e-8)
-    cands = [float(sp) / 2 ** k for k in range(0, 13)] + [nmax * r / lo for r in torch.linspace(1.0, 0.3, 15).tolist()]
-    best = None
-    for sn in cands:
-        s = torch.tensor([sn], dtype=torch.float32)
-        e = float((pos_out + fake_quant(neg, s, bits) @ wq.t() - ref).double().pow(2).sum())
-        if best is None or e < best[0]:
-            best = (e, s)
-    pq = QuantSpec(bits, [float(plain.scale)], method="search")
-    if best[0] < (1.0 - MIN_GAIN) * plain.err:
-        m = float(sp) / float(best[1])
-        return RegionSpec(m, QuantSpec(bits, [float(sp)], method="search"),
-                          QuantSpec(bits, [float(best[1])], method="search")), pq
+def _regions_fixed_w(x, w, wq, bits, amax, xmin, shifted=False):
+    """OPT-m region scales at ``bits`` for a fixed quantized weight ``wq`` (:func:`vitq.quant.optm.fit_regions`,
+    without re-searching the weight). Returns (RegionSpec | None, plain QuantSpec)."""
+    plain = best_act_scale(x, bits, amax, lambda xq: xq @ wq.t(), x @ w.t(), shifted=shifted)
+    rc = fit_regions(x, w, wq, bits, amax, xmin, plain, plain.err, shifted)
+    pq = QuantSpec(bits, [float(plain.scale)], method="search", shift=plain.shift)
+    if rc.use:
+        return RegionSpec(rc.m, QuantSpec(bits, [float(rc.pos_scale)], method="search", shift=rc.pos_shift),
+                          QuantSpec(bits, [float(rc.neg_scale)], method="search", shift=rc.neg_shift)), pq
     return None, pq
 
 
@@ -190,11 +175,11 @@ def _calib_linear(base: LayerSpec, w: torch.Tensor, st: dict, level: int, bits: 
     amax = st["amax"][level]
     s = copy.copy(base)
     if base.input_regions is not None:
-        reg, plain = _regions_fixed_w(xs, w, wq, bits, amax, st["min"][level])
+        reg, plain = _regions_fixed_w(xs, w, wq, bits, amax, st["min"][level], shifted=bits <= SHIFT_MAX_BITS)
         s.input_regions, s.input = (reg, None) if reg is not None else (None, plain)
     else:
-        c = best_act_scale(xs, bits, amax, lambda xq: xq @ wq.t(), xs @ w.t())
-        s.input = QuantSpec(bits, [float(c.scale)], method="search")
+        c = best_act_scale(xs, bits, amax, lambda xq: xq @ wq.t(), xs @ w.t(), shifted=bits <= SHIFT_MAX_BITS)
+        s.input = QuantSpec(bits, [float(c.scale)], method="search", shift=c.shift)
         s.input_regions = None
     return s
 
@@ -211,7 +196,8 @@ def _calib_attn(base: LayerSpec, st: dict, level: int, bits: int) -> LayerSpec:
         pairs = {"q": (q, lambda x: x @ k.transpose(-2, -1)), "k": (k, lambda x: q @ x.transpose(-2, -1)),
                  "attn": (a, lambda x: x @ v), "v": (v, lambda x: a @ x)}
         for r, (val, fn) in pairs.items():
-            out[r] = best_act_scale(val, bits, float(val.abs().max()), fn, fn(val))
+            out[r] = best_act_scale(val, bits, float(val.abs().max()), fn, fn(val),
+                                    shifted=r == "attn" and bits <= SHIFT_MAX_BITS)
     else:  # ViT tokens: rows of q/k/v are tokens, rows of attn are queries (dim 2); per image
         m = (lvl == level)  # [n, N]
         if not m.any():
@@ -234,16 +220,16 @@ def _calib_attn(base: LayerSpec, st: dict, level: int, bits: int) -> LayerSpec:
             amax = float(allv.abs().max())
             refs_ = [fn(val) for val, fn in lst]
             best = None
-            for name, s in act_candidates(allv, bits, amax):
-                e = sum(float((fn(fake_quant(val, s, bits)) - ref).double().pow(2).sum())
+            for name, s, sh in act_candidates(allv, bits, amax, shifted=r == "attn" and bits <= SHIFT_MAX_BITS):
+                e = sum(float((fn(fake_quant(val, s, bits, sh)) - ref).double().pow(2).sum())
                         for (val, fn), ref in zip(lst, refs_))
                 if best is None or e < best[0]:
-                    best = (e, s)
-            out[r] = SimpleNamespace(scale=best[1])
+                    best = (e, s, sh)
+            out[r] = SimpleNamespace(scale=best[1], shift=best[2])
     s = copy.copy(base)
     for r in ("q", "k", "attn", "v"):
         if getattr(base, r) is not None:
-            setattr(s, r, QuantSpec(bits, [float(out[r].scale)], method="search"))
+            setattr(s, r, QuantSpec(bits, [float(out[r].scale)], method="search", shift=out[r].shift))
     return s
 
 

@@ -18,6 +18,12 @@ Placement (TensorRT explicit quantization; also what ORT's QDQ fusions match):
 * OPT-m (``input_regions``): ``x -> Relu -> Q/DQ(pos)`` and ``x -> Min(x, 0) -> Q/DQ(neg)``, two GEMMs sharing the
   one weight DQ, then Add; a Gemm/Conv bias goes to the positive branch only (a MatMul's bias Add follows the Add).
 
+* shifted quantizers (schema ``shift``, offset ``c = scale * shift``): ``Sub(x, c) -> Q -> DQ`` on the GEMM input
+  (still zero point 0: TensorRT fuses the Sub into the producer and the Q/DQ into the int8 GEMM) and ``c`` restored
+  after the GEMM: a Linear adds the constant ``c * rowsum(Wq)`` (folded into its bias when the bias is a constant
+  Add / Gemm ``C``), the ``attn @ v`` matmul adds ``c * ReduceSum(v, axis=-2)``. Only Linear inputs (OPT-m regions
+  included) and the post-softmax ``attn`` operand may be shifted.
+
 SQ-b ``smooth`` is already folded into the exported model: it is only counted here.
 """
 
@@ -32,7 +38,7 @@ from ..exporter.onnx_export import NAME_SCOPES_KEY
 from ..recipe.schema import LayerSpec, QuantSpec, Recipe
 from .analysis import Site, find_sites, has_qdq, sites_by_module
 from .infra import GraphPass, GraphPassError
-from .irutil import META_BITS, META_MODULE, META_ROLE, Namer, add_initializer
+from .irutil import META_BITS, META_MODULE, META_ROLE, META_SHIFT, Namer, add_initializer, const_array
 
 
 def quantize_weight(w: np.ndarray, scale: np.ndarray, bits: int, axis: int | None) -> np.ndarray:
@@ -76,7 +82,7 @@ class InsertQDQ(GraphPass):
         if len(spec.scale) != 1:
             raise GraphPassError(f"{module}.{role}: activations are quantized per tensor (got {len(spec.scale)} "
                                  f"scales)")
-        key = (id(x), spec.bits, float(spec.scale[0]))
+        key = (id(x), spec.bits, float(spec.scale[0]), spec.shift)
         if key in self._cache:
             return self._cache[key]
         g, nm = self._graph, self._namer
@@ -85,9 +91,17 @@ class InsertQDQ(GraphPass):
         scale = add_initializer(g, nm, f"{base}.scale", np.array(spec.scale[0], dtype=np.float32))
         zp = add_initializer(g, nm, f"{base}.zero_point", np.array(0, dtype=np.int8), qt)
         meta = self._meta(before, role, module, spec.bits)
+        nodes = []
+        if spec.shift:
+            c = add_initializer(g, nm, f"{base}.offset", np.array(spec.offset, dtype=np.float32))
+            xs = ir.Value(name=nm(f"{base}.shifted"), shape=x.shape, type=x.type)
+            nodes.append(ir.node("Sub", [x, c], outputs=[xs], name=nm(f"{base}/Sub"),
+                                 metadata_props={**meta, META_SHIFT: repr(spec.offset)}))
+            x = xs
+            self.stats["shifted"] += 1
         q_out = ir.Value(name=nm(f"{base}.q"), shape=x.shape, type=ir.TensorType(qt))
-        nodes = [ir.node("QuantizeLinear", [x, scale, zp], outputs=[q_out], name=nm(f"{base}/QuantizeLinear"),
-                         metadata_props=dict(meta))]
+        nodes.append(ir.node("QuantizeLinear", [x, scale, zp], outputs=[q_out], name=nm(f"{base}/QuantizeLinear"),
+                             metadata_props=dict(meta)))
         if spec.bits not in (4, 8):
             lo = add_initializer(g, nm, f"{base}.qmin", np.array(spec.qmin, dtype=np.int8))
             hi = add_initializer(g, nm, f"{base}.qmax", np.array(spec.qmax, dtype=np.int8))
@@ -113,6 +127,10 @@ class InsertQDQ(GraphPass):
                                  f"has {site.out_channels} output channels (axis {site.weight_axis})")
         axis = site.weight_axis if n > 1 else None
         q = quantize_weight(w, np.asarray(spec.scale, np.float32), spec.bits, axis)
+        s_b = np.asarray(spec.scale, np.float32)
+        if axis is not None:
+            s_b = s_b.reshape([-1 if d == axis else 1 for d in range(w.ndim)])
+        self._wdq[id(node)] = q.astype(np.float32) * s_b
         g, nm = self._graph, self._namer
         base = f"{module}.weight"
         qt = _qtype(spec.bits)
@@ -165,7 +183,72 @@ class InsertQDQ(GraphPass):
         y.replace_all_uses_with(y_sum, replace_graph_outputs=True)
         if was_output:
             y_sum.name, y.name = y.name, nm(f"{y.name}.orig")
+        shifts = [q.offset for q in (reg.pos, reg.neg) if q.shift]
+        if shifts:
+            self._restore_linear(y_sum, add, site, sum(shifts), module, "input.regions", n_p)
         g.remove(node, safe=True)
+
+    def _weight_values(self, site: Site) -> np.ndarray:
+        """The GEMM's weight as the graph computes with it (dequantized when quantized)."""
+        w = self._wdq.get(id(site.node))
+        if w is None:
+            w = const_array(site.node.inputs[site.weight_index])
+        if w is None:
+            raise GraphPassError(f"{site.name}: weight is not a constant")
+        return np.asarray(w, np.float32)
+
+    def _restore_linear(self, y: ir.Value, after: ir.Node, site: Site, offset: float, module: str, role: str,
+                        gemm: ir.Node | None = None) -> None:
+        """Add ``offset * rowsum(Wq)`` to the GEMM output ``y`` (produced by ``after``): folded into a constant
+        bias (Gemm ``C``, or the constant of the Add consuming ``y``) when there is one, else a new Add."""
+        w = self._weight_values(site)
+        red = tuple(d for d in range(w.ndim) if d != site.weight_axis)
+        corr = (np.float64(offset) * w.astype(np.float64).sum(axis=red)).astype(np.float32)
+        g, nm = self._graph, self._namer
+        gemm = gemm or site.node
+        meta = self._meta(gemm, f"{role}.offset", module, 0)
+        if gemm.op_type == "Gemm" and len(gemm.inputs) > 2 and const_array(gemm.inputs[2]) is not None and \
+                gemm.outputs[0] is y:
+            c0 = const_array(gemm.inputs[2]).astype(np.float32)
+            gemm.replace_input_with(2, add_initializer(g, nm, f"{module}.bias_shifted", (c0 + corr).astype(np.float32)))
+            return
+        uses = list(y.uses())
+        if len(uses) == 1 and not y.is_graph_output():
+            n, i = uses[0].node, uses[0].idx
+            if n.op_type == "Add" and len(n.inputs) == 2:
+                b = const_array(n.inputs[1 - i])
+                if b is not None and b.shape == corr.shape:
+                    n.replace_input_with(1 - i, add_initializer(g, nm, f"{module}.bias_shifted",
+                                                                (b.astype(np.float32) + corr).astype(np.float32)))
+                    return
+        cv = add_initializer(g, nm, f"{module}.{role}.offset_out", corr)
+        self._add_after(y, after, cv, f"{module}/{role}/offset", meta)
+
+    def _add_after(self, y: ir.Value, after: ir.Node, other: ir.Value, name: str, meta: dict,
+                   extra: list[ir.Node] = ()) -> None:
+        g, nm = self._graph, self._namer
+        y2 = ir.Value(name=nm(f"{y.name}.shifted"), shape=y.shape, type=y.type)
+        was_output = y.is_graph_output()
+        y.replace_all_uses_with(y2, replace_graph_outputs=True)
+        add = ir.node("Add", [y, other], outputs=[y2], name=nm(name), metadata_props=dict(meta))
+        g.insert_after(after, [*extra, add])
+        if was_output:
+            y2.name, y.name = y.name, nm(f"{y.name}.orig")
+
+    def _restore_attn(self, site: Site, offset: float, module: str) -> None:
+        """``attn @ v`` with a shifted ``attn``: add ``offset * ReduceSum(v, axes=-2, keepdims)``."""
+        g, nm, node = self._graph, self._namer, site.node
+        meta = self._meta(node, "attn.offset", module, 0)
+        v = node.inputs[1]
+        axes = add_initializer(g, nm, f"{module}.attn.colsum_axes", np.array([-2], np.int64))
+        c = add_initializer(g, nm, f"{module}.attn.offset", np.array(offset, np.float32))
+        cs = ir.Value(name=nm(f"{module}.attn.colsum_v"), type=v.type)
+        sc = ir.Value(name=nm(f"{module}.attn.offset_out"), type=v.type)
+        extra = [ir.node("ReduceSum", [v, axes], attributes={"keepdims": 1}, outputs=[cs],
+                         name=nm(f"{module}/attn/colsum_v"), metadata_props=dict(meta)),
+                 ir.node("Mul", [cs, c], outputs=[sc], name=nm(f"{module}/attn/offset_out"),
+                         metadata_props=dict(meta))]
+        self._add_after(node.outputs[0], node, sc, f"{module}/attn/offset", meta, extra)
 
     # -- the pass ------------------------------------------------------------------------------------------------
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -178,8 +261,15 @@ class InsertQDQ(GraphPass):
                 for l in self.recipe.layers):
             raise GraphPassError(f"insert_qdq: int4 Q/DQ needs opset >= 21 (graph has "
                                  f"{model.opset_imports.get('', 0)})")
-        self._graph, self._namer, self._cache = g, Namer(g), {}
-        self.stats = {"layers": [], "qdq_pairs": 0, "weights": 0, "smooth_folded_at_export": 0}
+        self._graph, self._namer, self._cache, self._wdq = g, Namer(g), {}, {}
+        self.stats = {"layers": [], "qdq_pairs": 0, "weights": 0, "smooth_folded_at_export": 0, "shifted": 0}
+        for layer in self.recipe.layers:
+            bad = [r for r, q in layer.quantizers().items() if q.shift and not (
+                (layer.kind == "linear" and r in ("input", "input.pos", "input.neg")) or
+                (layer.kind == "attn" and r == "attn"))]
+            if bad:
+                raise GraphPassError(f"recipe layer {layer.module!r}: a grid shift is supported on Linear inputs and "
+                                     f"the post-softmax 'attn' operand only, not on {', '.join(bad)}")
         by_mod = sites_by_module(find_sites(g))
         for layer in self.recipe.layers:
             sites = by_mod.get(layer.module, [])
@@ -203,6 +293,10 @@ class InsertQDQ(GraphPass):
                         dq = self._act_qdq(s.node.inputs[0], layer.input, "input", layer.module, s.node)
                         s.node.replace_input_with(0, dq)
                         entry["input"] = {"bits": layer.input.bits}
+                        if layer.input.shift:
+                            self._restore_linear(s.node.outputs[0], s.node, s, layer.input.offset, layer.module,
+                                                 "input")
+                            entry["input"]["shift"] = layer.input.shift
                     elif layer.input_regions is not None:
                         self._regions(s, layer)
                         entry["input_regions"] = {"pos_bits": layer.input_regions.pos.bits,
@@ -228,9 +322,13 @@ class InsertQDQ(GraphPass):
                         dq = self._act_qdq(s.node.inputs[idx], spec, role, layer.module, s.node)
                         s.node.replace_input_with(idx, dq)
                     entry[role] = {"bits": spec.bits}
+                if layer.attn is not None and layer.attn.shift:
+                    for s in av:
+                        self._restore_attn(s, layer.attn.offset, layer.module)
+                    entry["attn"]["shift"] = layer.attn.shift
             self.stats["layers"].append(entry)
         g.sort()
-        del self._graph, self._namer, self._cache
+        del self._graph, self._namer, self._cache, self._wdq
         return ir.passes.PassResult(model, modified=bool(self.recipe.layers))
 
 

@@ -14,6 +14,7 @@ from ..exporter.onnx_export import NAME_SCOPES_KEY, module_name as _proto_module
 META_ROLE = "vitq.role"        # "weight", "input", "input.pos", "input.neg", "q", "k", "attn", "v"
 META_MODULE = "vitq.module"    # timm module path of the quantized layer
 META_BITS = "vitq.bits"        # the recipe's bit-width (the graph may hold it in a wider container)
+META_SHIFT = "vitq.shift"      # on the Sub before a shifted quantizer's QuantizeLinear: the offset it subtracts
 
 
 class _Prop:

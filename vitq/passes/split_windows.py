@@ -36,7 +36,7 @@ from ..exporter.onnx_export import NAME_SCOPES_KEY
 from ..recipe.schema import QuantSpec, Recipe
 from .analysis import find_sites, sites_by_module
 from .infra import GraphPass, GraphPassError
-from .irutil import META_BITS, META_MODULE, META_ROLE, Namer, add_initializer, module_of
+from .irutil import META_BITS, META_MODULE, META_ROLE, META_SHIFT, Namer, add_initializer, module_of
 
 LOW_SUFFIX = "@low"
 META_BRANCH = "vitq.mixa.branch"
@@ -359,11 +359,22 @@ class SplitWindowsAttn(GraphPass):
                 axes = [1, 2] if role == "k" else [1, 3]
                 mask = b.op("Unsqueeze", [mask, b.const(f"{module}.{role}.mask_axes", np.array(axes, np.int64))],
                             ir.DataType.BOOL, f"{module}.{role}.mask")
-            low = layers[module].low
+            low, high = layers[module].low, layers[module].high
             qs = getattr(low, role) if low is not None else None
+            qh = getattr(high, role) if high is not None else None
             lo = t if qs is None else self._qdq(b, t, qs, role, module + LOW_SUFFIX)
+            # shifted grids: the matmul output gets the high branch's offset back (insert_qdq), so the low operand
+            # carries the difference of the two offsets
+            adj = (qs.offset if qs is not None else 0.0) - (qh.offset if qh is not None else 0.0)
+            if adj:
+                lo = b.op("Add", [lo, b.const(f"{module}.{role}.low_offset", np.array(adj, np.float32))], F32,
+                          f"{module}.{role}.low_offset")
             sel = b.op("Where", [mask, cur, lo], F32, f"{module}.{role}.mixa_sel")
             node.replace_input_with(idx, sel)
+            for u in list(cur.uses()):  # the colsum(v) of a shifted attn follows the matmul's v operand
+                if u.node.metadata_props.get(META_ROLE) == "attn.offset" and \
+                        u.node.metadata_props.get(META_MODULE) == module:
+                    u.node.replace_input_with(u.idx, sel)
             self.stats["attn_operands"] += 1
         for hi, lo in sp.pairs:
             if hi.graph is None or lo.graph is None or hi.inputs[1] is None or lo.inputs[1] is None:
@@ -387,6 +398,9 @@ class SplitWindowsAttn(GraphPass):
         base = f"{module}.{role}"
         scale = b.const(f"{base}.scale", np.array(spec.scale[0], np.float32))
         zp = add_initializer(b.g, b.nm, f"{base}.zero_point", np.array(0, np.int8), qt)
+        if spec.shift:
+            x = b.op("Sub", [x, b.const(f"{base}.offset", np.array(spec.offset, np.float32))], F32, f"{base}.shifted",
+                     meta={**meta, META_SHIFT: repr(spec.offset)})
         q = b.op("QuantizeLinear", [x, scale, zp], qt, f"{base}.q", meta=meta)
         if spec.bits not in (4, 8):
             q = b.op("Clip", [q, b.const(f"{base}.qmin", np.array(spec.qmin, np.int8)),
@@ -395,7 +409,7 @@ class SplitWindowsAttn(GraphPass):
 
 
 def _float_operand(v: ir.Value) -> ir.Value:
-    """The float tensor behind ``DQ(Clip?(Q(t)))`` (or ``v`` itself when it is not quantized)."""
+    """The float tensor behind ``DQ(Clip?(Q(Sub?(t))))`` (or ``v`` itself when it is not quantized)."""
     p = v.producer()
     if p is None or p.op_type != "DequantizeLinear":
         return v
@@ -404,7 +418,11 @@ def _float_operand(v: ir.Value) -> ir.Value:
         q = q.inputs[0].producer()
     if q is None or q.op_type != "QuantizeLinear":
         raise GraphPassError(f"split_windows_attn: {v.name} is a DequantizeLinear output without its QuantizeLinear")
-    return q.inputs[0]
+    x = q.inputs[0]
+    sub = x.producer()
+    if sub is not None and sub.op_type == "Sub" and META_SHIFT in sub.metadata_props:
+        x = sub.inputs[0]  # a shifted quantizer: Sub(t, c) -> Q
+    return x
 
 
 def _same_dq(a: ir.Node, b: ir.Node) -> bool:

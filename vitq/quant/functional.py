@@ -7,6 +7,8 @@ the Q/DQ graph agree bit for bit on each quantizer:
     q = clamp(round_half_even(x / scale), -2^(bits-1), 2^(bits-1) - 1)
     y = q * scale
 
+With a grid ``shift`` (recipe schema) the quantizer acts on ``x - c`` and the dequantized value is ``q * scale + c``.
+
 For bits < 8 other than 4 (e.g. 6) the graph realizes the narrower range with int8 Q/DQ plus a ``Clip`` on the
 integer tensor, which computes the same function.
 """
@@ -26,12 +28,28 @@ def quantize(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.clamp(torch.round(x / scale), lo, hi)  # torch.round: half to even, like ONNX
 
 
-def fake_quant(x: torch.Tensor, scale: torch.Tensor | float, bits: int) -> torch.Tensor:
-    """Quantize-dequantize in float32 (the function a Q/DQ pair computes)."""
+def fake_quant(x: torch.Tensor, scale: torch.Tensor | float, bits: int, shift: int = 0) -> torch.Tensor:
+    """Quantize-dequantize in float32 (the function a Q/DQ pair computes). ``shift`` (integer grid steps, per-tensor
+    scales only) shifts the grid: ``fq(x - c) + c`` with ``c = float32(scale * shift)``, exactly the graph's
+    ``Sub(x, c) -> Q -> DQ`` plus the constant restored after the GEMM."""
     if not torch.is_tensor(scale):
         scale = torch.tensor(scale, dtype=torch.float32, device=x.device)
     scale = scale.to(x.dtype)
+    if shift:
+        c = shift_offset(scale, shift).to(x.dtype)
+        return quantize(x - c, scale, bits) * scale + c
     return quantize(x, scale, bits) * scale
+
+
+def shift_offset(scale: torch.Tensor | float, shift: int) -> torch.Tensor:
+    """``c = scale * shift`` rounded to float32 once (the constant the graph stores)."""
+    return torch.tensor(float(torch.as_tensor(scale, dtype=torch.float32).reshape(-1)[0]) * shift,
+                        dtype=torch.float32)
+
+
+def fake_quant_spec(x: torch.Tensor, spec) -> torch.Tensor:
+    """``fake_quant`` with a recipe ``QuantSpec`` (per-tensor)."""
+    return fake_quant(x, torch.tensor(spec.scale, dtype=torch.float32), spec.bits, spec.shift)
 
 
 def channel_scale(scale: torch.Tensor, ndim: int, axis: int = 0) -> torch.Tensor:

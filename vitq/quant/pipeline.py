@@ -23,7 +23,9 @@ LayerNorm, softmax, GELU stay float (only matmul inputs are quantized, as the sc
 
 ``methods`` (ablations): ``{"observer": "search"|"minmax", "sqb": bool, "optm": bool, "mp": bool,
 "head_bits": (8, 8), "mp_batch": 16, "sqb_bits": None, "gptq": bool, "gptq_images": 128,
-"gptq_target": "quant"|"float", "gptq_rescale": bool, "gptq_max_bits": 7, "refine": roles, "refine_images": 32}``
+"gptq_target": "quant"|"float", "gptq_rescale": bool, "gptq_max_bits": 7, "refine": roles, "refine_images": 32,
+"shift_max_bits": 7}`` (``shift_max_bits``: activations at up to this many bits may take a shifted grid, schema
+``shift``; 0 disables; 8-bit stays symmetric by default, which keeps the w8a8 graph free of the offset nodes)
 (``gptq_target="float"`` fits the float layer output first; measured worse on DeiT-T, experimental); with
 ``mp=False`` an ``mp:<b>`` request becomes the uniform recipe with w = 4 and the smallest a in {8, 6, 4} whose average bit-width is <= b (the naive
 baseline Greedy MP is compared against).
@@ -49,14 +51,14 @@ from .refine import refine_scales
 from .mp import greedy_mp
 from .optm import search_regions
 from .prepare import Graph, enumerate_points, prepare_model
-from .search import LinearChoice, search_attn, search_conv, search_linear, subsample
+from .search import SHIFT_MAX_BITS, LinearChoice, search_attn, search_conv, search_linear, subsample
 from .simulate import QuantSim
 from .sqb import fold_smoothing, group_foldable, search_alpha, shared_params
 
 DEFAULT_METHODS = {"observer": "search", "sqb": True, "optm": True, "mp": True, "head_bits": (8, 8),
                    "mp_batch": 16, "sqb_bits": None, "gptq": True, "gptq_images": 128,
                    "gptq_target": "quant", "gptq_rescale": False, "refine": ("attn",), "refine_images": 32,
-                   "gptq_max_bits": 7}
+                   "gptq_max_bits": 7, "shift_max_bits": SHIFT_MAX_BITS}
 
 
 @dataclass
@@ -166,8 +168,10 @@ def calibrate(model: nn.Module, family: str, calib_x: np.ndarray, request: Recip
                     sq = None
                 else:
                     samples = {r: st.sample(r) for r in ("q", "k", "attn", "v")}
-                    ch = search_attn(samples, st.amax, {r: a for r in ("q", "k", "attn", "v")})
-                    specs = {r: QuantSpec(a, [float(c.scale)], method=_meth(c.method)) for r, c in ch.items()}
+                    ch = search_attn(samples, st.amax, {r: a for r in ("q", "k", "attn", "v")},
+                                     shifted=a <= meth["shift_max_bits"])
+                    specs = {r: QuantSpec(a, [float(c.scale)], method=_meth(c.method), shift=c.shift)
+                             for r, c in ch.items()}
                     sq = 0.5 * (_db(ch["k"].ref, ch["k"].err) + _db(ch["v"].ref, ch["v"].err))
                 entry[("a", a)] = LayerSpec(p.module, "attn", p.macs, **specs)
                 ls.setdefault("sqnr_db", {})[f"a{a}"] = sq
@@ -193,19 +197,21 @@ def calibrate(model: nn.Module, family: str, calib_x: np.ndarray, request: Recip
                 spec.input = QuantSpec(a, [float(c.a.scale)], method=_meth(c.a.method))
                 sq = _db(c.a.ref, c.a.err)
             elif p.post_gelu and meth["optm"]:
-                rc = search_regions(xs, w, wb, a, st.amax, float(st.chmin.min()))
+                rc = search_regions(xs, w, wb, a, st.amax, float(st.chmin.min()), shifted=a <= meth["shift_max_bits"])
                 ls.setdefault("optm", {})[f"a{a}"] = rc.reason
                 ref = float((xs @ w.t()).double().pow(2).sum())
                 if rc.use:
-                    spec.input_regions = RegionSpec(rc.m, QuantSpec(a, [float(rc.pos_scale)], method="search"),
-                                                    QuantSpec(a, [float(rc.neg_scale)], method="search"))
+                    spec.input_regions = RegionSpec(
+                        rc.m, QuantSpec(a, [float(rc.pos_scale)], method="search", shift=rc.pos_shift),
+                        QuantSpec(a, [float(rc.neg_scale)], method="search", shift=rc.neg_shift))
                     sq = _db(ref, rc.err)
                 else:
-                    spec.input = QuantSpec(a, [float(rc.plain.a.scale)], method=_meth(rc.plain.a.method))
+                    spec.input = QuantSpec(a, [float(rc.plain.a.scale)], method=_meth(rc.plain.a.method),
+                                           shift=rc.plain.a.shift)
                     sq = _db(ref, rc.err_plain)
             else:
-                c = search_linear(xs, w, wb, a, st.amax)
-                spec.input = QuantSpec(a, [float(c.a.scale)], method=_meth(c.a.method))
+                c = search_linear(xs, w, wb, a, st.amax, shifted=a <= meth["shift_max_bits"])
+                spec.input = QuantSpec(a, [float(c.a.scale)], method=_meth(c.a.method), shift=c.a.shift)
                 sq = _db(c.a.ref, c.a.err)
             entry[("a", a)] = spec
             ls.setdefault("sqnr_db", {})[f"w{wb}a{a}"] = sq

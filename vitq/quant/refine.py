@@ -66,7 +66,8 @@ def refine_scales(sim, recipe, x: torch.Tensor, ref_logits: torch.Tensor, target
         best = (base_kl, 1.0, spec0)
         for f in factors:
             spec = copy.copy(spec0)
-            setattr(spec, role, QuantSpec(q0.bits, [float(q0.scale[0]) * f], axis=q0.axis, method="search"))
+            setattr(spec, role, QuantSpec(q0.bits, [float(q0.scale[0]) * f], axis=q0.axis, method="search",
+                                            shift=q0.shift))
             sim.set_layer(spec)
             k = kl(ref_logits, run_from(si, h))
             if k < best[0]:

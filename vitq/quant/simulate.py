@@ -4,7 +4,8 @@ Every quantizer is :func:`vitq.quant.functional.fake_quant` at exactly the posit
 
 * ``linear``/``conv``: weight fake-quantized per output channel once (cached), input per tensor
   (``input``), or the OPT-m split ``fq_pos(relu(x)) + fq_neg(min(x, 0))`` (``input_regions``);
-* ``attn``: ``q`` after ``* scale``, ``k`` (before the transpose), ``attn`` post-softmax, ``v``.
+* ``attn``: ``q`` after ``* scale``, ``k`` (before the transpose), ``attn`` post-softmax, ``v``;
+* a shifted quantizer (``shift``) dequantizes to ``q * scale + c`` (the graph restores ``c`` after the GEMM).
 
 Layers absent from the recipe stay float. The wrapped model is a deep copy; ``set_layer`` swaps one layer's spec
 in place (re-quantizing only its weight), which is what the mixed-precision search uses.
@@ -32,16 +33,17 @@ def _t(scale) -> torch.Tensor:
 
 class _InputQuant:
     def __init__(self, spec: LayerSpec):
-        self.plain = (_t(spec.input.scale), spec.input.bits) if spec.input is not None else None
+        self.plain = (_t(spec.input.scale), spec.input.bits, spec.input.shift) if spec.input is not None else None
         r = spec.input_regions
-        self.regions = (_t(r.pos.scale), r.pos.bits, _t(r.neg.scale), r.neg.bits) if r is not None else None
+        self.regions = (_t(r.pos.scale), r.pos.bits, _t(r.neg.scale), r.neg.bits, r.pos.shift, r.neg.shift) \
+            if r is not None else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.plain is not None:
-            return fake_quant(x, self.plain[0], self.plain[1])
+            return fake_quant(x, *self.plain)
         if self.regions is not None:
-            sp, bp, sn, bn = self.regions
-            return region_fq(x, sp, sn, bp, bn)
+            sp, bp, sn, bn, hp, hn = self.regions
+            return region_fq(x, sp, sn, bp, bn, hp, hn)
         return x
 
 
@@ -83,12 +85,12 @@ class QConv(nn.Module):
 class _AttnQ:
     def __init__(self, spec: LayerSpec):
         self.spec = spec
-        self.ops = {r: (_t(getattr(spec, r).scale), getattr(spec, r).bits)
+        self.ops = {r: (_t(getattr(spec, r).scale), getattr(spec, r).bits, getattr(spec, r).shift)
                     for r in ("q", "k", "attn", "v") if getattr(spec, r) is not None}
 
     def __call__(self, role: str, t: torch.Tensor) -> torch.Tensor:
         op = self.ops.get(role)
-        return t if op is None else fake_quant(t, op[0], op[1])
+        return t if op is None else fake_quant(t, *op)
 
 
 class SimModule(nn.Module):

@@ -38,6 +38,14 @@ Field meanings:
 * ``input_regions`` (OPT-m, post-GELU inputs): the input is split ``x = relu(x) + min(x, 0)``; each part has its
   own per-tensor quantizer, realized in the graph as two int8 GEMMs sharing the weight (deployable in TensorRT).
   ``m`` is the searched ratio ``pos.scale / neg.scale``. Mutually exclusive with ``input``.
+* ``shift`` (optional integer, activations only, default 0): the grid is shifted by ``shift`` steps, i.e. an
+  asymmetric range realized with a **symmetric** quantizer: ``q = clamp(round((x - c) / scale))``,
+  ``x^ = q * scale + c`` with ``c = scale * shift`` (float32). The graph computes ``Sub(x, c) -> Q -> DQ`` (zero
+  point 0) into the GEMM and adds the constant back after it: a Linear gets ``+ c * rowsum(Wq)`` (a bias), the
+  ``attn @ v`` matmul ``+ c * colsum(v)``; so TensorRT still sees a plain int8 GEMM. Used for one-signed tensors:
+  post-softmax probabilities and OPT-m's positive region (``shift = 2^(bits-1)``: the grid ``0..(2^bits-1)*scale``),
+  OPT-m's negative region (``shift = -(2^(bits-1)-1)``), and asymmetric Linear inputs. Zero stays exactly
+  representable when ``|shift| <= 2^(bits-1)``. Recipes without it are unchanged.
 * ``macs``: multiply-accumulates per image for this layer (bit-operations = macs * w_bits * a_bits).
 * ``weights`` (optional, top level; GPTQ): ``{"file": "<stem>.weights.safetensors", "sha256": ..., "method":
   "gptq", "layers": [module, ...]}``. GPTQ changes the integer weights, so the listed layers' (post-``smooth``)
@@ -50,6 +58,7 @@ from __future__ import annotations
 
 import json
 import math
+import struct
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -62,6 +71,11 @@ ATTN_OPERANDS = ("q", "k", "attn", "v")
 METHODS = ("minmax", "percentile", "mse", "fixed", "search")
 
 
+def _f32(v: float) -> float:
+    """Round to float32 (the precision the graph stores constants in)."""
+    return struct.unpack("f", struct.pack("f", v))[0]
+
+
 class RecipeError(InputError):
     """A malformed recipe; the message names the field path."""
 
@@ -72,6 +86,12 @@ class QuantSpec:
     scale: list[float]
     axis: int | None = None
     method: str = "minmax"
+    shift: int = 0  # grid shift in steps (per-tensor activations only): x^ = (q + shift) * scale
+
+    @property
+    def offset(self) -> float:
+        """The float the graph subtracts before QuantizeLinear and adds back after the GEMM (0 when unshifted)."""
+        return _f32(_f32(self.scale[0]) * self.shift) if self.shift else 0.0
 
     @property
     def qmin(self) -> int:
@@ -85,12 +105,14 @@ class QuantSpec:
         d: dict[str, Any] = {"bits": self.bits, "scale": [float(s) for s in self.scale], "method": self.method}
         if self.axis is not None:
             d["axis"] = self.axis
+        if self.shift:
+            d["shift"] = int(self.shift)
         return d
 
     @classmethod
     def from_dict(cls, d: Any, where: str) -> "QuantSpec":
         _require_obj(d, where)
-        _only_keys(d, where, {"bits", "scale", "axis", "method"})
+        _only_keys(d, where, {"bits", "scale", "axis", "method", "shift"})
         bits = d.get("bits")
         if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 8:
             raise RecipeError(f"{where}.bits: expected an integer in 2..8, got {bits!r}")
@@ -110,7 +132,13 @@ class QuantSpec:
         method = d.get("method", "minmax")
         if method not in METHODS:
             raise RecipeError(f"{where}.method: {method!r} is not one of {', '.join(METHODS)}")
-        return cls(bits, [float(s) for s in scale], axis, method)
+        shift = d.get("shift", 0)
+        if not isinstance(shift, int) or isinstance(shift, bool) or abs(shift) > (1 << (bits - 1)):
+            raise RecipeError(f"{where}.shift: expected an integer with |shift| <= 2^(bits-1) = {1 << (bits - 1)}, "
+                              f"got {shift!r}")
+        if shift and (len(scale) != 1 or axis is not None):
+            raise RecipeError(f"{where}.shift: only per-tensor (activation) quantizers can be shifted")
+        return cls(bits, [float(s) for s in scale], axis, method, shift)
 
 
 @dataclass
