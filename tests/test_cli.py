@@ -196,6 +196,9 @@ def _recipe_at_bits(src: Path, dst: Path, w_bits: int, a_bits: int, a_only=lambd
                 bits = w_bits if role == "weight" else (a_bits if a_only(layer["module"]) else 8)
                 q["scale"] = [s * 127 / ((1 << (bits - 1)) - 1) for s in q["scale"]]
                 q["bits"] = bits
+                if q.get("shift"):  # keep the offset (shift * scale) on the coarser grid
+                    half = 1 << (bits - 1)
+                    q["shift"] = max(-half, min(half, round(q["shift"] * (half - 1) / 127)))
     dst.write_text(json.dumps(d))
     Recipe.load(dst)
     return dst

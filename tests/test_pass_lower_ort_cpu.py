@@ -32,7 +32,8 @@ def _lower(proto):
 def test_int8_activations_become_uint8_zp128_exactly():
     att = {"module": "attn", "kind": "attn", **{r: {"bits": b, "scale": [s]} for r, b, s in
                                                   (("q", 8, 0.1), ("k", 6, 0.1), ("attn", 8, 1 / 127), ("v", 4, 0.2))}}
-    _, q = _qdq(recipe_for([lin("fc1", 8, 8, 16), lin("fc2", 4, 6, 8), lin("head", 8, 8, 4), att]))
+    # fc1's scales small enough that its int8 weights use the full range (> 64: the U8U8 rewrite applies)
+    _, q = _qdq(recipe_for([lin("fc1", 8, 8, 16, scale=0.005), lin("fc2", 4, 6, 8), lin("head", 8, 8, 4), att]))
     low, stats = _lower(q)
     assert stats["activations_to_u8"] == 6  # fc1, fc2 (6-bit via Clip), head, q, k (6-bit), attn; not v (int4)
     I = inits(low)
@@ -84,12 +85,14 @@ def test_requires_qdq_and_leaves_foreign_patterns():
                      [h.make_tensor("s", T.FLOAT, [], [0.1]), h.make_tensor("zp", T.INT8, [], [0])])
     mm = h.make_model(g, opset_imports=[h.make_opsetid("", 21)], ir_version=10)
     out, stats = _lower(mm)
-    assert stats == {"activations_to_u8": 0, "left_as_is": 1, "matmul_weights_to_u8": 0}
+    assert stats == {"activations_to_u8": 0, "left_as_is": 1, "matmul_weights_to_u8": 0, "matmul_weights_7bit_s8": 0}
 
 
-def test_full_range_int8_weights_are_exact_under_ort_fusions():
+@pytest.mark.parametrize("wbits", [8, 7])
+def test_full_range_int8_weights_are_exact_under_ort_fusions(wbits):
     """Regression: ORT's fused U8S8/S8S8 GEMM saturates int16 pair sums on AVX2 for full-range int8 weights; after
-    lowering, the optimized session must equal the unoptimized one."""
+    lowering, the optimized session must equal the unoptimized one. 7-bit weights (|w| <= 64) cannot saturate
+    (2 * 255 * 64 < 2^15): they stay int8 so ORT runs its faster U8S8 kernel, and must be exact too."""
     import onnxruntime as ort
 
     from vitq.passes.infra import PassManager, to_ir
@@ -98,9 +101,10 @@ def test_full_range_int8_weights_are_exact_under_ort_fusions():
 
     rng = np.random.default_rng(0)
     K, N = 96, 64
-    W = rng.integers(-127, 128, (K, N)).astype(np.int8)
-    W[0, :] = 127
-    W[1, :] = 127
+    top = (1 << (wbits - 1)) - 1
+    W = rng.integers(-top, top + 1, (K, N)).astype(np.int8)
+    W[0, :] = top
+    W[1, :] = top
     inits = [nph.from_array(W, "W"), nph.from_array((rng.random(N).astype(np.float32) + 0.5) * 0.01, "ws"),
              nph.from_array(np.array(0.05, np.float32), "as"), nph.from_array(np.array(0, np.int8), "az"),
              nph.from_array(np.zeros(N, np.int8), "wz")]
@@ -113,7 +117,10 @@ def test_full_range_int8_weights_are_exact_under_ort_fusions():
     m = h.make_model(g, opset_imports=[h.make_opsetid("", 21)])
     m.ir_version = 10
     model = to_ir(m)
-    PassManager([LowerOrtCpu()], properties={"qdq"}, validate=True).run(model)
+    pm = LowerOrtCpu()
+    PassManager([pm], properties={"qdq"}, validate=True).run(model)
+    assert pm.stats["matmul_weights_to_u8"] == (1 if wbits == 8 else 0)
+    assert pm.stats["matmul_weights_7bit_s8"] == (0 if wbits == 8 else 1)
     low = ir.serde.serialize_model(model).SerializeToString()
     x = (rng.standard_normal((2, 16, K)) * 3).astype(np.float32)
     x[:, :, :2] = 6.0  # activations at the top of the grid next to the +127 weights

@@ -17,7 +17,7 @@ from . import observers as ob
 from .functional import fake_quant
 
 MAX_SEARCH_TOKENS = 1024
-SHIFT_MAX_BITS = 7  # activations at up to this many bits may take a shifted grid (8-bit stays symmetric)
+SHIFT_MAX_BITS = 8  # activations at up to this many bits may take a shifted grid (all, by default)
 
 
 def subsample(x: torch.Tensor, n: int = MAX_SEARCH_TOKENS) -> torch.Tensor:

@@ -1,7 +1,9 @@
 """Recipes: what precision every quantized tensor gets, and how it was calibrated.
 
 ``--recipe`` takes a preset name or a recipe JSON file. The presets are ``fp32`` (no quantization), the uniform
-``w8a8``, ``w6a6``, ``w4a8``, ``w4a4`` and the mixed-precision ``mp:<avg bits>`` (e.g. ``mp:5``).
+``w8a8``, ``w6a6``, ``w4a8``, ``w4a4`` and the mixed-precision ``mp:<avg bits>`` (e.g. ``mp:5``). ``w7a8`` (7-bit
+weights) is the ONNX Runtime CPU preset for x86 without VNNI: its weights fit ORT's fast U8S8 kernel without the
+int16 saturation full-range int8 weights hit there (see :mod:`vitq.passes.lower_ort_cpu`).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from pathlib import Path
 
 from ..errors import InputError
 
-UNIFORM_PRESETS = {"w8a8": (8, 8), "w6a6": (6, 6), "w4a8": (4, 8), "w4a4": (4, 4)}
+UNIFORM_PRESETS = {"w8a8": (8, 8), "w7a8": (7, 8), "w6a6": (6, 6), "w4a8": (4, 8), "w4a4": (4, 4)}
 _MP = re.compile(r"^mp:(\d+(?:\.\d+)?)$")
 
 
