@@ -122,13 +122,50 @@ def test_fake_quant_matches_manual_and_onnx_rounding():
 def test_sqb_folding_keeps_float_model(vit, x32, vit_w8a8):
     with torch.no_grad():
         assert (vit_w8a8.model(x32) - vit(x32)).abs().max() <= 1e-4
-    smoothed = [l for l in vit_w8a8.recipe.layers if l.smooth is not None]
+    smoothed = [l for l in vit_w8a8.recipe.layers if l.smooth is not None and l.smooth.into == "norm"]
     assert smoothed, "SQ-b should smooth at least one LN-fed layer of the tiny ViT"
     assert all(l.module.endswith(("qkv", "fc1")) for l in smoothed)
+    assert all(l.module.endswith("attn.proj") for l in vit_w8a8.recipe.layers
+               if l.smooth is not None and l.smooth.into == "v")
     # the caller's model is untouched
     assert vit.blocks[0].attn.fused_attn == timm.layers.use_fused_attn()
     assert not torch.equal(vit_w8a8.model.blocks[0].norm1.weight, vit.blocks[0].norm1.weight) or \
         vit_w8a8.recipe.layer("blocks.0.attn.qkv").smooth is None
+
+
+def test_v_smoothing_fold_is_float_exact_and_replayed_by_apply_recipe(vit, x32, vit_w8a8):
+    """SmoothQuant between v and proj: folding any positive per-channel s into qkv's v rows and proj's columns keeps
+    the float model; a recipe carrying it (smooth.into = "v") is replayed by apply_recipe onto a fresh model."""
+    import copy
+
+    from vitq.quant.sqb import fold_v_smoothing
+    from vitq.recipe.schema import SmoothSpec
+
+    m = copy.deepcopy(vit_w8a8.model)
+    att = m.blocks[1].attn
+    s = torch.rand(att.proj.in_features, generator=torch.Generator().manual_seed(0)) * 4 + 0.25
+    with torch.no_grad():
+        before = m(x32)
+        fold_v_smoothing(att, s)
+        assert (m(x32) - before).abs().max() <= 1e-4
+    assert not torch.equal(att.proj.weight, vit_w8a8.model.blocks[1].attn.proj.weight)
+    r = copy.deepcopy(vit_w8a8.recipe)
+    i = next(k for k, l in enumerate(r.layers) if l.module == "blocks.1.attn.proj")
+    r.layers[i].smooth = SmoothSpec(0.5, s.tolist(), [0.0] * s.numel(), into="v")
+    r2 = Recipe.from_dict(json.loads(r.to_json()))
+    assert r2.layer("blocks.1.attn.proj").smooth.into == "v"
+    prepared, _ = apply_recipe(vit, "vit", r2)
+    r0 = copy.deepcopy(r)
+    r0.layers[i].smooth = None
+    base, _ = apply_recipe(vit, "vit", r0)
+    torch.testing.assert_close(prepared.blocks[1].attn.proj.weight, base.blocks[1].attn.proj.weight * s[None, :])
+    c = att.proj.in_features
+    torch.testing.assert_close(prepared.blocks[1].attn.qkv.weight[2 * c:], base.blocks[1].attn.qkv.weight[2 * c:]
+                               / s[:, None])
+    with pytest.raises(RecipeError, match="into"):
+        SmoothSpec.from_dict({"alpha": 0.5, "scale": [1.0], "shift": [0.0], "into": "k"}, "x")
+    with pytest.raises(RecipeError, match="shift"):
+        SmoothSpec.from_dict({"alpha": 0.5, "scale": [1.0], "shift": [0.1], "into": "v"}, "x")
 
 
 class TwoHead(nn.Module):

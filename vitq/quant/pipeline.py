@@ -53,12 +53,12 @@ from .optm import search_regions
 from .prepare import Graph, enumerate_points, prepare_model
 from .search import SHIFT_MAX_BITS, LinearChoice, search_attn, search_conv, search_linear, subsample
 from .simulate import QuantSim
-from .sqb import fold_smoothing, group_foldable, search_alpha, shared_params
+from .sqb import fold_smoothing, fold_v_smoothing, group_foldable, search_alpha, search_v_smoothing, shared_params
 
 DEFAULT_METHODS = {"observer": "search", "sqb": True, "optm": True, "mp": True, "head_bits": (8, 8),
                    "mp_batch": 16, "sqb_bits": None, "gptq": True, "gptq_images": 128,
                    "gptq_target": "quant", "gptq_rescale": False, "refine": ("attn",), "refine_images": 32,
-                   "gptq_max_bits": 7, "shift_max_bits": SHIFT_MAX_BITS}
+                   "gptq_max_bits": 7, "shift_max_bits": SHIFT_MAX_BITS, "vsmooth": True}
 
 
 @dataclass
@@ -152,6 +152,32 @@ def calibrate(model: nn.Module, family: str, calib_x: np.ndarray, request: Recip
                 smooth[l] = SmoothSpec(ch.alpha, ch.s.tolist(), ch.z.tolist())
     timings["sqb_s"] = time.time() - t
     _log(progress, f"SQ-b: {len(smooth)} layers smoothed in {timings['sqb_s']:.1f}s")
+
+    # ---- v -> proj smoothing (SmoothQuant on the attention output, folded into qkv's v rows and proj) ----
+    if meth["vsmooth"] and not minmax:
+        t = time.time()
+        shared = shared_params(prepared)
+        n_v = 0
+        for p in graph.points:
+            proj_name = p.module + ".proj"
+            if p.kind != "attn" or proj_name not in stats or not hasattr(prepared.get_submodule(p.module), "qkv"):
+                continue
+            attn_mod = prepared.get_submodule(p.module)
+            if any(id(q) in shared for m in (attn_mod.qkv, attn_mod.proj) for q in m.parameters()):
+                layer_stats.setdefault(proj_name, {})["vsmooth"] = "skipped: shared parameters"
+                continue
+            ch = search_v_smoothing(stats[p.module], stats[proj_name], attn_mod.proj.weight.detach(), *search_bits)
+            layer_stats.setdefault(proj_name, {})["vsmooth"] = ch.reason
+            if ch.alpha is None:
+                continue
+            with torch.no_grad():
+                fold_v_smoothing(attn_mod, ch.s)
+            smooth[proj_name] = SmoothSpec(ch.alpha, ch.s.tolist(), [0.0] * ch.s.numel(), into="v")
+            n_v += 1
+        if n_v:  # re-collect: the v and proj-input statistics changed (float function unchanged)
+            stats = collect_stats(prepared, graph, x, progress=progress)
+        timings["vsmooth_s"] = time.time() - t
+        _log(progress, f"v->proj smoothing: {n_v} attention layers in {timings['vsmooth_s']:.1f}s")
 
     # ---- per-layer scales, for every bit-width the request needs ----
     t = time.time()
@@ -322,6 +348,14 @@ def apply_recipe(model: nn.Module, family: str, recipe: Recipe) -> tuple[nn.Modu
         s = torch.tensor(s0.scale, dtype=torch.float32)
         z = torch.tensor(s0.shift, dtype=torch.float32)
         fold_smoothing(prepared.get_submodule(ln_name), [prepared.get_submodule(l) for l in lins], s, z)
+    for l in recipe.layers:  # v -> proj smoothing, folded into the parent attention's qkv (v rows) and proj
+        if l.smooth is not None and l.smooth.into == "v":
+            parent = l.module.rpartition(".")[0]
+            att = mods.get(parent)
+            if att is None or not hasattr(att, "qkv") or mods.get(parent + ".proj") is not mods[l.module]:
+                raise RecipeError(f"recipe layer {l.module!r}: smooth.into 'v' needs it to be an attention's proj")
+            with torch.no_grad():
+                fold_v_smoothing(att, torch.tensor(l.smooth.scale, dtype=torch.float32))
     _load_gptq_weights(prepared, recipe)
     return prepared, QuantSim(prepared, recipe, family)
 

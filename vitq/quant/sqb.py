@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import observers as ob
+from .functional import fake_quant
 from .search import search_linear, subsample
 
 ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
@@ -52,6 +54,77 @@ def fold_smoothing(ln: nn.LayerNorm, linears: list[nn.Linear], s: torch.Tensor, 
         else:
             lin.bias.copy_(lin.bias + shift)
         lin.weight.copy_(w * s[None, :])
+
+
+def fold_v_smoothing(attn: nn.Module, s: torch.Tensor) -> None:
+    """Fold per-channel ``s`` between the attention output and ``attn.proj`` (float-exact): the ``v`` rows of
+    ``attn.qkv`` (output rows ``2C + j``) are divided by ``s_j``, column ``j`` of ``proj`` multiplied by it."""
+    qkv, proj = attn.qkv, attn.proj
+    c = proj.in_features
+    if qkv.out_features != 3 * c or s.numel() != c:
+        raise ValueError(f"v smoothing needs qkv [3C, *] and proj [*, C] (C = {c}), got qkv {tuple(qkv.weight.shape)}")
+    qkv.weight[2 * c:].copy_(qkv.weight[2 * c:] / s[:, None])
+    if qkv.bias is not None:
+        qkv.bias[2 * c:].copy_(qkv.bias[2 * c:] / s)
+    proj.weight.copy_(proj.weight * s[None, :])
+
+
+def v_smoothing_candidates(x_amax: torch.Tensor, w: torch.Tensor, alphas=(0.25, 0.5, 0.75)):
+    """``(alpha, s)`` per candidate: ``s = max|X_j|^alpha / max|W_:,j|^(1-alpha)``, normalized to geometric mean 1."""
+    out = []
+    wmax = w.detach().abs().amax(0).clamp(min=1e-5)
+    for a in alphas:
+        sc = x_amax.clamp(min=1e-5) ** a / wmax ** (1 - a)
+        sc = sc / sc.log().mean().exp()
+        out.append((a, sc.clamp(1e-3, 1e3)))
+    return out
+
+
+@dataclass
+class VSmoothChoice:
+    alpha: float | None  # None: not smoothed (no candidate lowered the error)
+    s: torch.Tensor | None
+    err: float
+    err_plain: float
+    reason: str
+
+
+def _v_proj_error(a: torch.Tensor, v: torch.Tensor, x: torch.Tensor, w: torch.Tensor, s: torch.Tensor,
+                  wbits: int, abits: int) -> float:
+    """Relative proj-output error from quantizing the proj input ``x / s`` (with ``W * s``) plus the one from
+    quantizing ``v / s`` per tensor (through ``attn @`` and ``proj``): what the smoothing trades."""
+    heads, hd = v.shape[1], v.shape[3]
+    sv = s.reshape(1, heads, 1, hd)
+    ws = w * s[None, :]
+    xs = x / s[None, :]
+    ex = search_linear(xs, ws, wbits, abits, float(xs.abs().max()), fast=True, shifted=True).a
+    vs = v / sv
+    qv = fake_quant(vs, ob.act_mse(vs, abits), abits)
+
+    def out(t):  # [n, H, N, hd] -> proj output [n*N, O]
+        return (a @ t * sv).permute(0, 2, 1, 3).reshape(-1, heads * hd) @ ws.t()
+
+    ref = out(vs)
+    ev = float((out(qv) - ref).double().pow(2).sum()) / max(float(ref.double().pow(2).sum()), 1e-30)
+    return ex.err / max(ex.ref, 1e-30) + ev
+
+
+def search_v_smoothing(att_stats, proj_stats, w: torch.Tensor, wbits: int, abits: int,
+                       alphas=(0.25, 0.5, 0.75)) -> VSmoothChoice:
+    """Pick ``alpha`` (or none) for the v -> proj smoothing by :func:`_v_proj_error` on the calibration samples."""
+    a, v = att_stats.sample("attn"), att_stats.sample("v")
+    x = subsample(proj_stats.sample)
+    amax = torch.maximum(proj_stats.chmin.abs(), proj_stats.chmax.abs())
+    one = torch.ones(w.shape[1])
+    plain = _v_proj_error(a, v, x, w, one, wbits, abits)
+    best = (plain, None, None)
+    for al, sc in v_smoothing_candidates(amax, w, alphas):
+        e = _v_proj_error(a, v, x, w, sc, wbits, abits)
+        if e < best[0]:
+            best = (e, al, sc)
+    e, al, sc = best
+    reason = (f"alpha={al}" if al is not None else "off (no gain)") + f" err {e:.4g} vs {plain:.4g}"
+    return VSmoothChoice(al, sc, e, plain, reason)
 
 
 def shared_params(model: nn.Module) -> set[int]:

@@ -35,6 +35,11 @@ Field meanings:
 * ``smooth`` (SQ-b): per input channel shift ``z`` and scale ``s``, already **folded** into the model that is
   exported and simulated: preceding LayerNorm ``gamma' = gamma / s``, ``beta' = (beta - z) / s``; Linear
   ``W' = W * s`` (per input column), ``b' = b + W z``. Weight scales are those of the folded ``W'``.
+* ``smooth`` with ``"into": "v"`` (on an attention's ``proj``): SmoothQuant between the attention output and
+  ``proj``, folded into the same attention's ``qkv`` (the ``v`` rows ``2C + j``: weight and bias divided by
+  ``s_j``) and ``proj`` (input column ``j`` multiplied by ``s_j``); float-exact since ``attn @ (v / s) = (attn @
+  v) / s`` per channel. ``shift`` is all 0. It evens out the per-channel ranges of the 4/6-bit per-tensor ``proj``
+  input at the cost of ``v``'s.
 * ``input_regions`` (OPT-m, post-GELU inputs): the input is split ``x = relu(x) + min(x, 0)``; each part has its
   own per-tensor quantizer, realized in the graph as two int8 GEMMs sharing the weight (deployable in TensorRT).
   ``m`` is the searched ratio ``pos.scale / neg.scale``. Mutually exclusive with ``input``.
@@ -141,19 +146,29 @@ class QuantSpec:
         return cls(bits, [float(s) for s in scale], axis, method, shift)
 
 
+SMOOTH_INTO = ("norm", "v")
+
+
 @dataclass
 class SmoothSpec:
     alpha: float
     scale: list[float]
     shift: list[float]
+    into: str = "norm"  # "norm": the preceding LayerNorm (SQ-b); "v": the attention's v projection (proj inputs)
 
     def to_dict(self) -> dict:
-        return {"alpha": self.alpha, "scale": [float(s) for s in self.scale], "shift": [float(z) for z in self.shift]}
+        d = {"alpha": self.alpha, "scale": [float(s) for s in self.scale], "shift": [float(z) for z in self.shift]}
+        if self.into != "norm":
+            d["into"] = self.into
+        return d
 
     @classmethod
     def from_dict(cls, d: Any, where: str) -> "SmoothSpec":
         _require_obj(d, where)
-        _only_keys(d, where, {"alpha", "scale", "shift"})
+        _only_keys(d, where, {"alpha", "scale", "shift", "into"})
+        into = d.get("into", "norm")
+        if into not in SMOOTH_INTO:
+            raise RecipeError(f"{where}.into: {into!r} is not one of {', '.join(SMOOTH_INTO)}")
         alpha = d.get("alpha")
         if not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
             raise RecipeError(f"{where}.alpha: expected a number in [0, 1], got {alpha!r}")
@@ -166,7 +181,9 @@ class SmoothSpec:
         for i, v in enumerate(z):
             if not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise RecipeError(f"{where}.shift[{i}]: expected a finite number, got {v!r}")
-        return cls(float(alpha), [float(v) for v in s], [float(v) for v in z])
+        if into == "v" and any(z):
+            raise RecipeError(f"{where}: smoothing into 'v' is a pure per-channel scale ('shift' must be all 0)")
+        return cls(float(alpha), [float(v) for v in s], [float(v) for v in z], into)
 
 
 @dataclass
