@@ -5,7 +5,8 @@
 Per configuration: top-1, drop vs fp32, top-1 agreement with fp32, mean KL(fp32 || quant) of the logits, average
 bit-width and bit-op ratio, calibration time. Ablations (on w4a4 and mp:5): plain min/max observers, +searched
 observers, +SQ-b, +OPT-m (+ KL scale refinement + GPTQ = full), Greedy MP vs the naive uniform recipe at the same
-budget, and w4a8 without GPTQ / w6a6 without the attention-scale refinement. Prints a table and writes
+budget, w4a8 without GPTQ / w6a6 without the attention-scale refinement, w4a4 / w6a6 without shifted grids
+(symmetric only) and with the v -> proj smoothing. Prints a table and writes
 ``bench/results/mptq.json`` after every configuration; recipes (with their GPTQ ``.weights.safetensors`` sidecars)
 go to ``--save-recipes``. Run with ``OMP_NUM_THREADS=1`` on a shared machine (many small ops: oversubscribed
 threads are >10x slower).
@@ -92,6 +93,10 @@ def main():
             ("mp:5 naive w4a6", "mp:5", {"mp": False}),
             ("w4a8 no-GPTQ", "w4a8", {"gptq": False}),
             ("w6a6 no-refine", "w6a6", {"refine": ()}),
+            ("w4a4 no-shift", "w4a4", {"shift_max_bits": 0}),
+            ("w6a6 no-shift", "w6a6", {"shift_max_bits": 0}),
+            ("w6a6 +v-smooth", "w6a6", {"vsmooth": True}),
+            ("w4a4 +v-smooth", "w4a4", {"vsmooth": True}),
         ]
     for label, preset, methods in runs:
         req = parse_recipe_arg(preset)

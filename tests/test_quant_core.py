@@ -309,3 +309,17 @@ def test_greedy_mp_respects_budget(vit, x32):
     Recipe.from_dict(json.loads(res.recipe.to_json()))  # valid against the schema
     with torch.no_grad():
         assert torch.isfinite(res.sim(x32)).all()
+
+
+def test_sim_astype_float64_is_the_same_function(vit, x32, vit_w8a8):
+    """The float64 evaluation of a recipe (bench/qdq_agreement.py's exact reference) differs from the float32 one
+    only by rounding: same logits to float32-rounding level (a few grid flips at most), float64 output."""
+    import copy
+
+    sim64 = copy.deepcopy(vit_w8a8.sim).astype(torch.float64)
+    with torch.no_grad():
+        a, b = vit_w8a8.sim(x32), sim64(x32)
+    assert b.dtype == torch.float64 and a.dtype == torch.float32
+    rel = float((a.double() - b).norm() / b.norm())
+    assert 0 < rel < 5e-2, rel
+    assert (a.argmax(1) == b.argmax(1)).float().mean() >= 0.9

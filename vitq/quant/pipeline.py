@@ -24,8 +24,11 @@ LayerNorm, softmax, GELU stay float (only matmul inputs are quantized, as the sc
 ``methods`` (ablations): ``{"observer": "search"|"minmax", "sqb": bool, "optm": bool, "mp": bool,
 "head_bits": (8, 8), "mp_batch": 16, "sqb_bits": None, "gptq": bool, "gptq_images": 128,
 "gptq_target": "quant"|"float", "gptq_rescale": bool, "gptq_max_bits": 7, "refine": roles, "refine_images": 32,
-"shift_max_bits": 8}`` (``shift_max_bits``: activations at up to this many bits may take a shifted grid, schema
-``shift``; 0 disables. Measured on DeiT-Tiny w8a8: KL 0.0099 -> 0.0045, agreement 98.00 -> 98.62%)
+"shift_max_bits": 8, "vsmooth": False}`` (``shift_max_bits``: activations at up to this many bits may take a shifted
+grid, schema ``shift``; 0 disables. Measured on DeiT-Tiny w8a8: KL 0.0099 -> 0.0045, agreement 98.00 -> 98.62%.
+``vsmooth``: SmoothQuant between v and proj (:func:`.sqb.search_v_smoothing`); off by default: measured on
+DeiT-Tiny it moved the logit KL by -9% (w6a6), -3% (w4a8), +1.4% (w4a4), +9% (w8a8), i.e. no consistent gain;
+``bench/mptq.py`` keeps it as ablation rows)
 (``gptq_target="float"`` fits the float layer output first; measured worse on DeiT-T, experimental); with
 ``mp=False`` an ``mp:<b>`` request becomes the uniform recipe with w = 4 and the smallest a in {8, 6, 4} whose average bit-width is <= b (the naive
 baseline Greedy MP is compared against).
@@ -58,7 +61,7 @@ from .sqb import fold_smoothing, fold_v_smoothing, group_foldable, search_alpha,
 DEFAULT_METHODS = {"observer": "search", "sqb": True, "optm": True, "mp": True, "head_bits": (8, 8),
                    "mp_batch": 16, "sqb_bits": None, "gptq": True, "gptq_images": 128,
                    "gptq_target": "quant", "gptq_rescale": False, "refine": ("attn",), "refine_images": 32,
-                   "gptq_max_bits": 7, "shift_max_bits": SHIFT_MAX_BITS, "vsmooth": True}
+                   "gptq_max_bits": 7, "shift_max_bits": SHIFT_MAX_BITS, "vsmooth": False}
 
 
 @dataclass

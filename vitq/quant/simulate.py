@@ -96,18 +96,31 @@ class _AttnQ:
 class SimModule(nn.Module):
     """What every simulation exposes: ``self.model`` (the wrapped copy) and ``self.family``; forward = logits."""
 
+    dtype = torch.float32
+
     def chain(self):
         return model_chain(self.model, self.family)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
+        return self.model(x.to(self.dtype))
 
     @torch.no_grad()
     def predict(self, x, batch_size: int = 64) -> torch.Tensor:
         if not torch.is_tensor(x):
             x = torch.from_numpy(x)
-        return torch.cat([self.model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+        return torch.cat([self.model(x[i:i + batch_size].to(self.dtype)) for i in range(0, len(x), batch_size)])
+
+    def astype(self, dtype: torch.dtype) -> "SimModule":
+        """Evaluate in ``dtype`` (e.g. float64: the recipe's function without float32 rounding in GEMMs, softmax,
+        LayerNorm; the quantizer grids and scales are the same float32 numbers). In place; returns self."""
+        self.model.to(dtype)
+        for m in self.model.modules():
+            for k, v in list(vars(m).items()):
+                if torch.is_tensor(v) and v.is_floating_point() and not isinstance(v, nn.Parameter):
+                    setattr(m, k, v.to(dtype))
+        self.dtype = dtype
+        return self
 
 
 class QuantSim(SimModule):
