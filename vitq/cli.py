@@ -58,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calib", type=Path, help="calibration image folder (labels.csv or ImageFolder layout)")
     c.add_argument("--calib-count", type=_positive_int, default=256, help="calibration images (default 256)")
     c.add_argument("--seed", type=int, default=0, help="seed for subset selection (default 0)")
-    c.add_argument("--recipe", default="fp32", help="fp32 | w8a8 | w6a6 | w4a8 | w4a4 | mp:<bits> | recipe.json")
+    c.add_argument("--recipe", default="fp32", help="fp32 | w8a8 | w7a8 | w6a6 | w4a8 | w4a4 | mp:<bits> | "
+                                                    "recipe.json (w7a8: 7-bit weights, exact fast int8 GEMMs on "
+                                                    "ORT CPU without VNNI)")
     c.add_argument("--target", default="ort", choices=("ort", "trt", "jetson"), help="deployment target")
     c.add_argument("--out", required=True, type=Path, help="output artifact directory (replaced atomically)")
     c.add_argument("--skip-bad", action="store_true", help="skip unreadable images instead of failing")
