@@ -64,7 +64,7 @@ def main():
     ap.add_argument("--uniform", default="w8a8,w6a6,w4a8,w4a4")
     ap.add_argument("--native", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--uniform-from-mptq", action=argparse.BooleanOptionalAction, default=True,
-                    help="take the uniform rows (other than the W4A8 base) from bench/results/mptq_main.json when it "
+                    help="take the uniform rows (other than the W4A8 base) from bench/results/mptq.json when it "
                          "holds them for the same eval set (same recipes and simulation)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "mixa.json"))
     ap.add_argument("--append", action="store_true", help="keep the rows (and searches) already in --out and add "
@@ -135,7 +135,7 @@ def main():
         return row
 
     prev = {}
-    mp = REPO / "bench" / "results" / "mptq_main.json"
+    mp = REPO / "bench" / "results" / "mptq.json"
     if args.uniform_from_mptq and mp.is_file():  # same recipes, same simulation, same eval set: reuse
         d = json.loads(mp.read_text())
         if d.get("eval") == len(xd):
@@ -147,9 +147,9 @@ def main():
             row = {"kind": "uniform", "config": name, "top1": r["top1"], "drop_vs_fp32": fp32_top1 - r["top1"],
                    "drop_vs_base": base_top1 - r["top1"], "agreement": r["agreement"],
                    "agreement_vs_base_pts": r["agreement"] - base_agree, "gbitops": tot / 1e9,
-                   "reduction_vs_w4a8": base_total / tot, "source": "bench/results/mptq_main.json"}
+                   "reduction_vs_w4a8": base_total / tot, "source": "bench/results/mptq.json"}
             res["rows"].append(row)
-            print(f"uniform  {name:34s} top1 {r['top1']:6.2f} (from mptq_main.json) Gbitops {tot / 1e9:7.2f}",
+            print(f"uniform  {name:34s} top1 {r['top1']:6.2f} (from mptq.json) Gbitops {tot / 1e9:7.2f}",
                   flush=True)
             continue
         if name == "w4a8":

@@ -215,3 +215,30 @@ def test_compile_w4a8_gptq_sidecar_and_recompile_from_file(tmp_path):
     side.write_bytes(side.read_bytes()[:-8])
     assert main(["compile", "deit_tiny_patch16_224", "--recipe", str(out / "recipe.json"), "--out",
                  str(tmp_path / "q3"), "-q"]) != 0
+
+
+def test_refinement_is_kept_only_if_held_out_calibration_kl_drops():
+    """The KL-driven scale refinement fits ``refine_images`` calibration images; it is kept only when the next
+    ``refine_holdout`` calibration images agree (else the searched scales come back), and the report says which."""
+    from vitq.quant.mp import kl
+
+    torch.manual_seed(0)
+    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
+                          num_classes=10).eval()
+    x = torch.randn(12, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    meth = {"gptq": False, "refine_images": 4, "refine_holdout": 8}
+    res = calibrate(m, "vit", x.numpy(), parse_recipe_arg("w6a6"), model_name="tiny", provenance={}, methods=meth)
+    info = res.layer_stats["__refine__"]
+    assert info["holdout_images"] == 8
+    assert info["kept"] == (info["holdout_kl_after"] < info["holdout_kl_before"])
+    ref = res.layer_stats
+    per = [v["refine"]["attn"] for k, v in ref.items() if isinstance(v, dict) and "refine" in v]
+    assert per and all(p["kept"] == info["kept"] for p in per)
+    with torch.no_grad():  # the returned simulation is the returned recipe's
+        hold = kl(m(x[4:]), res.sim(x[4:]))
+    assert abs(hold - min(info["holdout_kl_before"], info["holdout_kl_after"])) < 1e-6
+    none = calibrate(m, "vit", x.numpy(), parse_recipe_arg("w6a6"), model_name="tiny", provenance={},
+                     methods={**meth, "refine": ()})
+    attn = lambda r: [l.attn.scale[0] for l in r.layers if l.kind == "attn"]  # noqa: E731
+    if not info["kept"]:
+        assert attn(res.recipe) == attn(none.recipe)
