@@ -8,6 +8,8 @@ directory atomically::
 
 from __future__ import annotations
 
+import copy
+
 import datetime as _dt
 import shutil
 import time
@@ -215,6 +217,11 @@ def _stop_on_trt_errors(chk, echo) -> None:
 #: on a real evaluation set is the stronger check (bench/ and the issue notes). Measured: DeiT-Tiny real weights
 #: w8a8, 4.9e-2 vs a quantization error of 1.4e-1; random weights on random pixels, 6.1e-2 vs 2.7e-2.
 SIM_REL_FRACTION = 0.5
+#: ... and no tighter than the simulation agrees with itself: the float32 simulation vs its float64 evaluation (the
+#: recipe's exact function) shows the cascade level of the recipe; flip-sensitive recipes (many 4-bit layers: mp:5,
+#: w4a4 on DeiT-Tiny) reach the quantization error itself there (dev650: float32 vs float64 simulation agree on
+#: 94% / 88% of the images). The graph must stay within CASCADE_FACTOR x that.
+CASCADE_FACTOR = 2.0
 SIM_REL_FLOOR = 0.1
 
 
@@ -280,12 +287,16 @@ def _quantize(opts, req, lm, calib, cfg, x_verify, stage: Path, report: dict, lo
         with torch.no_grad():
             ref = sim(torch.from_numpy(x_verify)).numpy().astype(np.float64)
             flt = qmodel(torch.from_numpy(x_verify)).numpy().astype(np.float64)
+            ref64 = copy.deepcopy(sim).astype(torch.float64)(torch.from_numpy(x_verify)).numpy()
         rel = float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-30))
         qerr = float(np.linalg.norm(ref - flt) / max(np.linalg.norm(flt), 1e-30))
-        tol = max(SIM_REL_FRACTION * qerr, SIM_REL_FLOOR)
+        cascade = float(np.linalg.norm(ref - ref64) / max(np.linalg.norm(ref64), 1e-30))
+        tol = max(SIM_REL_FRACTION * qerr, SIM_REL_FLOOR, CASCADE_FACTOR * cascade)
         agree = float((got.argmax(1) == ref.argmax(1)).mean())
         ver = {"rel_l2_error": rel, "max_abs_diff": float(np.abs(got - ref).max()), "top1_agreement": agree,
-               "sim_vs_float_rel_l2": qerr, "tolerance_rel_l2": tol, "n": int(len(x_verify)),
+               "sim_vs_float_rel_l2": qerr, "sim_float32_vs_float64_rel_l2": cascade,
+               "qdq_vs_float64_sim_rel_l2": float(np.linalg.norm(got - ref64) / max(np.linalg.norm(ref64), 1e-30)),
+               "tolerance_rel_l2": tol, "n": int(len(x_verify)),
                "passed": rel <= tol}
     report["verification"]["qdq_vs_simulation"] = ver
     echo(f"[vitq] Q/DQ graph vs simulation: relative logit error {rel:.2e} (quantization error of the simulation "
@@ -294,7 +305,8 @@ def _quantize(opts, req, lm, calib, cfg, x_verify, stage: Path, report: dict, lo
         from .errors import VerificationError
 
         raise VerificationError(f"the Q/DQ graph disagrees with the simulation of recipe {rec.name!r}: relative "
-                                f"logit error {rel:.3e} > {tol:.3e} (simulation's own quantization error {qerr:.3e})")
+                                f"logit error {rel:.3e} > {tol:.3e} (simulation's own quantization error {qerr:.3e}, "
+                                f"float32 vs float64 simulation {cascade:.3e})")
     report["recipe"] = {"name": rec.name, "kind": req.kind, "file": "recipe.json",
                         "defaults": rec.defaults, "layers": [
                             {"module": l.module, "kind": l.kind, "w_bits": l.weight_bits, "a_bits": l.act_bits,
