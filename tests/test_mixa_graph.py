@@ -86,11 +86,15 @@ def test_deployed_graph_matches_simulation(which, vit_setup, swin_setup):
     low_q = [n for n in proto.graph.node if n.op_type == "QuantizeLinear" and
              any(p.key == "vitq.module" and p.value.endswith("@low") for p in n.metadata_props)]
     assert low_q and all(any(p.key == "vitq.bits" and p.value == "4" for p in n.metadata_props) for n in low_q)
-    if which == "vit":  # searched scales: the 4-bit branch takes shifted grids (post-softmax attn at least)
-        shifted = [n for n in proto.graph.node if n.op_type == "Sub" and
-                   any(p.key == "vitq.shift" for p in n.metadata_props)]
-        assert any("@low" in n.name for n in shifted) and any(n.name.endswith("attn/Sub") or ".attn" in n.name
-                                                               for n in shifted), [n.name for n in shifted]
+    if which == "vit":  # searched scales: the 4-bit branch takes shifted grids (post-softmax attn at least);
+        # on the ORT target their Sub is folded into the uint8 zero point (fold_shift_zero_point)
+        zps = {i.name: i for i in proto.graph.initializer}
+        shifted = [n for n in proto.graph.node if n.op_type == "QuantizeLinear" and
+                   int(onnx.numpy_helper.to_array(zps[n.input[2]])) != 128]
+        fold = next(p for p in rep["passes"] if p["name"] == "fold_shift_zero_point")
+        assert fold["stats"]["folded"] == len(shifted) > 0
+        assert any("@low" in n.name for n in shifted) and any(".attn.attn" in n.name for n in shifted), \
+            [n.name for n in shifted]
 
 
 def test_ratio_zero_graph_equals_uniform(vit_setup):

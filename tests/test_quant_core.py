@@ -255,6 +255,15 @@ def test_w8a8_close_and_recipe_roundtrip(vit, x32, vit_w8a8, tmp_path):
         assert (prepared(x32) - vit_w8a8.model(x32)).abs().max() <= 1e-5
     stats = vit_w8a8.layer_stats["blocks.0.attn.qkv"]
     assert stats["sqnr"] > 20  # dB at 8 bits
+    # OPT-m is not searched at 8-bit activations (optm_max_bits = 7): fc2 stays one GEMM
+    assert all(l.input_regions is None for l in r.layers)
+    assert "optm" not in vit_w8a8.layer_stats["blocks.0.mlp.fc2"]
+
+
+def test_optm_searched_below_optm_max_bits(vit, x32):
+    res = calibrate(vit, "vit", x32.numpy(), parse_recipe_arg("w8a8"), model_name="tiny", provenance={},
+                    methods={"optm_max_bits": 8, "gptq": False})
+    assert "a8" in res.layer_stats["blocks.0.mlp.fc2"]["optm"]  # the decision is searched (and reported)
 
 
 def test_recipe_validation_errors():

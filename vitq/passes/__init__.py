@@ -5,6 +5,7 @@
 * :mod:`.insert_qdq`   recipe -> Q/DQ (TensorRT explicit-quantization placement)
 * :mod:`.cleanup`      constant folding (never across Q/DQ), dead code, topological order
 * :mod:`.lower_ort_cpu` exact int8 -> uint8(zp 128) activation rewrite for ORT's U8S8 CPU kernels
+* :mod:`.fold_shift`    shifted quantizers' ``Sub`` -> uint8 zero point (ORT CPU; equal up to float32 rounding ties)
 * :mod:`.lower_trt`    ``lower_trt`` (int4-activation linears -> vitq plugin nodes) and ``clip_sub8_activations``
                        (other sub-8-bit activations -> float Clip + int8 Q/DQ, exact; used by both targets)
 * :mod:`.split_windows` MixA-Q: router + two-precision subgraphs per routed block (ViT token groups, Swin windows)

@@ -106,7 +106,9 @@ class ClipSub8Activations(GraphPass):
             for d in dqs:
                 d.outputs[0].replace_all_uses_with(d_out)
             dead = list(dict.fromkeys(dqs + [u for u in users if u not in dqs] + [q]))
-            for n in dead:
+            for n in dead:  # detach first: a removed node must not stay a user of its inputs
+                for i in range(len(n.inputs)):
+                    n.replace_input_with(i, None)
                 g.remove(n, safe=False)
             n_rew += 1
         self.stats = {"activations_clipped_to_int8": n_rew}
