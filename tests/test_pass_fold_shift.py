@@ -37,8 +37,15 @@ def test_sub_folds_into_the_zero_point(abits, shift):
     fc1 = lin("fc1", 8, None, 16)
     fc1["input"] = {"bits": abits, "scale": [0.03], "shift": shift}
     lowered, folded, stats = _build([fc1, lin("head", 8, 8, 4), _att(128)])
-    assert stats == {"folded": 2, "kept": 0}  # fc1 input and the post-softmax operand
+    assert stats == {"folded": 2, "kept": 0, "attn_offsets_into_dq": 1}  # fc1 input, the post-softmax operand
     assert not [n for n in folded.graph.node if n.op_type == "Sub"]
+    # the post-softmax offset restore (+ c * ReduceSum(v)) is gone: its DQ takes the shifted zero point (0 here)
+    assert [n for n in lowered.graph.node if n.op_type == "ReduceSum"]
+    assert not [n for n in folded.graph.node if n.op_type in ("ReduceSum", "Mul") and n.name.startswith("attn/attn")]
+    av = [n for n in folded.graph.node if n.op_type == "MatMul" and n.name.startswith("attn/")][-1]
+    dqa, qa, _ = dq_of(folded, av.input[0])
+    assert int(nph.to_array(inits(folded)[dqa.input[2]])) == 0 == int(nph.to_array(inits(folded)[qa.input[2]]))
+    assert av.output[0] == "o"  # the Add after it was removed, its consumers re-pointed
     I = inits(folded)
     mm = gemm_inputs(folded, "fc1/MatMul")[0]
     dq, q, clip = dq_of(folded, mm.input[0])
@@ -86,7 +93,7 @@ def test_not_folded_when_zero_point_out_of_range_or_shared():
     fc1 = lin("fc1", 8, None, 16)
     fc1["input"] = {"bits": 8, "scale": [0.03], "shift": -128}  # 128 - (-128) = 256 does not fit uint8
     _, folded, stats = _build([fc1, lin("head", 8, 8, 4)])
-    assert stats == {"folded": 0, "kept": 1}
+    assert stats == {"folded": 0, "kept": 1, "attn_offsets_into_dq": 0}
     assert len([n for n in folded.graph.node if n.op_type == "Sub"]) == 1
 
 

@@ -21,6 +21,9 @@ simulation (relative logit error, top-1 agreement) covers the artifact that runs
 
 Sub-8-bit activations (``Sub -> Clip(lo, hi) -> Q(int8)`` after ``clip_sub8_activations``) fold as well, the
 float Clip bounds moving by ``c`` (``Clip(x, lo + c, hi + c)``: grid points, far from rounding boundaries).
+The post-softmax operand's offset restore (``+ c * ReduceSum(v, -2)`` after ``attn @ v``) goes as well: its
+DequantizeLinear takes the shifted zero point, and ORT's integer GEMM then carries the offset exactly.
+
 Folded only when: the ``Sub`` carries ``vitq.shift`` metadata, its only consumer is the QuantizeLinear (or Clip), ``c`` is
 exactly ``float32(s * h)`` for an integer ``h`` and ``128 - h`` fits uint8 (``h = 128``, the non-negative grids,
 gives zero point 0; ``h = -127`` gives 255).
@@ -32,7 +35,7 @@ import numpy as np
 import onnx_ir as ir
 
 from .infra import GraphPass
-from .irutil import META_SHIFT, Namer, add_initializer, const_array, consumers
+from .irutil import META_ROLE, META_SHIFT, Namer, add_initializer, const_array, consumers
 
 _ZP = 128
 
@@ -51,7 +54,7 @@ class FoldShiftZeroPoint(GraphPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         g = model.graph
         nm = Namer(g)
-        folded = kept = 0
+        folded = kept = attn_restored = 0
         for q in [n for n in g if n.op_type == "QuantizeLinear" and n.domain in ("", "ai.onnx")]:
             sub = q.inputs[0].producer() if q.inputs[0] is not None else None
             clip = None
@@ -86,11 +89,56 @@ class FoldShiftZeroPoint(GraphPass):
                                                                np.array(b, np.float32)))
             c_val = sub.inputs[1]
             g.remove(sub, safe=True)
-            if c_val is not None and c_val.is_initializer() and not c_val.uses() and not c_val.is_graph_output():
-                g.initializers.pop(c_val.name, None)
+            self._drop_if_unused(g, c_val)
             folded += 1
-        self.stats = {"folded": folded, "kept": kept}
+            attn_restored += self._attn_offset_into_dq(g, q, zp)
+        self.stats = {"folded": folded, "kept": kept, "attn_offsets_into_dq": attn_restored}
         return ir.passes.PassResult(model, modified=folded > 0)
+
+
+    @staticmethod
+    def _drop_if_unused(g: ir.Graph, v: ir.Value | None) -> None:
+        if v is not None and v.is_initializer() and not v.uses() and not v.is_graph_output():
+            g.initializers.pop(v.name, None)
+
+    def _attn_offset_into_dq(self, g: ir.Graph, q: ir.Node, zp: ir.Value) -> int:
+        """Post-softmax operand: ``DQ(u, s, 128) @ v + c * ReduceSum(v, -2)`` (``insert_qdq``'s offset restore, role
+        ``attn.offset``) becomes ``DQ(u, s, 128 - h) @ v``: the DequantizeLinear takes the shifted zero point too, so
+        it returns ``dq(x - c) + c`` itself and ORT's integer GEMM accumulates the offset exactly
+        (``(u - zp) * v_q`` in int32) instead of a float ReduceSum / Mul / Add. Only when every DequantizeLinear of
+        ``q`` feeds exactly that pattern (MixA-Q's routed operands go through Where and keep their Add)."""
+        dqs = consumers(q.outputs[0])
+        plan = []
+        for d in dqs:
+            users = consumers(d.outputs[0])
+            if d.op_type != "DequantizeLinear" or d.outputs[0].is_graph_output() or len(users) != 1:
+                return 0
+            mm = users[0]
+            if mm.op_type != "MatMul" or mm.inputs[0] is not d.outputs[0] or mm.outputs[0].is_graph_output():
+                return 0
+            adds = consumers(mm.outputs[0])
+            if len(adds) != 1 or adds[0].op_type != "Add" or adds[0].metadata_props.get(META_ROLE) != "attn.offset":
+                return 0
+            add = adds[0]
+            mul = add.inputs[1].producer() if add.inputs[0] is mm.outputs[0] else None
+            if mul is None or mul.op_type != "Mul" or len(consumers(mul.outputs[0])) != 1:
+                return 0
+            rs = mul.inputs[0].producer()
+            if rs is None or rs.op_type != "ReduceSum" or rs.inputs[0] is not mm.inputs[1] \
+                    or len(consumers(rs.outputs[0])) != 1:
+                return 0
+            plan.append((d, mm, add, mul, rs))
+        if not plan:
+            return 0
+        for d, mm, add, mul, rs in plan:
+            old_zp = d.inputs[2]
+            d.replace_input_with(2, zp)
+            add.outputs[0].replace_all_uses_with(mm.outputs[0], replace_graph_outputs=True)
+            consts = [v for n in (mul, rs) for v in n.inputs[1:]]
+            g.remove([add, mul, rs], safe=True)
+            for v in [old_zp, *consts]:
+                self._drop_if_unused(g, v)
+        return len(plan)
 
 
 def fold_shift_zero_point() -> FoldShiftZeroPoint:
