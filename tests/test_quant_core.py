@@ -320,6 +320,23 @@ def test_greedy_mp_respects_budget(vit, x32):
         assert torch.isfinite(res.sim(x32)).all()
 
 
+def test_embed_bits_pins_the_patch_embedding(vit, x32):
+    """``embed_bits``: the patch embedding keeps its bits in every preset and is left out of Greedy MP (like the
+    head), and the budget still holds."""
+    res = calibrate(vit, "vit", x32.numpy(), parse_recipe_arg("mp:5"), model_name="tiny", provenance={},
+                    methods={"sqb": False, "embed_bits": (8, 8), "gptq": False, "refine": ()})
+    pe = res.recipe.layer("patch_embed.proj")
+    assert (pe.weight.bits, pe.input.bits) == (8, 8)
+    sens = res.layer_stats["__mp_sensitivity__"]
+    assert any(k.startswith("blocks.0.attn.qkv:") for k in sens)
+    assert not any(k.startswith("patch_embed.proj:") for k in sens)
+    assert bitops_report(res.recipe)["avg_bits"] <= 5.0 + 1e-6
+    res4 = calibrate(vit, "vit", x32.numpy(), parse_recipe_arg("w4a4"), model_name="tiny", provenance={},
+                     methods={"sqb": False, "embed_bits": (8, 8), "gptq": False, "refine": ()})
+    assert (res4.recipe.layer("patch_embed.proj").weight.bits, res4.recipe.layer("blocks.0.attn.qkv").weight.bits) \
+        == (8, 4)
+
+
 def test_sim_astype_float64_is_the_same_function(vit, x32, vit_w8a8):
     """The float64 evaluation of a recipe (bench/qdq_agreement.py's exact reference) differs from the float32 one
     only by rounding: same logits to float32-rounding level (a few grid flips at most), float64 output."""

@@ -67,7 +67,7 @@ from .sqb import fold_smoothing, fold_v_smoothing, group_foldable, search_alpha,
 DEFAULT_METHODS = {"observer": "search", "sqb": True, "optm": True, "mp": True, "head_bits": (8, 8),
                    "mp_batch": 16, "sqb_bits": None, "gptq": True, "gptq_images": 128,
                    "gptq_target": "quant", "gptq_rescale": False, "refine": ("attn",), "refine_images": 32,
-                   "refine_holdout": 64,
+                   "refine_holdout": 64, "embed_bits": None,
                    "gptq_max_bits": 7, "shift_max_bits": SHIFT_MAX_BITS, "vsmooth": False, "optm_max_bits": 7}
 
 
@@ -128,6 +128,16 @@ def calibrate(model: nn.Module, family: str, calib_x: np.ndarray, request: Recip
     if meth["sqb_bits"]:
         search_bits = tuple(meth["sqb_bits"])
     head_w, head_a = meth["head_bits"]
+    embed_bits = tuple(meth["embed_bits"]) if meth.get("embed_bits") else None
+
+    def fixed_bits(p) -> tuple[int, int] | None:
+        """Bits a layer keeps whatever the preset (the head; the patch embedding with ``embed_bits``)."""
+        if p.is_head:
+            return head_w, head_a
+        if embed_bits is not None and p.kind == "conv":
+            return embed_bits
+        return None
+
     minmax = meth["observer"] == "minmax"
 
     # ---- SQ-b ----
@@ -215,8 +225,9 @@ def calibrate(model: nn.Module, family: str, calib_x: np.ndarray, request: Recip
             continue
         mod = prepared.get_submodule(p.module)
         w = mod.weight.detach()
-        wl = [head_w] if p.is_head else bits_w
-        al = [head_a] if p.is_head else bits_a
+        fb = fixed_bits(p)
+        wl = [fb[0]] if fb else bits_w
+        al = [fb[1]] if fb else bits_a
         for wb in wl:
             ws = ob.weight_minmax(w, wb) if minmax else ob.weight_mse(w, wb)
             entry[("w", wb)] = QuantSpec(wb, ws.tolist(), axis=0, method="minmax" if minmax else "mse")
@@ -259,8 +270,8 @@ def calibrate(model: nn.Module, family: str, calib_x: np.ndarray, request: Recip
         e = lib[p.module]
         if p.kind == "attn":
             return e[("a", a)]
-        if p.is_head:
-            w, a = head_w, head_a
+        if fixed_bits(p):
+            w, a = fixed_bits(p)
         s = copy.copy(e[("a", a)])
         s.weight = e[("w", w)]
         return s
@@ -275,7 +286,7 @@ def calibrate(model: nn.Module, family: str, calib_x: np.ndarray, request: Recip
     if request.kind == "mp" and meth["mp"]:
         t = time.time()
         n = min(int(meth["mp_batch"]), len(x))
-        modules = [p.module for p in graph.points if not p.is_head]
+        modules = [p.module for p in graph.points if not fixed_bits(p)]
         state, info = greedy_mp(sim, lib, modules, x[:n], request.mp_target_bits,
                                 log=(lambda m: _log(progress, m)))
         recipe.layers = [sim.wrappers[p.module].qfn.spec if p.kind == "attn" else sim.wrappers[p.module].spec
@@ -290,7 +301,7 @@ def calibrate(model: nn.Module, family: str, calib_x: np.ndarray, request: Recip
         layer_stats["__mp_sensitivity__"] = info["sensitivity"]
     roles = tuple(meth["refine"]) if not minmax else ()
     targets = [(l.module, r) for l in recipe.layers for r in roles
-               if (l.kind == "attn") == (r != "input") and not graph.get(l.module).is_head
+               if (l.kind == "attn") == (r != "input") and not fixed_bits(graph.get(l.module))
                and getattr(l, r, None) is not None and getattr(l, r).bits < 8]
     if targets:
         t = time.time()
