@@ -176,3 +176,18 @@ def test_int4_behind_relu_is_lowered_out_of_reach_of_ort_miscompile():
     PassManager([ClipSub8Activations(), LowerOrtCpu()], properties={"qdq"}, sample_feeds={"x": x}).run(m)
     lowered = ir.serde.serialize_model(m)
     np.testing.assert_array_equal(run(lowered, ort.GraphOptimizationLevel.ORT_ENABLE_ALL), want)
+
+
+def test_u8u8_hint_only_without_vnni():
+    from vitq.passes.lower_ort_cpu import cpu_has_vnni, ort_u8u8_hint
+
+    avx2 = "processor : 0\nflags\t\t: fpu sse2 avx avx2 fma\n"
+    vnni = "processor : 0\nflags\t\t: fpu sse2 avx avx2 fma avx512f avx512_vnni\n"
+    assert cpu_has_vnni(avx2) is False and cpu_has_vnni(vnni) is True and cpu_has_vnni("model name: x") is None
+    rep = {"passes": [{"name": "insert_qdq", "stats": {}},
+                      {"name": "lower_ort_cpu", "stats": {"matmul_weights_to_u8": 49, "matmul_weights_7bit_s8": 0}}]}
+    hint = ort_u8u8_hint(rep, avx2)
+    assert hint and "w7a8" in hint and "49" in hint
+    assert ort_u8u8_hint(rep, vnni) is None and ort_u8u8_hint(rep, "") is None
+    rep["passes"][1]["stats"]["matmul_weights_to_u8"] = 0  # w7a8: nothing to say
+    assert ort_u8u8_hint(rep, avx2) is None

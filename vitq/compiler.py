@@ -233,6 +233,7 @@ def _quantize(opts, req, lm, calib, cfg, x_verify, stage: Path, report: dict, lo
     from .data import load_array
     from .exporter import export_onnx
     from .exporter.onnx_export import artifact_metadata
+    from .passes.lower_ort_cpu import ort_u8u8_hint
     from .passes.pipeline import build_deployable
     from .quant.bitops import bitops_report
     from .quant.pipeline import apply_recipe, calibrate
@@ -272,6 +273,10 @@ def _quantize(opts, req, lm, calib, cfg, x_verify, stage: Path, report: dict, lo
     with log.step(f"graph passes for target {opts.target}"):
         proto, passes = build_deployable(prepared, rec, opts.target, sample_inputs=x_verify[:2])
     prepared.unlink()
+    hint = ort_u8u8_hint(passes)
+    if hint:
+        echo(f"[vitq] note: {hint}")
+        report.setdefault("notes", []).append(hint)
     import onnx
 
     tgt = next((p for p in proto.metadata_props if p.key == META_TARGET), None) or proto.metadata_props.add()
