@@ -61,6 +61,8 @@ def main():
     ap.add_argument("--calib-ratio", type=float, default=0.6)
     ap.add_argument("--search-batch", type=int, default=16)
     ap.add_argument("--eval", type=int, default=None)
+    ap.add_argument("--base", default="w4a8", help="base recipe: a name in bench/results/recipes (e.g. "
+                    "w4a8+recon, from bench/mptq.py --configs w4a8+recon) or a recipe .json path")
     ap.add_argument("--uniform", default="w8a8,w6a6,w4a8,w4a4")
     ap.add_argument("--native", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--uniform-from-mptq", action=argparse.BooleanOptionalAction, default=True,
@@ -102,22 +104,22 @@ def main():
         res["previous_args"] = old.get("args")
 
     def recipe_sim(name):
-        p = RECIPES / f"{name}.json"
+        p = Path(name) if name.endswith(".json") else RECIPES / f"{name}.json"
         if p.is_file():
             rec = Recipe.load(p)
             prepared, sim = apply_recipe(lm.model, lm.family, rec)
-            return rec, prepared, sim, f"loaded {p.relative_to(REPO)}"
+            return rec, prepared, sim, f"loaded {p.resolve().relative_to(REPO) if p.resolve().is_relative_to(REPO) else p}"
         xcal, _ = load_array(calib_all.subset(256, seed=0), cfg)
         r = calibrate(lm.model, lm.family, xcal, parse_recipe_arg(name), model_name=lm.name,
                       provenance={"calib_count": 256}, progress=True)
         return r.recipe, r.model, r.sim, "calibrated here (256 images)"
 
-    base_rec, base_prep, base_sim, how = recipe_sim("w4a8")
+    base_rec, base_prep, base_sim, how = recipe_sim(args.base)
     base_total = bitops_report(base_rec)["total"]
     base_out = predict(base_sim, xd)
     base_top1 = float((base_out.argmax(-1) == yd).float().mean() * 100)
     base_agree = float((base_out.argmax(-1) == ref.argmax(-1)).float().mean() * 100)
-    res.update({"base": "w4a8", "base_recipe": how, "base_top1": base_top1, "base_agreement": base_agree,
+    res.update({"base": args.base, "base_recipe": how, "base_top1": base_top1, "base_agreement": base_agree,
                 "base_gbitops": base_total / 1e9})
     print(f"fp32 {fp32_top1:.2f}; base w4a8 ({how}) top-1 {base_top1:.2f} agreement {base_agree:.2f}", flush=True)
 
@@ -141,7 +143,7 @@ def main():
         if d.get("eval") == len(xd):
             prev = {r["config"]: r for r in d["rows"]}
     for name in [u for u in args.uniform.split(",") if u]:
-        if name != "w4a8" and name in prev and (RECIPES / f"{name}.json").is_file():
+        if name != args.base and name in prev and (RECIPES / f"{name}.json").is_file():
             r = prev[name]
             tot = bitops_report(Recipe.load(RECIPES / f"{name}.json"))["total"]
             row = {"kind": "uniform", "config": name, "top1": r["top1"], "drop_vs_fp32": fp32_top1 - r["top1"],
@@ -152,7 +154,7 @@ def main():
             print(f"uniform  {name:34s} top1 {r['top1']:6.2f} (from mptq.json) Gbitops {tot / 1e9:7.2f}",
                   flush=True)
             continue
-        if name == "w4a8":
+        if name == args.base:
             out, tot = base_out, base_total
         elif (RECIPES / f"{name}.json").is_file():
             rec, _, sim, _ = recipe_sim(name)

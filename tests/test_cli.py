@@ -5,6 +5,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -82,6 +83,15 @@ def _fails(args, capsys, match, code=2):
 
 def test_bad_model_name(tmp_path, capsys):
     _fails(["compile", "deit_tiny_patch16_244", "--out", str(tmp_path / "o")], capsys, "deit_tiny_patch16_224")
+    assert not (tmp_path / "o").exists()
+
+
+def test_reconstruct_needs_a_calibrated_recipe(tmp_path, capsys):
+    _fails(["compile", MODEL, "--reconstruct", "--out", str(tmp_path / "o")], capsys,
+           "--reconstruct refines a calibration; recipe 'fp32' is not quantized")
+    with pytest.raises(SystemExit) as e:  # argparse: usage error
+        main(["compile", MODEL, "--reconstruct", "0", "--recipe", "w4a4", "--out", str(tmp_path / "o")])
+    assert e.value.code == 2 and "--reconstruct: expected a positive integer" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 
@@ -173,6 +183,32 @@ def test_quantized_compile_w8a8_end_to_end(quantized):
     m = onnx.load(out / "model.onnx")
     ops = {n.op_type for n in m.graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+
+
+def test_compile_reconstruct_w4a4_deploys_what_was_fitted(compiled, tmp_path):
+    """`vitq compile --recipe w4a4 --reconstruct N`: block reconstruction runs after calibration, its learned
+    rounding goes to the recipe's weights sidecar (method signround), the report lists the stages, and the Q/DQ
+    graph verifies against the reconstructed simulation; the recipe file recompiles to the same graph."""
+    import onnx
+
+    _, calib = compiled
+    out = tmp_path / "r"
+    assert main(["compile", MODEL, "--calib", str(calib), "--recipe", "w4a4", "--reconstruct", "3", "--out",
+                 str(out), "-q"]) == 0
+    r = json.loads((out / "report.json").read_text())
+    assert r["verification"]["qdq_vs_simulation"]["passed"]
+    st = r["recipe"]["reconstruction"]["stages"]
+    assert [s["stage"] for s in st][:2] == ["patch_embed", "blocks.0."] and len(st) == 13
+    assert r["recipe"]["defaults"]["recon"]["iters"] == 3
+    rec = json.loads((out / "recipe.json").read_text())
+    if any(s["kept"] and s["weights"] for s in st):
+        assert rec["weights"]["method"] == "signround" and (out / "recipe.weights.safetensors").is_file()
+    out2 = tmp_path / "r2"
+    assert main(["compile", MODEL, "--recipe", str(out / "recipe.json"), "--out", str(out2), "-q"]) == 0
+    a, b = onnx.load(out / "model.onnx"), onnx.load(out2 / "model.onnx")
+    ia = {i.name: onnx.numpy_helper.to_array(i) for i in a.graph.initializer}
+    ib = {i.name: onnx.numpy_helper.to_array(i) for i in b.graph.initializer}
+    assert ia.keys() == ib.keys() and all(np.array_equal(ia[k], ib[k]) for k in ia)
 
 
 def test_quantized_recipe_needs_calibration(tmp_path, capsys):

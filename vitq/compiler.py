@@ -48,6 +48,7 @@ class CompileOptions:
     mixa_bits: str | None = None   # "8/4", "fp32/8"
     mixa_group: str | None = None  # ViT token group, "2x2"
     mixa_routed: str | None = None  # "linear+attn" (default) | "linear"
+    reconstruct: int | None = None  # block reconstruction iterations per stage (vitq/quant/reconstruct.py); None: off
 
 
 @dataclass
@@ -100,6 +101,9 @@ def compile_model(opts: CompileOptions, echo: Callable[[str], None] = print) -> 
         from .recipe.schema import Recipe
 
         Recipe.load(recipe.path)  # validate before any model work
+    if opts.reconstruct and (recipe.kind == "file" or not recipe.quantized):
+        raise InputError(f"--reconstruct refines a calibration; recipe {opts.recipe!r} is "
+                         f"{'a recipe file (already calibrated)' if recipe.kind == 'file' else 'not quantized'}")
     if recipe.quantized and recipe.kind != "file" and opts.calib is None:
         raise InputError(f"recipe {recipe.name!r} needs calibration images: pass --calib DIR")
     trt_opts = None
@@ -255,8 +259,9 @@ def _quantize(opts, req, lm, calib, cfg, x_verify, stage: Path, report: dict, lo
                       "calib_sha256": calib.fingerprint(), "calib_count": int(len(x_calib)), "seed": opts.seed,
                       "vitq_version": __import__("vitq").__version__}
         with log.step(f"calibrating {req.name} (MPTQ-ViT)"):
+            methods = {"recon": {"iters": int(opts.reconstruct)}} if opts.reconstruct else None
             res = calibrate(lm.model, lm.family, x_calib, req, model_name=opts.model, provenance=provenance,
-                            progress=opts.progress if opts.progress is not None else True)
+                            progress=opts.progress if opts.progress is not None else True, methods=methods)
         qmodel, rec, sim, layer_stats = res.model, res.recipe, res.sim, res.layer_stats
         report["calibration"]["used"] = True
         report["calibration"].pop("note", None)
@@ -319,6 +324,8 @@ def _quantize(opts, req, lm, calib, cfg, x_verify, stage: Path, report: dict, lo
                              **({k: v for k, v in layer_stats.get(l.module, {}).items()
                                  if k in ("sqnr_db", "method")})}
                             for l in rec.layers]}
+    if "__recon__" in layer_stats:
+        report["recipe"]["reconstruction"] = layer_stats["__recon__"]
     report["bitops"] = bitops_report(rec)
     report["passes"] = {k: v for k, v in passes.items() if k != "trt_check_text"}
 

@@ -58,6 +58,7 @@ from ..recipe.schema import LayerSpec, QuantSpec, Recipe, RecipeError, RegionSpe
 from . import observers as ob
 from .calibrate import collect_stats
 from .gptq import sequential_gptq
+from .reconstruct import reconstruct
 from .refine import refine_scales
 from .mp import greedy_mp
 from .optm import search_regions
@@ -70,7 +71,8 @@ DEFAULT_METHODS = {"observer": "search", "sqb": True, "optm": True, "mp": True, 
                    "mp_batch": 16, "sqb_bits": None, "gptq": True, "gptq_images": 128,
                    "gptq_target": "quant", "gptq_rescale": False, "refine": ("attn",), "refine_images": 32,
                    "refine_holdout": None, "embed_bits": None,
-                   "gptq_max_bits": 7, "shift_max_bits": SHIFT_MAX_BITS, "vsmooth": False, "optm_max_bits": 7}
+                   "gptq_max_bits": 7, "shift_max_bits": SHIFT_MAX_BITS, "vsmooth": False, "optm_max_bits": 7,
+                   "recon": None}
 
 
 @dataclass
@@ -328,7 +330,14 @@ def calibrate(model: nn.Module, family: str, calib_x: np.ndarray, request: Recip
             m, r = k.rsplit(":", 1)
             layer_stats.setdefault(m, {}).setdefault("refine", {})[r] = {**v, "kept": bool(kept)}
         timings["refine_s"] = time.time() - t
-    if meth["gptq"] and not minmax:
+    recon = meth.get("recon")
+    if recon is True:
+        recon = {}
+    float_ref = copy.deepcopy(prepared) if recon is not None else None
+    # block reconstruction rounds the weights itself (SignRound from round-to-nearest; measured better than
+    # starting it from GPTQ's rounding, see reconstruct.py), so GPTQ is skipped when it fits the weights
+    gptq_on = meth["gptq"] and not minmax and not (recon is not None and recon.get("weights", True))
+    if gptq_on:
         t = time.time()
         n = min(int(meth["gptq_images"]), len(x))
         rescale = None
@@ -349,6 +358,24 @@ def calibrate(model: nn.Module, family: str, calib_x: np.ndarray, request: Recip
             recipe.weight_tensors = {m: w.detach().numpy().copy() for m, w in new.items()}
             sim = QuantSim(prepared, recipe, family)
         timings["gptq_s"] = time.time() - t
+    if recon is not None:
+        t = time.time()
+        n = len(x) if not recon.get("images") else min(int(recon["images"]), len(x))
+        rr = reconstruct(sim, float_ref, recipe, x[:n], recon, log=(lambda m: _log(progress, m)), progress=progress)
+        new = rr.pop("weights")
+        with torch.no_grad():
+            for m, w in new.items():
+                prepared.get_submodule(m).weight.copy_(w)
+        if new:
+            tensors = dict(recipe.weight_tensors or {})
+            tensors.update({m: w.detach().numpy().copy() for m, w in new.items()})
+            recipe.weight_tensors = tensors
+            recipe.defaults["weight_rounding"] = "gptq+signround" if gptq_on else "signround"
+        recipe.defaults["recon"] = {k: v for k, v in rr["options"].items()}
+        layer_stats["__recon__"] = rr
+        del float_ref
+        timings["recon_s"] = time.time() - t
+        _log(progress, f"block reconstruction: {len(rr['stages'])} stages in {timings['recon_s']:.0f}s")
     for l in recipe.layers:
         ls = layer_stats.setdefault(l.module, {})
         ls["w_bits"], ls["a_bits"] = l.weight_bits, l.act_bits

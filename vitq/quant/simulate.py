@@ -51,6 +51,7 @@ class QLinear(nn.Module):
     def __init__(self, lin: nn.Linear, spec: LayerSpec):
         super().__init__()
         self.float_weight = lin.weight.detach()
+        self.weight_fn = None  # block reconstruction (:mod:`.reconstruct`) installs a trainable weight here
         self.bias = None if lin.bias is None else lin.bias.detach()
         self.set_spec(spec)
 
@@ -61,7 +62,8 @@ class QLinear(nn.Module):
         self.qin = _InputQuant(spec)
 
     def forward(self, x):
-        return F.linear(self.qin(x), self.weight, self.bias)
+        w = self.weight if self.weight_fn is None else self.weight_fn()
+        return F.linear(self.qin(x), w, self.bias)
 
 
 class QConv(nn.Module):
@@ -69,6 +71,7 @@ class QConv(nn.Module):
         super().__init__()
         self.conv = conv
         self.float_weight = conv.weight.detach()
+        self.weight_fn = None
         self.set_spec(spec)
 
     def set_spec(self, spec: LayerSpec) -> None:
@@ -79,7 +82,8 @@ class QConv(nn.Module):
 
     def forward(self, x):
         c = self.conv
-        return F.conv2d(self.qin(x), self.weight, c.bias, c.stride, c.padding, c.dilation, c.groups)
+        w = self.weight if self.weight_fn is None else self.weight_fn()
+        return F.conv2d(self.qin(x), w, c.bias, c.stride, c.padding, c.dilation, c.groups)
 
 
 class _AttnQ:

@@ -73,7 +73,7 @@ from ..errors import InputError
 SCHEMA = "vitq.recipe/1"
 KINDS = ("linear", "conv", "attn")
 ATTN_OPERANDS = ("q", "k", "attn", "v")
-METHODS = ("minmax", "percentile", "mse", "fixed", "search")
+METHODS = ("minmax", "percentile", "mse", "fixed", "search", "recon")
 
 
 def _f32(v: float) -> float:
@@ -328,7 +328,8 @@ class Recipe:
         from ..artifacts import write_json_atomic
 
         if self.weight_tensors:  # GPTQ sidecar first: its sha256 goes into the JSON
-            self.weights = _save_sidecar(Path(path), self.weight_tensors, (self.weights or {}).get("method", "gptq"))
+            self.weights = _save_sidecar(Path(path), self.weight_tensors, (self.weights or {}).get("method")
+                                         or self.defaults.get("weight_rounding", "gptq"))
         write_json_atomic(path, self.to_dict())
 
     @classmethod
