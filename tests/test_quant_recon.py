@@ -85,7 +85,7 @@ def test_reconstruction_recovers_a_corrupted_quantizer_and_stays_deployable(tiny
     sim = QuantSim(res.model, rec, "vit")
     err0 = _out_err(sim, res.model, x)
     before = copy.deepcopy(rec)
-    rr = reconstruct(sim, res.model, rec, x, {"iters": 80, "batch": 8, "acts": True})
+    rr = reconstruct(sim, res.model, rec, x, {"iters": 80, "batch": 8, "acts": True, "lr_s": 1e-2})
     assert _out_err(sim, res.model, x) < 0.7 * err0
     st = {s["stage"]: s for s in rr["stages"]}
     assert st["blocks.0."]["loss_after"] < st["blocks.0."]["loss_before"]
