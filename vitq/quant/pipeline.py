@@ -19,7 +19,10 @@
    0.0461 -> 0.0505);
 7. GPTQ (:mod:`.gptq`) on every sub-8-bit weight (``gptq_max_bits``), sequentially on the quantized model with
    ``gptq_images`` calibration images; the new weights (exactly ``q * scale``) replace the prepared model's and go
-   to ``Recipe.weight_tensors`` (saved as the recipe's ``.weights.safetensors`` sidecar).
+   to ``Recipe.weight_tensors`` (saved as the recipe's ``.weights.safetensors`` sidecar);
+8. opt-in (``methods["recon"]``: ``True`` or a dict of :data:`.reconstruct.DEFAULTS` overrides; ``vitq compile
+   --reconstruct``): block-wise reconstruction (:mod:`.reconstruct`) re-rounds the sub-8-bit weights (instead of
+   GPTQ) and re-fits the sub-8-bit activation scales per block; its grid weights go to the same sidecar.
 
 Defaults (documented contract): the classifier head is quantized at 8/8 in every preset (it is <0.1% of the
 MACs and the most sensitive layer); the patch-embed conv is quantized at the preset's bits; residual adds,
