@@ -112,6 +112,9 @@ def main():
         xcal, _ = load_array(calib_all.subset(256, seed=0), cfg)
         r = calibrate(lm.model, lm.family, xcal, parse_recipe_arg(name), model_name=lm.name,
                       provenance={"calib_count": 256}, progress=True)
+        if not name.endswith(".json") and "+" not in name:  # what bench/mptq.py would have saved
+            RECIPES.mkdir(parents=True, exist_ok=True)
+            r.recipe.save(p)
         return r.recipe, r.model, r.sim, "calibrated here (256 images)"
 
     base_rec, base_prep, base_sim, how = recipe_sim(args.base)

@@ -85,7 +85,9 @@ def main():
                "fp32_reference": FP32_REF, "torch_threads": torch.get_num_threads(), "rows": []}
     cache: dict = {}
     # "<preset>+recon": the preset with block-wise reconstruction (vitq/quant/reconstruct.py, opt-in)
-    runs = [(c, c.split("+")[0], {"recon": {}} if c.endswith("+recon") else {}) for c in args.configs.split(",")]
+    # (options from --methods '{"recon": {...}}' apply to it, e.g. {"recon": {"iters": 400}})
+    recon = {"recon": extra_methods.get("recon") or {}}
+    runs = [(c, c.split("+")[0], recon if c.endswith("+recon") else {}) for c in args.configs.split(",")]
     if not args.no_ablations:
         runs += [
             ("w4a4 minmax", "w4a4", {"observer": "minmax", "sqb": False, "optm": False}),

@@ -116,13 +116,21 @@ def test_reconstruction_options_are_checked(tiny):
         reconstruct(sim, res.model, sim.recipe, x, {"itres": 3})
 
 
-def test_pipeline_recon_writes_rounding_sidecar_that_reproduces_the_simulation(tmp_path):
+@pytest.mark.parametrize("wscale", [False, True])
+def test_pipeline_recon_writes_rounding_sidecar_that_reproduces_the_simulation(tmp_path, wscale):
     torch.manual_seed(0)
     m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=1,
                           num_classes=10).eval()
     x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    base = calibrate(m, "vit", x.numpy(), parse_recipe_arg("w4a4"), model_name="tiny", provenance={},
+                     methods={"gptq": False}) if wscale else None
     res = calibrate(m, "vit", x.numpy(), parse_recipe_arg("w4a4"), model_name="tiny", provenance={},
-                    methods={"recon": {"iters": 10, "batch": 4}})
+                    methods={"recon": {"iters": 10, "batch": 4, "wscale": wscale}})
+    if wscale:  # the kept stages' learned per-channel weight scales are the recipe's
+        kept_mods = [l for l in res.recipe.layers if l.weight is not None and l.weight.bits < 8 and
+                     any(l.module.startswith(st["stage"]) for st in res.layer_stats["__recon__"]["stages"]
+                         if st["kept"])]
+        assert kept_mods and any(l.weight.scale != base.recipe.layer(l.module).weight.scale for l in kept_mods)
     assert "gptq_s" not in res.timings and res.timings["recon_s"] > 0  # the learned rounding replaces GPTQ
     assert res.recipe.defaults["weight_rounding"] == "signround"
     assert res.recipe.defaults["recon"]["iters"] == 10

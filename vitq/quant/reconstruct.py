@@ -61,7 +61,7 @@ from .prepare import AttnHook, model_chain, stage_of
 from .simulate import QConv, QLinear
 
 DEFAULTS = {"iters": 200, "batch": 16, "images": None, "lr_v": None, "lr_s": 4e-3, "drop": 0.5, "max_bits": 8, "weights": True, "acts": True, "seed": 0, "stages": None,
-            "target": "local", "loss": "mse", "prefix_weight": 0.5}
+            "target": "local", "loss": "mse", "prefix_weight": 0.5, "wscale": False}
 
 
 def _round_ste(v: torch.Tensor) -> torch.Tensor:
@@ -94,15 +94,27 @@ class RoundingWeight(nn.Module):
     a straight-through gradient, so there is no soft/hard gap to anneal away in a few hundred steps; ``V``
     moves by signed gradient steps of a linearly decaying size, ``V = 0`` is round-to-nearest)."""
 
-    def __init__(self, w: torch.Tensor, scale: list[float], bits: int):
+    def __init__(self, w: torch.Tensor, scale: list[float], bits: int, learn_scale: bool = False):
         super().__init__()
-        self.s = torch.tensor(scale, dtype=torch.float32).reshape([-1] + [1] * (w.ndim - 1))
-        self.r = w.detach() / self.s
+        s = torch.tensor(scale, dtype=torch.float32).reshape([-1] + [1] * (w.ndim - 1))
+        self.w = w.detach()
+        self.r = self.w / s
+        self.s0 = s
+        # option ``wscale``: the per-channel scale is learned too (LSQ on its log, as OmniQuant's learnable
+        # clipping); the grid offset V stays relative to the calibrated grid
+        self.log_s = nn.Parameter(s.log()) if learn_scale else None
         self.V = nn.Parameter(torch.zeros_like(self.r))
         self.lo, self.hi = qrange(bits)
 
+    @property
+    def s(self) -> torch.Tensor:
+        return self.s0 if self.log_s is None else self.log_s.exp()
+
+    def _r(self) -> torch.Tensor:
+        return self.r if self.log_s is None else self.w / self.s
+
     def forward(self) -> torch.Tensor:
-        return torch.clamp(_round_ste(self.r + self.V), self.lo, self.hi) * self.s
+        return torch.clamp(_round_ste(self._r() + self.V), self.lo, self.hi) * self.s
 
     @torch.no_grad()
     def sign_step(self, lr: float) -> None:
@@ -111,7 +123,10 @@ class RoundingWeight(nn.Module):
 
     @torch.no_grad()
     def hard(self) -> torch.Tensor:
-        return torch.clamp(torch.round(self.r + self.V), self.lo, self.hi) * self.s
+        return torch.clamp(torch.round(self._r() + self.V), self.lo, self.hi) * self.s
+
+    def scale(self) -> list[float]:
+        return [float(v) for v in self.s.detach().flatten()]
 
 
 class _LearnedInput:
@@ -175,11 +190,13 @@ class _StageParams:
                 wr.qin = _LearnedInput(spec, qs)
             if opts["weights"] and spec.weight is not None and spec.weight.bits < mb:
                 w0 = float_weights.get(m, wr.float_weight)  # the float weight (the simulation's may be GPTQ's)
-                self.weights[m] = RoundingWeight(w0, spec.weight.scale, spec.weight.bits)
+                self.weights[m] = RoundingWeight(w0, spec.weight.scale, spec.weight.bits, bool(opts["wscale"]))
                 wr.weight_fn = self.weights[m]
 
     def params(self):
-        return [q.log_s for q in self.acts.values()], [a.V for a in self.weights.values()]
+        scales = [q.log_s for q in self.acts.values()] + [a.log_s for a in self.weights.values()
+                                                          if a.log_s is not None]
+        return scales, [a.V for a in self.weights.values()]
 
     def finish(self) -> dict:
         """Write the learned quantizers back as recipe specs (and grid weights); return ``{module: spec}``."""
@@ -205,8 +222,12 @@ class _StageParams:
                 if m in self.saved:
                     wr.qin = self.saved[m][1]
                 if m in self.weights:
+                    rw = self.weights[m]
                     with torch.no_grad():
-                        wr.float_weight = self.weights[m].hard().clone()
+                        wr.float_weight = rw.hard().clone()
+                    if rw.log_s is not None:  # the learned per-channel scale is the recipe's weight scale
+                        spec.weight = QuantSpec(spec.weight.bits, rw.scale(), axis=spec.weight.axis,
+                                                method=spec.weight.method, shift=spec.weight.shift)
                     wr.weight_fn = None
             self.sim.set_layer(spec)
             out[m] = spec
