@@ -2,6 +2,7 @@
 
     python bench/mptq.py [--calib 256] [--configs w8a8,w6a6,w4a8,w4a4,mp:5] [--no-ablations] [--eval N]
     python bench/mptq.py --configs w4a4+recon,mp:5+recon --no-ablations   # with block-wise reconstruction
+    python bench/mptq.py --configs w4a4+recon --no-ablations --methods '{"recon": {"wscale": true}}'  # its options
 
 Per configuration: top-1, drop vs fp32, top-1 agreement with fp32, mean KL(fp32 || quant) of the logits, average
 bit-width and bit-op ratio, calibration time. Ablations (on w4a4 and mp:5): plain min/max observers, +searched
