@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "operands too (default linear+attn)")
     c.add_argument("--reconstruct", metavar="STEPS", type=_positive_int, nargs="?", const=200,
                    help="block-wise reconstruction after calibration: weight rounding and activation scales "
-                        "fitted per transformer block, STEPS steps each (default 200; about 5 minutes for "
+                        "fitted per transformer block, STEPS steps each (default 200; 5-15 minutes for "
                         "DeiT-Tiny on 2 cores); replaces GPTQ. Off by default")
     _add_trt_args(c)
     c.set_defaults(func=cmd_compile)
