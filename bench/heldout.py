@@ -4,7 +4,8 @@
 
 On 650 images one image is 0.15 top-1 points, so choosing a calibration option by its dev650 score alone selects
 noise. The labeled sample set (imagenet-sample-eli1000) has 1000 images of which ``bench/mptq.py`` calibrates on a
-seeded subset of 256; the other 744 are a second, independent measurement (never seen by calibration). Per recipe
+seeded subset of 256 (and ``bench/mixa.py`` calibrates MixA-Q's branches and searches its ratios on a seeded
+subset of 32); the remaining images are a second, independent measurement (never seen by calibration). Per recipe
 (its torch simulation, float32, as bench/mptq.py evaluates it): top-1, top-1 agreement with fp32 and mean
 KL(fp32 || quant) on both sets, and on their union (1394 images). Prints a table and writes JSON.
 """
@@ -26,6 +27,8 @@ sys.path.insert(0, str(REPO))
 
 from vitq.data import ImageSet, load_array, open_image_set  # noqa: E402
 from vitq.exporter.models import data_config, load_model  # noqa: E402
+from vitq.mixa.sim import MixaSim  # noqa: E402
+from vitq.mixa.spec import MixaSpec  # noqa: E402
 from vitq.quant.pipeline import apply_recipe  # noqa: E402
 from vitq.recipe.schema import Recipe  # noqa: E402
 from vitq.runtime.preprocess import PreprocessConfig  # noqa: E402
@@ -53,6 +56,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("recipes", nargs="+")
     ap.add_argument("--calib", type=int, default=256, help="the calibration subset to exclude (bench/mptq.py's)")
+    ap.add_argument("--exclude-extra", type=int, default=32, help="also exclude this seeded subset (bench/mixa.py's "
+                    "branch calibration and ratio-search images)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "heldout.json"))
     args = ap.parse_args()
     t0 = time.time()
@@ -60,6 +65,8 @@ def main():
     cfg = PreprocessConfig.from_dict(data_config(lm.model))
     sample = open_image_set(SHARED / "imagenet-sample-eli1000")
     used = set(sample.subset(args.calib, seed=0).files)
+    if args.exclude_extra:
+        used |= set(sample.subset(args.exclude_extra, seed=0).files)
     keep = [i for i, f in enumerate(sample.files) if f not in used]
     held = ImageSet(sample.root, [sample.files[i] for i in keep], [sample.labels[i] for i in keep], sample.layout)
     sets = {"dev650": open_image_set(SHARED / "imagenet-val-dev650"), "sample_heldout": held}
@@ -70,11 +77,13 @@ def main():
         data[name] = (x, torch.from_numpy(y), ref)
     print(f"data loaded in {time.time() - t0:.0f}s: " + ", ".join(f"{k} {len(v[0])}" for k, v in data.items()),
           flush=True)
-    res = {"model": "deit_tiny_patch16_224", "calib_excluded": args.calib, "rows": [],
+    res = {"model": "deit_tiny_patch16_224", "calib_excluded": args.calib, "extra_excluded": args.exclude_extra, "rows": [],
            "fp32": {k: score(v[2], v[2], v[1]) for k, v in data.items()}}
     for p in args.recipes:
         rec = Recipe.load(Path(p))
         _, sim = apply_recipe(lm.model, lm.family, rec)
+        if rec.mixa is not None:  # MixA-Q recipe (bench/mixa.py --save-recipes): its two-branch simulation
+            sim = MixaSim(sim, MixaSpec.from_dict(rec.mixa, layers=rec.layers))
         row = {"recipe": p, "name": rec.name, "recon": rec.defaults.get("recon")}
         outs = []
         for name, (x, y, ref) in data.items():

@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))
 from vitq.data import load_array, open_image_set  # noqa: E402
 from vitq.exporter.models import data_config, load_model  # noqa: E402
 from vitq.mixa.bitops import mixa_bitops  # noqa: E402
-from vitq.mixa.calib import build_mixa_spec  # noqa: E402
+from vitq.mixa.calib import attach, build_mixa_spec  # noqa: E402
 from vitq.mixa.search import search_ratios  # noqa: E402
 from vitq.mixa.sim import MixaSim  # noqa: E402
 from vitq.quant.bitops import bitops_report  # noqa: E402
@@ -68,6 +68,8 @@ def main():
     ap.add_argument("--uniform-from-mptq", action=argparse.BooleanOptionalAction, default=True,
                     help="take the uniform rows (other than the W4A8 base) from bench/results/mptq.json when it "
                          "holds them for the same eval set (same recipes and simulation)")
+    ap.add_argument("--save-recipes", default=None, metavar="DIR", help="write each MixA-Q point's recipe here "
+                    "(e.g. for bench/heldout.py)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "mixa.json"))
     ap.add_argument("--append", action="store_true", help="keep the rows (and searches) already in --out and add "
                     "this run's (e.g. a later run with --groups '' --uniform '' --prune ...)")
@@ -195,6 +197,10 @@ def main():
                 add("mixa", f"{grp} {routed_s} @{tg}x", out, bo["total"] / 1e9, group=grp, routed=list(routed),
                     target=tg, ratios=ratios, predicted_kl=pt["predicted_kl"], calib_s=round(tcal, 1),
                     search_s=info["total_s"])
+                if args.save_recipes:
+                    d = Path(args.save_recipes)
+                    d.mkdir(parents=True, exist_ok=True)
+                    attach(base_rec, s2).save(d / f"mixa_{grp}_{routed_s.replace('+', '_')}_{tg}x.json")
             res.setdefault("searches", []).append({"group": grp, "routed": list(routed), **{
                 k: v for k, v in info.items() if k != "sensitivity"}})
             Path(args.out).write_text(json.dumps(res, indent=1))
