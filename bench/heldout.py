@@ -1,6 +1,7 @@
 """Recipe files scored on two labeled sets: dev650 and the calibration set's held-out images.
 
-    python bench/heldout.py RECIPE.json [RECIPE.json ...] [--calib 256] [--out bench/results/heldout.json]
+    python bench/heldout.py RECIPE.json [RECIPE.json ...] [--calib 256] [--dynamic-low]
+                            [--out bench/results/heldout.json]
 
 On 650 images one image is 0.15 top-1 points, so choosing a calibration option by its dev650 score alone selects
 noise. The labeled sample set (imagenet-sample-eli1000) has 1000 images of which ``bench/mptq.py`` calibrates on a
@@ -27,8 +28,9 @@ sys.path.insert(0, str(REPO))
 
 from vitq.data import ImageSet, load_array, open_image_set  # noqa: E402
 from vitq.exporter.models import data_config, load_model  # noqa: E402
+from vitq.mixa.calib import dynamic_branch  # noqa: E402
 from vitq.mixa.sim import MixaSim  # noqa: E402
-from vitq.mixa.spec import MixaSpec  # noqa: E402
+from vitq.mixa.spec import MixaLayer, MixaSpec  # noqa: E402
 from vitq.quant.pipeline import apply_recipe  # noqa: E402
 from vitq.recipe.schema import Recipe  # noqa: E402
 from vitq.runtime.preprocess import PreprocessConfig  # noqa: E402
@@ -58,6 +60,8 @@ def main():
     ap.add_argument("--calib", type=int, default=256, help="the calibration subset to exclude (bench/mptq.py's)")
     ap.add_argument("--exclude-extra", type=int, default=32, help="also exclude this seeded subset (bench/mixa.py's "
                     "branch calibration and ratio-search images)")
+    ap.add_argument("--dynamic-low", action="store_true", help="also score each MixA-Q recipe with its low branch's "
+                    "activation quantizers made dynamic per token (same ratios and weights)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "heldout.json"))
     args = ap.parse_args()
     t0 = time.time()
@@ -79,12 +83,23 @@ def main():
           flush=True)
     res = {"model": "deit_tiny_patch16_224", "calib_excluded": args.calib, "extra_excluded": args.exclude_extra, "rows": [],
            "fp32": {k: score(v[2], v[2], v[1]) for k, v in data.items()}}
+    jobs = []
     for p in args.recipes:
         rec = Recipe.load(Path(p))
+        jobs.append((p, rec, False))
+        if args.dynamic_low and rec.mixa is not None and \
+                MixaSpec.from_dict(rec.mixa, layers=rec.layers).low_quant != "dynamic":
+            jobs.append((p + " [low dynamic]", rec, True))
+    for p, rec, dyn in jobs:
         _, sim = apply_recipe(lm.model, lm.family, rec)
         if rec.mixa is not None:  # MixA-Q recipe (bench/mixa.py --save-recipes): its two-branch simulation
-            sim = MixaSim(sim, MixaSpec.from_dict(rec.mixa, layers=rec.layers))
-        row = {"recipe": p, "name": rec.name, "recon": rec.defaults.get("recon")}
+            spec = MixaSpec.from_dict(rec.mixa, layers=rec.layers)
+            if dyn:
+                spec.layers = [MixaLayer(l.module, l.high, None if l.low is None else
+                                         dynamic_branch(l.low, spec.low_bits)) for l in spec.layers]
+            sim = MixaSim(sim, spec)
+        row = {"recipe": p, "name": rec.name, "recon": rec.defaults.get("recon"),
+               "low_quant": None if rec.mixa is None else ("dynamic" if dyn else spec.low_quant)}
         outs = []
         for name, (x, y, ref) in data.items():
             out = predict(sim, x)

@@ -57,6 +57,8 @@ def main():
     ap.add_argument("--routed", default="linear+attn,linear")
     ap.add_argument("--targets", default="1.2,1.35,1.5")
     ap.add_argument("--prune", default="0.1,0.2,0.3")
+    ap.add_argument("--low-quant", default="static", help="comma list of the low branch's activation quantizers: "
+                    "static (calibrated on the branch's tokens) and/or dynamic (per token)")
     ap.add_argument("--calib", type=int, default=32, help="images for the low-branch calibration")
     ap.add_argument("--calib-ratio", type=float, default=0.6)
     ap.add_argument("--search-batch", type=int, default=16)
@@ -172,36 +174,37 @@ def main():
     targets = [float(t) for t in args.targets.split(",") if t]
     for grp in [g for g in args.groups.split(",") if g]:
         gh, gw = (int(v) for v in grp.split("x"))
-        for routed_s in [r for r in args.routed.split(",") if r]:
+        for routed_s, lq in [(r, q) for r in args.routed.split(",") if r for q in args.low_quant.split(",") if q]:
             routed = tuple(routed_s.split("+"))
+            tag = routed_s + ("" if lq == "static" else f" {lq}")
             t = time.time()
             spec = build_mixa_spec(base_prep, base_sim, base_rec, xc[:args.calib], group=(gh, gw), low_bits=4,
-                                   routed=routed, ratios=0.0, calib_ratios=args.calib_ratio)
+                                   routed=routed, ratios=0.0, calib_ratios=args.calib_ratio, low_quant=lq)
             msim = MixaSim(base_sim, spec)
             tcal = time.time() - t
             try:
                 _, info = search_ratios(msim, base_rec, xs, max(targets), log=print)
             except Exception as e:  # unreachable target: search to the maximum instead
-                print(f"{grp} {routed_s}: {e}", flush=True)
+                print(f"{grp} {tag}: {e}", flush=True)
                 mx = mixa_bitops(base_rec, spec.with_ratios({b.block: 0.8 for b in spec.blocks}))["reduction"]
                 _, info = search_ratios(msim, base_rec, xs, mx - 1e-6, log=print)
             for tg in targets:
                 pt = next((p for p in info["trace"] if p["reduction"] >= tg - 1e-9), None)
                 if pt is None:
-                    print(f"{grp} {routed_s}: target {tg} not reached (max {info['trace'][-1]['reduction']:.3f})")
+                    print(f"{grp} {tag}: target {tg} not reached (max {info['trace'][-1]['reduction']:.3f})")
                     continue
                 ratios = {u: pt["ratios"][u] for u in info["units"]}
                 s2 = msim.set_ratios(ratios)
                 bo = mixa_bitops(base_rec, s2)
                 out = predict(msim, xd)
-                add("mixa", f"{grp} {routed_s} @{tg}x", out, bo["total"] / 1e9, group=grp, routed=list(routed),
-                    target=tg, ratios=ratios, predicted_kl=pt["predicted_kl"], calib_s=round(tcal, 1),
+                add("mixa", f"{grp} {tag} @{tg}x", out, bo["total"] / 1e9, group=grp, routed=list(routed),
+                    target=tg, low_quant=lq, ratios=ratios, predicted_kl=pt["predicted_kl"], calib_s=round(tcal, 1),
                     search_s=info["total_s"])
                 if args.save_recipes:
                     d = Path(args.save_recipes)
                     d.mkdir(parents=True, exist_ok=True)
-                    attach(base_rec, s2).save(d / f"mixa_{grp}_{routed_s.replace('+', '_')}_{tg}x.json")
-            res.setdefault("searches", []).append({"group": grp, "routed": list(routed), **{
+                    attach(base_rec, s2).save(d / f"mixa_{grp}_{tag.replace('+', '_').replace(' ', '_')}_{tg}x.json")
+            res.setdefault("searches", []).append({"group": grp, "routed": list(routed), "low_quant": lq, **{
                 k: v for k, v in info.items() if k != "sensitivity"}})
             Path(args.out).write_text(json.dumps(res, indent=1))
 

@@ -2,6 +2,9 @@
 
     python bench/qdq_agreement.py [--recipes w8a8,w4a8,w4a4,mp5] [--eval N] [--threads 2]
 
+MixA-Q recipes (``--recipe-dir bench/results/mixa_s9 --recipes mixa_2x2_linear_attn_dynamic_1.35x --targets ort``)
+are compared with their two-branch simulation (float32 only).
+
 For each recipe file in bench/results/recipes/ (written by bench/mptq.py): apply it to DeiT-Tiny (real weights),
 export the prepared model, run the graph passes for each target (ort: ORT-lowered, ORT optimizations on, what
 `vitq compile` deploys; trt: the TensorRT graph with plugins expanded, run unoptimized = its exact function), and
@@ -35,6 +38,8 @@ sys.path.insert(0, str(REPO))
 from vitq.data import load_array, open_image_set  # noqa: E402
 from vitq.exporter import export_onnx  # noqa: E402
 from vitq.exporter.models import data_config, load_model  # noqa: E402
+from vitq.mixa.sim import MixaSim  # noqa: E402
+from vitq.mixa.spec import MixaSpec  # noqa: E402
 from vitq.passes.pipeline import build_deployable  # noqa: E402
 from vitq.quant.pipeline import apply_recipe  # noqa: E402
 from vitq.recipe.schema import Recipe  # noqa: E402
@@ -80,10 +85,13 @@ def main():
             continue
         rec = Recipe.load(path)
         qm, sim = apply_recipe(lm.model, lm.family, rec)
+        if rec.mixa is not None:  # a MixA-Q recipe (bench/mixa.py --save-recipes): its two-branch simulation
+            sim = MixaSim(sim, MixaSpec.from_dict(rec.mixa, layers=rec.layers))
         t = time.time()
         ref = sim.predict(x, batch_size=50).numpy().astype(np.float64)
         t_sim = time.time() - t
-        ref64 = sim.astype(torch.float64).predict(x, batch_size=50).numpy() if args.float64 else None
+        ref64 = sim.astype(torch.float64).predict(x, batch_size=50).numpy() \
+            if args.float64 and rec.mixa is None else None
         prepared = tmp / f"{name}.prepared.onnx"
         export_onnx(qm, prepared, image_size=(cfg.height, cfg.width), metadata={"vitq.model": lm.name})
         for target in args.targets.split(","):

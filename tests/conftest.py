@@ -63,3 +63,42 @@ def tiny_vit_onnx(tmp_path_factory) -> Path:
     export_onnx(model, d / "model.onnx", image_size=(32, 32),
                 metadata=artifact_metadata("tiny_vit", cfg, 10, "fp32"))
     return d
+
+
+def _mixa_setup(model, family, hw, group, tmp, methods):
+    """A tiny model calibrated at w4a8 with a MixA-Q section (ratio 0.5, linear + attention routed) and its float
+    ONNX export: ``(calibration result, recipe, onnx path, images)``."""
+    import torch
+
+    from vitq.exporter.onnx_export import export_onnx
+    from vitq.mixa.calib import attach, build_mixa_spec
+    from vitq.quant.pipeline import calibrate
+    from vitq.recipe import parse_recipe_arg
+
+    x = torch.randn(6, 3, hw, hw, generator=torch.Generator().manual_seed(2))
+    res = calibrate(model, family, x.numpy(), parse_recipe_arg("w4a8"), model_name="m", provenance={},
+                    progress=False, methods={"gptq": False, **methods})
+    spec = build_mixa_spec(res.model, res.sim, res.recipe, x, group=group, low_bits=4, routed=("linear", "attn"),
+                           ratios=0.5)
+    rec = attach(res.recipe, spec)
+    path = tmp / f"{family}.onnx"
+    export_onnx(res.model, path, image_size=(hw, hw))
+    return res, rec, path, x
+
+
+@pytest.fixture(scope="session")
+def vit_setup(tmp_path_factory):
+    pytest.importorskip("timm")
+    from test_mixa_core import tiny_vit
+
+    return _mixa_setup(tiny_vit(), "vit", 32, (2, 2), tmp_path_factory.mktemp("mixa_vit"), {})
+
+
+@pytest.fixture(scope="session")
+def swin_setup(tmp_path_factory):
+    # min/max observers, no SQ-b: the graph/simulation agreement does not depend on how scales were chosen
+    pytest.importorskip("timm")
+    from test_mixa_core import tiny_swin
+
+    return _mixa_setup(tiny_swin(), "swin", 56, None, tmp_path_factory.mktemp("mixa_swin"),
+                       {"observer": "minmax", "sqb": False})

@@ -51,6 +51,17 @@ def test_mixa_needs_calibration_images(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("args,msg", [
+    (["--mixa-low-quant", "dynamic"], "needs --mixa"),
+    (["--mixa", "1.2x", "--mixa-low-quant", "dynamic", "--target", "trt"], "ONNX Runtime only"),
+])
+def test_mixa_low_quant_errors(tmp_path, capsys, args, msg):
+    calib = make_image_folder(tmp_path / "calib", n=2, size=(32, 32))
+    code = main(["compile", MODEL, "--recipe", "w4a8", "--calib", str(calib), *args, "--out", str(tmp_path / "o")])
+    assert code != 0 and msg in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.slow
 def test_compile_mixa_end_to_end(tmp_path):
     """DeiT-Tiny (random weights), w4a8 + MixA-Q at 1.2x: report contract, two-precision graph, verification."""
@@ -63,6 +74,7 @@ def test_compile_mixa_end_to_end(tmp_path):
     assert isinstance(mx["bitops_reduction"], float) and mx["bitops_reduction"] >= 1.2
     assert set(mx["ratios"]) == {f"blocks.{i}" for i in range(12)}
     assert all(g["groups"] == 49 for g in mx["groups"].values())
+    assert mx["low_quant"] == "static"
     assert r["verification"]["qdq_vs_simulation"]["passed"]
     rec = Recipe.load(out / "recipe.json")
     assert rec.mixa is not None and rec.mixa["low_bits"] == 4 and rec.mixa["high_bits"] == 8
@@ -71,3 +83,27 @@ def test_compile_mixa_end_to_end(tmp_path):
     m = onnx.load(str(out / "model.onnx"))
     ops = [n.op_type for n in m.graph.node]
     assert ops.count("TopK") == 1 and "GatherND" in ops
+
+
+@pytest.mark.slow
+def test_compile_mixa_dynamic_low_branch(tmp_path):
+    """``--mixa-low-quant dynamic`` with explicit ratios: the recipe's low branch is dynamic per token, the graph
+    computes its scales (ReduceMax, blocked QuantizeLinear) and verifies against the simulation."""
+    calib = make_image_folder(tmp_path / "calib", n=4, size=(64, 48))
+    ratios = tmp_path / "ratios.json"
+    ratios.write_text(json.dumps({"default": 0.5, "blocks.0": 0.0}))
+    out = tmp_path / "out"
+    assert main(["compile", MODEL, "--calib", str(calib), "--recipe", "w4a8", "--mixa", str(ratios),
+                 "--mixa-low-quant", "dynamic", "--out", str(out), "-q"]) == 0
+    r = json.loads((out / "report.json").read_text())
+    assert r["mixa"]["low_quant"] == "dynamic" and r["mixa"]["ratios"]["blocks.0"] == 0.0
+    assert r["verification"]["qdq_vs_simulation"]["passed"]
+    rec = Recipe.load(out / "recipe.json")
+    lows = [l["low"] for l in rec.mixa["layers"]]
+    assert all(l["input"] == {"bits": 4, "dynamic": "token", "method": "dynamic"} for l in lows if "input" in l)
+    import onnx
+
+    m = onnx.load(str(out / "model.onnx"))
+    dyn = [n for n in m.graph.node if n.op_type == "QuantizeLinear" and
+           any(p.key == "vitq.dynamic" for p in n.metadata_props)]
+    assert len(dyn) == 11 * 8  # blocks 1-11: 4 Linears + 4 attention operands each

@@ -11,41 +11,14 @@ import torch
 
 timm = pytest.importorskip("timm")
 
-from vitq.exporter.onnx_export import export_onnx  # noqa: E402
 from vitq.mixa.calib import attach, build_mixa_spec  # noqa: E402
 from vitq.mixa.sim import MixaSim  # noqa: E402
 from vitq.mixa.spec import MixaSpec  # noqa: E402
 from vitq.passes.infra import ort_run, run_passes  # noqa: E402
 from vitq.passes.pipeline import build_deployable  # noqa: E402
 from vitq.passes.split_windows import SplitWindows  # noqa: E402
-from vitq.quant.pipeline import calibrate  # noqa: E402
-from vitq.recipe import parse_recipe_arg  # noqa: E402
 
-from test_mixa_core import tiny_swin, tiny_vit  # noqa: E402
-
-
-def _setup(model, family, hw, group, tmp, methods):
-    x = torch.randn(6, 3, hw, hw, generator=torch.Generator().manual_seed(2))
-    res = calibrate(model, family, x.numpy(), parse_recipe_arg("w4a8"), model_name="m", provenance={},
-                    progress=False, methods={"gptq": False, **methods})
-    spec = build_mixa_spec(res.model, res.sim, res.recipe, x, group=group, low_bits=4, routed=("linear", "attn"),
-                           ratios=0.5)
-    rec = attach(res.recipe, spec)
-    path = tmp / f"{family}.onnx"
-    export_onnx(res.model, path, image_size=(hw, hw))
-    return res, rec, path, x
-
-
-@pytest.fixture(scope="module")
-def vit_setup(tmp_path_factory):
-    return _setup(tiny_vit(), "vit", 32, (2, 2), tmp_path_factory.mktemp("mixa_vit"), {})
-
-
-@pytest.fixture(scope="module")
-def swin_setup(tmp_path_factory):
-    # min/max observers, no SQ-b: the graph/simulation agreement does not depend on how scales were chosen
-    return _setup(tiny_swin(), "swin", 56, None, tmp_path_factory.mktemp("mixa_swin"),
-                  {"observer": "minmax", "sqb": False})
+# fixtures vit_setup / swin_setup (session-scoped, shared with test_mixa_dynamic.py): tests/conftest.py
 
 
 def _rel(a, b):

@@ -75,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--mixa-group", metavar="HxW", help="MixA-Q token group on ViT/DeiT (default 2x2)")
     c.add_argument("--mixa-routed", choices=("linear+attn", "linear"), help="MixA-Q: route the attention "
                    "operands too (default linear+attn)")
+    c.add_argument("--mixa-low-quant", choices=("static", "dynamic"),
+                   help="MixA-Q low branch's activation quantizers: static scales calibrated on its own tokens "
+                        "(default; TensorRT plugin) or dynamic per-token scales (more accurate at 4 bits; "
+                        "ONNX Runtime only)")
     c.add_argument("--reconstruct", metavar="STEPS", type=_positive_int, nargs="?", const=200,
                    help="block-wise reconstruction after calibration: weight rounding and activation scales "
                         "fitted per transformer block, STEPS steps each (default 200; 5-15 minutes for "
@@ -139,7 +143,7 @@ def cmd_compile(args) -> int:
                           calib_count=args.calib_count, seed=args.seed, recipe=args.recipe, target=args.target,
                           skip_bad=args.skip_bad, tolerance=args.tolerance, mixa=args.mixa,
                           mixa_bits=args.mixa_bits, mixa_group=args.mixa_group, mixa_routed=args.mixa_routed,
-                          reconstruct=args.reconstruct)
+                          mixa_low_quant=args.mixa_low_quant, reconstruct=args.reconstruct)
     if args.target != "ort":
         from .trt.common import TrtBuildOptions
 

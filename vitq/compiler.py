@@ -48,6 +48,7 @@ class CompileOptions:
     mixa_bits: str | None = None   # "8/4", "fp32/8"
     mixa_group: str | None = None  # ViT token group, "2x2"
     mixa_routed: str | None = None  # "linear+attn" (default) | "linear"
+    mixa_low_quant: str | None = None  # "static" (default) | "dynamic" (per-token low-branch activations)
     reconstruct: int | None = None  # block reconstruction iterations per stage (vitq/quant/reconstruct.py); None: off
 
 
@@ -106,6 +107,12 @@ def compile_model(opts: CompileOptions, echo: Callable[[str], None] = print) -> 
                          f"{'a recipe file (already calibrated)' if recipe.kind == 'file' else 'not quantized'}")
     if recipe.quantized and recipe.kind != "file" and opts.calib is None:
         raise InputError(f"recipe {recipe.name!r} needs calibration images: pass --calib DIR")
+    if opts.mixa_low_quant is not None and opts.mixa is None:
+        raise InputError("--mixa-low-quant needs --mixa (a recipe file's mixa section already fixes its quantizers)")
+    if opts.mixa_low_quant == "dynamic" and opts.target != "ort":
+        raise InputError(f"--mixa-low-quant dynamic runs on ONNX Runtime only (no TensorRT quantizer computes "
+                         f"per-token int4 scales yet): use --target ort, or --mixa-low-quant static for "
+                         f"--target {opts.target}")
     trt_opts = None
     if opts.target != "ort":
         from .trt.common import TrtBuildOptions
@@ -346,7 +353,8 @@ def summarize_report(r: dict) -> str:
     if r.get("mixa"):
         mx = r["mixa"]
         rows.append(["MixA-Q", f"{mx['bitops_reduction']:.3f}x fewer bit-ops than uniform {mx['base']} (high a"
-                               f"{mx['high_bits']} / low a{mx['low_bits']}, {mx['scheme']} {mx['group'][0]}x"
+                               f"{mx['high_bits']} / low a{mx['low_bits']}"
+                               f"{' dynamic per token' if mx.get('low_quant') == 'dynamic' else ''}, {mx['scheme']} {mx['group'][0]}x"
                                f"{mx['group'][1]})"])
     q = (r.get("verification") or {}).get("qdq_vs_simulation")
     if q:

@@ -12,6 +12,12 @@ Per routed layer with base spec ``S`` (the uniform recipe's layer):
   re-searched at the branch's bits; attention operands are scored on their own matmul
   (``q`` on ``q @ k^T`` with float ``k``, ``k`` with float ``q``, ``attn`` on ``attn @ v``, ``v`` with float
   ``attn``), restricted to the branch's tokens (ViT: rows; Swin: whole windows).
+
+``low_quant="dynamic"``: the low branch's activation quantizers are dynamic per token instead (recipe
+``"dynamic": "token"``, :func:`vitq.quant.functional.fake_quant_dynamic`): each low token's Linear input, and each
+low token's ``q``/``k``/``v`` row and ``attn`` row, gets its own asymmetric grid from its own min/max at run time
+(4 or 8 bits; nothing to calibrate, weights still shared). Same bit-operations; the graph computes the scales with
+``ReduceMin``/``ReduceMax`` and blocked ``QuantizeLinear`` (ONNX Runtime; no TensorRT lowering yet).
 """
 
 from __future__ import annotations
@@ -29,7 +35,8 @@ from ..quant.optm import fit_regions
 from ..quant.prepare import AttnHook, set_submodule
 from ..quant.search import SHIFT_MAX_BITS, best_act_scale, subsample
 from ..quant.simulate import QuantSim, _t
-from ..recipe.schema import LayerSpec, QuantSpec, Recipe, RegionSpec
+from ..errors import UnsupportedError
+from ..recipe.schema import ATTN_OPERANDS, LayerSpec, QuantSpec, Recipe, RegionSpec
 from .routing import BlockGeom, block_geometry
 from .sim import Router, layer_layout, routed_modules
 from .spec import FLOAT_BITS, MixaBlock, MixaLayer, MixaSpec, n_low_groups
@@ -233,12 +240,35 @@ def _calib_attn(base: LayerSpec, st: dict, level: int, bits: int) -> LayerSpec:
     return s
 
 
+LOW_QUANT = ("static", "dynamic")
+
+
+def dynamic_branch(base: LayerSpec, bits: int) -> LayerSpec:
+    """``base`` with every activation quantizer dynamic per token at ``bits`` (weights kept: shared)."""
+    if bits not in (4, 8):
+        raise UnsupportedError(f"dynamic per-token activations are 4 or 8 bits, not {bits}")
+    s = copy.copy(base)
+    if base.kind == "attn":
+        for r in ATTN_OPERANDS:
+            if getattr(base, r) is not None:
+                setattr(s, r, QuantSpec.dynamic_token(bits))
+    else:
+        s.input, s.input_regions = QuantSpec.dynamic_token(bits), None
+    return s
+
+
 def build_mixa_spec(prepared: nn.Module, qsim: QuantSim, recipe: Recipe, calib_x, *, group=None,
                     high_bits: int | None = None, low_bits: int = 4, routed=("linear",),
                     ratios: float | dict = 0.5, calib_ratios: float | dict | None = None,
-                    progress=None) -> MixaSpec:
+                    low_quant: str = "static", progress=None) -> MixaSpec:
     """The full ``mixa`` section: skeleton at ``ratios``, branch quantizers calibrated at ``calib_ratios``
-    (default: ``ratios``; where that is 0 for a block, 0.5, so every block's low branch sees tokens)."""
+    (default: ``ratios``; where that is 0 for a block, 0.5, so every block's low branch sees tokens), or, for the
+    low branch with ``low_quant="dynamic"``, dynamic per token."""
+    if low_quant not in LOW_QUANT:
+        raise UnsupportedError(f"low_quant {low_quant!r} is not one of {', '.join(LOW_QUANT)}")
+    dyn_low = low_quant == "dynamic" and low_bits != FLOAT_BITS
+    if dyn_low and low_bits not in (4, 8):
+        raise UnsupportedError(f"a dynamic low branch is 4 or 8 bits, not {low_bits}")
     family = qsim.family
     x = calib_x if torch.is_tensor(calib_x) else torch.from_numpy(np.ascontiguousarray(calib_x, np.float32))
     spec, geoms = skeleton(prepared, family, recipe, group=group, high_bits=high_bits, low_bits=low_bits,
@@ -251,7 +281,8 @@ def build_mixa_spec(prepared: nn.Module, qsim: QuantSim, recipe: Recipe, calib_x
     need = []
     for l in spec.layers:
         ab = _act_bits(l.high)
-        if any(b not in (ab, FLOAT_BITS) for b in (spec.high_bits, spec.low_bits)):
+        calibrated = (spec.high_bits,) if dyn_low else (spec.high_bits, spec.low_bits)
+        if any(b not in (ab, FLOAT_BITS) for b in calibrated):
             need.append(l.module)
     samples = collect_branch_samples(prepared, family, cspec, geoms, x) if need else {}
     layers = []
@@ -264,6 +295,8 @@ def build_mixa_spec(prepared: nn.Module, qsim: QuantSim, recipe: Recipe, calib_x
                 br[level] = None
             elif bits == ab:
                 br[level] = base
+            elif level == 1 and dyn_low:
+                br[level] = dynamic_branch(base, bits)
             elif base.kind == "attn":
                 br[level] = _calib_attn(base, samples[l.module], level, bits)
             else:
@@ -273,7 +306,8 @@ def build_mixa_spec(prepared: nn.Module, qsim: QuantSim, recipe: Recipe, calib_x
         if progress:
             progress(f"mixa: {l.module} calibrated")
     spec.layers = layers
-    spec.info = {"calib_ratios": {k: round(v, 4) for k, v in cr.items()}, "calib_images": int(len(x))}
+    spec.info = {"calib_ratios": {k: round(v, 4) for k, v in cr.items()}, "calib_images": int(len(x)),
+                 "low_quant": low_quant}
     return spec
 
 

@@ -7,6 +7,8 @@ the compile pipeline and report it.
   given as ``"layers.0.blocks.0+1"``) or ``{"default": 0.5}``; blocks not listed get ``default`` (0 if absent).
 * ``--mixa-bits H/L``: high/low activation bits (``32``/``fp32`` = float high branch); default: the recipe's
   activation bits / 4.
+* ``--mixa-low-quant static|dynamic``: the low branch's activation quantizers calibrated on its own tokens
+  (default) or dynamic per token (:func:`vitq.mixa.calib.dynamic_branch`; ONNX Runtime only).
 * a recipe file that already has a ``mixa`` section is used as is (without ``--mixa``).
 
 Adds ``report["mixa"]``: ``bitops_reduction`` (float, vs the uniform base), ``ratios`` (per block / pair),
@@ -98,6 +100,7 @@ def apply_mixa(opts, rec, prepared, sim, lm, calib, cfg, report: dict, log, echo
     from .spec import MixaSpec
 
     info = None
+    low_quant = getattr(opts, "mixa_low_quant", None)
     if opts.mixa is None:  # recipe file with a mixa section
         spec = MixaSpec.from_dict(rec.mixa, layers=rec.layers)
         msim = MixaSim(sim, spec)
@@ -123,7 +126,8 @@ def apply_mixa(opts, rec, prepared, sim, lm, calib, cfg, report: dict, log, echo
         routed = tuple((opts.mixa_routed or "linear+attn").split("+"))
         with log.step("MixA-Q: calibrating the branch quantizers on their own tokens/windows"):
             spec = build_mixa_spec(prepared, sim, rec, x[:CALIB_IMAGES], group=group, high_bits=hi, low_bits=lo,
-                                   routed=routed, ratios=0.0, calib_ratios=0.6)
+                                   routed=routed, ratios=0.0, calib_ratios=0.6,
+                                   low_quant=low_quant or "static")
             msim = MixaSim(sim, spec)
         if kind == "target":
             with log.step(f"MixA-Q: ratio search for {val:g}x fewer bit-operations"):
@@ -135,7 +139,8 @@ def apply_mixa(opts, rec, prepared, sim, lm, calib, cfg, report: dict, log, echo
     units = units_of(spec)
     report["mixa"] = {
         "scheme": spec.scheme, "group": list(spec.group), "high_bits": spec.high_bits, "low_bits": spec.low_bits,
-        "routed": list(spec.routed), "base": spec.base, "bitops_reduction": float(bo["reduction"]),
+        "routed": list(spec.routed), "base": spec.base,
+        "low_quant": spec.low_quant, "bitops_reduction": float(bo["reduction"]),
         "bitops": {"base_total": bo["base_total"], "total": bo["total"]},
         "ratios": {unit_name(u): spec.block(u[0]).ratio for u in units},
         "groups": {b.block: {"stage": b.stage, "groups": b.groups, "n_high": b.n_high, "n_low": b.n_low}
@@ -143,6 +148,7 @@ def apply_mixa(opts, rec, prepared, sim, lm, calib, cfg, report: dict, log, echo
         "search": None if info is None else {k: v for k, v in info.items() if k not in ("sensitivity", "trace")},
     }
     echo(f"[vitq] MixA-Q: {bo['reduction']:.3f}x fewer bit-operations than uniform {spec.base} "
-         f"(high a{spec.high_bits} / low a{spec.low_bits}, {spec.scheme})")
+         f"(high a{spec.high_bits} / low a{spec.low_bits}"
+         f"{' dynamic per token' if report['mixa']['low_quant'] == 'dynamic' else ''}, {spec.scheme})")
     return rec, msim
 

@@ -130,6 +130,14 @@ class MixaSpec:
     prefix: int = 0  # ViT prefix (class) tokens, always high
     info: dict = field(default_factory=dict)  # free-form (search trace, bit-op summary): not interpreted
 
+    @property
+    def low_quant(self) -> str:
+        """``dynamic`` when the low branch's activation quantizers are dynamic per token, else ``static``."""
+        for l in self.layers:
+            if l.low is not None and any(q.dynamic for q in l.low.quantizers().values()):
+                return "dynamic"
+        return "static"
+
     def block(self, name: str) -> MixaBlock | None:
         for b in self.blocks:
             if b.block == name:

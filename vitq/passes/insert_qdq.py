@@ -37,6 +37,7 @@ import onnx_ir as ir
 from ..exporter.onnx_export import NAME_SCOPES_KEY
 from ..recipe.schema import LayerSpec, QuantSpec, Recipe
 from .analysis import Site, find_sites, has_qdq, sites_by_module
+from .dynamic_qdq import dynamic_qdq_nodes
 from .infra import GraphPass, GraphPassError
 from .irutil import META_BITS, META_MODULE, META_ROLE, META_SHIFT, Namer, add_initializer, const_array
 
@@ -78,7 +79,18 @@ class InsertQDQ(GraphPass):
         return m
 
     def _act_qdq(self, x: ir.Value, spec: QuantSpec, role: str, module: str, before: ir.Node) -> ir.Value:
-        """Q(->Clip)->DQ on activation ``x``; returns the DQ output (cached per (tensor, bits, scale))."""
+        """Q(->Clip)->DQ on activation ``x``; returns the DQ output (cached per (tensor, bits, scale)). Dynamic
+        per-token specs: :func:`vitq.passes.dynamic_qdq.dynamic_qdq_nodes` over the feature axis (``-2`` for the
+        attention's ``k`` operand, which the graph feeds transposed)."""
+        if spec.dynamic:
+            key = (id(x), spec.bits, "dynamic")
+            if key not in self._cache:
+                nodes, y = dynamic_qdq_nodes(self._graph, self._namer, x, spec.bits, -2 if role == "k" else -1,
+                                             f"{module}.{role}", self._meta(before, role, module, spec.bits))
+                self._graph.insert_before(before, nodes)
+                self._cache[key] = y
+                self.stats["qdq_pairs"] += 1
+            return self._cache[key]
         if len(spec.scale) != 1:
             raise GraphPassError(f"{module}.{role}: activations are quantized per tensor (got {len(spec.scale)} "
                                  f"scales)")

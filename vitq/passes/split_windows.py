@@ -35,6 +35,7 @@ import onnx_ir as ir
 from ..exporter.onnx_export import NAME_SCOPES_KEY
 from ..recipe.schema import QuantSpec, Recipe
 from .analysis import find_sites, sites_by_module
+from .dynamic_qdq import dynamic_qdq_nodes
 from .infra import GraphPass, GraphPassError
 from .irutil import META_BITS, META_MODULE, META_ROLE, META_SHIFT, Namer, add_initializer, module_of
 
@@ -298,6 +299,9 @@ class SplitWindows(GraphPass):
             if layout == "windows":
                 xs = b.op("Reshape", [xs, b.const(f"{tag}.{br}.shape3", np.array([-1, r.T, c], np.int64))], F32,
                           f"{tag}.x_{br}3")
+                xs.shape = ir.Shape([None, r.T, c])
+            else:
+                xs.shape = ir.Shape([None, e - s, c])  # static features: a dynamic quantizer's block size
             meta = dict(mm.metadata_props)
             meta[META_BRANCH] = br
             if br == "low":
@@ -396,6 +400,10 @@ class SplitWindowsAttn(GraphPass):
         qt = _qtype(spec.bits)
         meta = {**b.meta, META_ROLE: role, META_MODULE: module, META_BITS: str(spec.bits)}
         base = f"{module}.{role}"
+        if spec.dynamic:  # per token; the k operand is k^T in the graph (features on axis -2)
+            nodes, y = dynamic_qdq_nodes(b.g, b.nm, x, spec.bits, -2 if role == "k" else -1, base, meta)
+            b.g.insert_before(b.before, nodes)
+            return y
         scale = b.const(f"{base}.scale", np.array(spec.scale[0], np.float32))
         zp = add_initializer(b.g, b.nm, f"{base}.zero_point", np.array(0, np.int8), qt)
         if spec.shift:

@@ -38,6 +38,7 @@ import onnx
 import onnx_ir as ir
 
 from .analysis import QDQ_OPS
+from .dynamic_qdq import META_DYNAMIC
 from .infra import GraphPass, to_ir
 from .irutil import META_BITS, META_MODULE, const_array, consumers, module_of
 
@@ -184,6 +185,13 @@ def check(model: onnx.ModelProto | ir.Model | str) -> TrtReport:
 
 
 def _check_qdq(n: ir.Node, add) -> None:
+    if n.metadata_props.get(META_DYNAMIC):
+        if n.op_type == "QuantizeLinear":
+            add("error", "DYNAMIC_ACTIVATION", f"dynamic per-token {n.metadata_props.get(META_BITS, '?')}-bit "
+                                               f"activation (MixA-Q --mixa-low-quant dynamic): no TensorRT int4 "
+                                               f"quantizer or plugin computes per-token scales yet; compile with "
+                                               f"--mixa-low-quant static for TensorRT, or serve on ONNX Runtime", n)
+        return
     scale = const_array(n.inputs[1])
     zp_v = n.inputs[2] if len(n.inputs) > 2 else None
     zp = const_array(zp_v)

@@ -11,11 +11,31 @@ With a grid ``shift`` (recipe schema) the quantizer acts on ``x - c`` and the de
 
 For bits < 8 other than 4 (e.g. 6) the graph realizes the narrower range with int8 Q/DQ plus a ``Clip`` on the
 integer tensor, which computes the same function.
+
+**Dynamic per-token** activations (recipe ``"dynamic": "token"``, :func:`fake_quant_dynamic`): each token (each
+slice along the feature ``axis``) gets its own asymmetric grid from its own min and max at run time, the function of
+ONNX blocked ``QuantizeLinear``/``DequantizeLinear`` (``uint{bits}``, block = the whole feature axis) with scale and
+zero point computed in the graph from ``ReduceMin``/``ReduceMax``:
+
+    lo = min(min_axis x, 0), hi = max(max_axis x, 0), s = max((hi - lo) / (2^bits - 1), DYN_EPS)
+    z = round_half_even(-lo / s), q = clamp(round_half_even(x / s) + z, 0, 2^bits - 1), y = (q - z) * s
 """
 
 from __future__ import annotations
 
 import torch
+
+from ..recipe.schema import DYN_EPS
+
+
+def fake_quant_dynamic(x: torch.Tensor, bits: int, axis: int = -1) -> torch.Tensor:
+    """Per-token dynamic asymmetric quantize-dequantize over ``axis`` (see the module docstring)."""
+    n = float((1 << bits) - 1)
+    lo = torch.clamp(x.amin(axis, keepdim=True), max=0.0)
+    hi = torch.clamp(x.amax(axis, keepdim=True), min=0.0)
+    s = torch.clamp((hi - lo) / n, min=DYN_EPS)
+    z = torch.round(-lo / s)
+    return (torch.clamp(torch.round(x / s) + z, 0.0, n) - z) * s
 
 
 def qrange(bits: int) -> tuple[int, int]:

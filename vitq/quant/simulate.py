@@ -21,7 +21,7 @@ from torch import nn
 
 from ..exporter.models import SUPPORTED_FAMILIES
 from ..recipe.schema import LayerSpec, Recipe
-from .functional import fake_quant
+from .functional import fake_quant, fake_quant_dynamic
 from .observers import fake_quant_weight
 from .optm import region_fq
 from .prepare import AttnHook, model_chain, set_submodule
@@ -33,12 +33,16 @@ def _t(scale) -> torch.Tensor:
 
 class _InputQuant:
     def __init__(self, spec: LayerSpec):
-        self.plain = (_t(spec.input.scale), spec.input.bits, spec.input.shift) if spec.input is not None else None
+        self.dyn = spec.input.bits if spec.input is not None and spec.input.dynamic else None
+        self.plain = (_t(spec.input.scale), spec.input.bits, spec.input.shift) \
+            if spec.input is not None and not self.dyn else None
         r = spec.input_regions
         self.regions = (_t(r.pos.scale), r.pos.bits, _t(r.neg.scale), r.neg.bits, r.pos.shift, r.neg.shift) \
             if r is not None else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dyn is not None:
+            return fake_quant_dynamic(x, self.dyn)
         if self.plain is not None:
             return fake_quant(x, *self.plain)
         if self.regions is not None:
@@ -89,10 +93,13 @@ class QConv(nn.Module):
 class _AttnQ:
     def __init__(self, spec: LayerSpec):
         self.spec = spec
-        self.ops = {r: (_t(getattr(spec, r).scale), getattr(spec, r).bits, getattr(spec, r).shift)
-                    for r in ("q", "k", "attn", "v") if getattr(spec, r) is not None}
+        qs = {r: getattr(spec, r) for r in ("q", "k", "attn", "v") if getattr(spec, r) is not None}
+        self.ops = {r: (_t(q.scale), q.bits, q.shift) for r, q in qs.items() if not q.dynamic}
+        self.dyn = {r: q.bits for r, q in qs.items() if q.dynamic}
 
     def __call__(self, role: str, t: torch.Tensor) -> torch.Tensor:
+        if role in self.dyn:  # per token (q, k, v: over head channels) / per query row (attn: over keys)
+            return fake_quant_dynamic(t, self.dyn[role])
         op = self.ops.get(role)
         return t if op is None else fake_quant(t, *op)
 

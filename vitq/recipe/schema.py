@@ -73,7 +73,9 @@ from ..errors import InputError
 SCHEMA = "vitq.recipe/1"
 KINDS = ("linear", "conv", "attn")
 ATTN_OPERANDS = ("q", "k", "attn", "v")
-METHODS = ("minmax", "percentile", "mse", "fixed", "search", "recon")
+METHODS = ("minmax", "percentile", "mse", "fixed", "search", "recon", "dynamic")
+DYNAMIC = ("token",)
+DYN_EPS = 1e-8  # floor of a dynamic scale (an all-zero token): vitq.quant.functional.fake_quant_dynamic
 
 
 def _f32(v: float) -> float:
@@ -92,6 +94,7 @@ class QuantSpec:
     axis: int | None = None
     method: str = "minmax"
     shift: int = 0  # grid shift in steps (per-tensor activations only): x^ = (q + shift) * scale
+    dynamic: str | None = None  # "token": per-token asymmetric scale and zero point computed at run time (no scale)
 
     @property
     def offset(self) -> float:
@@ -106,7 +109,13 @@ class QuantSpec:
     def qmax(self) -> int:
         return (1 << (self.bits - 1)) - 1
 
+    @classmethod
+    def dynamic_token(cls, bits: int) -> "QuantSpec":
+        return cls(bits, [], None, "dynamic", 0, "token")
+
     def to_dict(self) -> dict:
+        if self.dynamic:
+            return {"bits": self.bits, "dynamic": self.dynamic, "method": "dynamic"}
         d: dict[str, Any] = {"bits": self.bits, "scale": [float(s) for s in self.scale], "method": self.method}
         if self.axis is not None:
             d["axis"] = self.axis
@@ -117,10 +126,23 @@ class QuantSpec:
     @classmethod
     def from_dict(cls, d: Any, where: str) -> "QuantSpec":
         _require_obj(d, where)
-        _only_keys(d, where, {"bits", "scale", "axis", "method", "shift"})
+        _only_keys(d, where, {"bits", "scale", "axis", "method", "shift", "dynamic"})
         bits = d.get("bits")
         if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 8:
             raise RecipeError(f"{where}.bits: expected an integer in 2..8, got {bits!r}")
+        if d.get("dynamic") is not None:
+            dyn = d["dynamic"]
+            if dyn not in DYNAMIC:
+                raise RecipeError(f"{where}.dynamic: {dyn!r} is not one of {', '.join(DYNAMIC)}")
+            if bits not in (4, 8):
+                raise RecipeError(f"{where}.bits: dynamic quantizers are 4 or 8 bits, got {bits}")
+            extra = [k for k in ("scale", "axis", "shift") if d.get(k) not in (None, [], 0)]
+            if extra:
+                raise RecipeError(f"{where}: a dynamic quantizer computes its scale at run time; remove "
+                                  f"{', '.join(repr(k) for k in extra)}")
+            if d.get("method", "dynamic") != "dynamic":
+                raise RecipeError(f"{where}.method: a dynamic quantizer's method is 'dynamic', got {d['method']!r}")
+            return cls.dynamic_token(bits)
         scale = d.get("scale")
         if isinstance(scale, (int, float)) and not isinstance(scale, bool):
             scale = [scale]
@@ -137,6 +159,8 @@ class QuantSpec:
         method = d.get("method", "minmax")
         if method not in METHODS:
             raise RecipeError(f"{where}.method: {method!r} is not one of {', '.join(METHODS)}")
+        if method == "dynamic":
+            raise RecipeError(f"{where}.method: 'dynamic' needs \"dynamic\": \"token\" (and no scale)")
         shift = d.get("shift", 0)
         if not isinstance(shift, int) or isinstance(shift, bool) or abs(shift) > (1 << (bits - 1)):
             raise RecipeError(f"{where}.shift: expected an integer with |shift| <= 2^(bits-1) = {1 << (bits - 1)}, "
@@ -205,7 +229,7 @@ class RegionSpec:
         pos = QuantSpec.from_dict(d.get("pos"), f"{where}.pos")
         neg = QuantSpec.from_dict(d.get("neg"), f"{where}.neg")
         for nm, q in (("pos", pos), ("neg", neg)):
-            if len(q.scale) != 1:
+            if len(q.scale) != 1 or q.dynamic:
                 raise RecipeError(f"{where}.{nm}: region quantizers are per tensor (one scale)")
         return cls(float(m), pos, neg)
 
@@ -277,6 +301,8 @@ class LayerSpec:
         spec = cls(module, kind, macs, weight=opt("weight", QuantSpec), input=opt("input", QuantSpec),
                    input_regions=opt("input_regions", RegionSpec), smooth=opt("smooth", SmoothSpec),
                    **{r: opt(r, QuantSpec) for r in ATTN_OPERANDS})
+        if spec.weight is not None and spec.weight.dynamic:
+            raise RecipeError(f"{where}.weight: weights are quantized statically (dynamic is for activations)")
         if kind == "attn":
             if spec.weight or spec.input or spec.input_regions or spec.smooth:
                 raise RecipeError(f"{where}: an 'attn' layer has only q, k, attn, v quantizers")
@@ -289,8 +315,9 @@ class LayerSpec:
                 raise RecipeError(f"{where}.weight.axis: per-channel weight scales are along axis 0 (output "
                                   f"channels), got {spec.weight.axis}")
             for nm, q in (("input", spec.input),):
-                if q is not None and len(q.scale) != 1:
-                    raise RecipeError(f"{where}.{nm}: activations are quantized per tensor (one scale)")
+                if q is not None and len(q.scale) != 1 and not q.dynamic:
+                    raise RecipeError(f"{where}.{nm}: activations are quantized per tensor (one scale) or "
+                                      f"dynamically per token")
         return spec
 
 

@@ -1,0 +1,151 @@
+"""Dynamic per-token low-branch activations (``--mixa-low-quant dynamic``): the arithmetic, the recipe schema, the
+ONNX builder (exact on ONNX Runtime), the MixA-Q graph against its simulation (ViT tokens, Swin windows, dynamic
+batch) and the TensorRT check."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from vitq.recipe.schema import LayerSpec, QuantSpec, RecipeError
+
+timm = pytest.importorskip("timm")
+
+from vitq.mixa.calib import attach, build_mixa_spec  # noqa: E402
+from vitq.mixa.sim import MixaSim  # noqa: E402
+from vitq.mixa.spec import MixaSpec  # noqa: E402
+from vitq.passes.infra import ort_run  # noqa: E402
+from vitq.passes.pipeline import build_deployable  # noqa: E402
+from vitq.quant.functional import fake_quant_dynamic  # noqa: E402
+
+from test_mixa_graph import _rel  # noqa: E402
+
+
+def _np_dynamic(x, bits, axis):
+    n = np.float32((1 << bits) - 1)
+    lo = np.minimum(x.min(axis, keepdims=True), np.float32(0))
+    hi = np.maximum(x.max(axis, keepdims=True), np.float32(0))
+    s = np.maximum((hi - lo) / n, np.float32(1e-8))
+    z = np.round(-lo / s)
+    return (np.clip(np.round(x / s) + z, 0, n) - z) * s
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_fake_quant_dynamic_is_per_token_asymmetric(bits):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 7, 16, generator=g) * torch.rand(3, 7, 1, generator=g) * 5 + 0.3
+    x[0, 0] = 0.0  # an all-zero token stays zero
+    x[0, 1] = torch.linspace(0.1, 2.0, 16)  # all positive: the grid still contains 0
+    y = fake_quant_dynamic(x, bits)
+    assert np.array_equal(y.numpy(), _np_dynamic(x.numpy(), bits, -1))
+    assert torch.equal(y[0, 0], torch.zeros(16))
+    for t in range(7):  # at most 2^bits levels per token, max error half a step
+        v = y[1, t]
+        s = (max(float(x[1, t].max()), 0) - min(float(x[1, t].min()), 0)) / ((1 << bits) - 1)
+        assert len(torch.unique(v)) <= 1 << bits
+        assert float((v - x[1, t]).abs().max()) <= s / 2 + 1e-6
+    # each token's grid is its own: scaling one token does not change the others
+    x2 = x.clone()
+    x2[2, 3] *= 100
+    y2 = fake_quant_dynamic(x2, bits)
+    keep = torch.ones(3, 7, dtype=torch.bool)
+    keep[2, 3] = False
+    assert torch.equal(y2[keep], y[keep])
+    # the feature axis is a parameter (the graph quantizes k^T over axis -2)
+    assert torch.equal(fake_quant_dynamic(x.transpose(-2, -1), bits, axis=-2), y.transpose(-2, -1))
+
+
+@pytest.mark.parametrize("bits,axis", [(4, -1), (8, -1), (4, -2)])
+def test_onnx_dynamic_qdq_equals_torch(bits, axis):
+    import onnx_ir as ir
+
+    from vitq.passes.dynamic_qdq import dynamic_qdq_nodes
+    from vitq.passes.irutil import Namer
+
+    shape = [None, 5, 12] if axis == -1 else [None, 12, 5]
+    x = ir.Value(name="x", shape=ir.Shape(shape), type=ir.TensorType(ir.DataType.FLOAT))
+    g = ir.Graph([x], [], nodes=[], opset_imports={"": 21}, name="g")
+    nodes, y = dynamic_qdq_nodes(g, Namer(g), x, bits, axis, "t", {})
+    g.extend(nodes)
+    g.outputs.append(y)
+    y.dtype = ir.DataType.FLOAT
+    model = ir.serde.serialize_model(ir.Model(g, ir_version=10))
+    onnx.checker.check_model(model, full_check=True)
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("QuantizeLinear") == 1 and "ReduceMax" in ops and "ReduceMin" in ops
+    q = next(n for n in model.graph.node if n.op_type == "QuantizeLinear")
+    assert {a.name: a.i for a in q.attribute} == {"axis": axis, "block_size": 12}
+    xs = (np.random.default_rng(1).standard_normal((4, *shape[1:])) * 3).astype(np.float32)
+    xs[0, 0] = 0
+    got = ort_run(model, {"x": xs})[0]
+    ref = fake_quant_dynamic(torch.from_numpy(xs), bits, axis).numpy()
+    assert np.array_equal(got, ref)
+
+
+def test_schema_dynamic_round_trip_and_errors():
+    d = {"bits": 4, "dynamic": "token"}
+    q = QuantSpec.from_dict(d, "x")
+    assert q.dynamic == "token" and q.scale == [] and q.to_dict() == {"bits": 4, "dynamic": "token",
+                                                                       "method": "dynamic"}
+    assert QuantSpec.from_dict(q.to_dict(), "x") == q
+    lay = LayerSpec.from_dict({"module": "m", "kind": "linear", "input": d,
+                               "weight": {"bits": 4, "scale": [0.1, 0.2], "axis": 0}}, "layers[0]")
+    assert lay.input.dynamic and lay.act_bits == 4
+    bad = [({"bits": 4, "dynamic": "channel"}, "dynamic"), ({"bits": 6, "dynamic": "token"}, "4 or 8"),
+           ({"bits": 4, "dynamic": "token", "scale": [0.1]}, "'scale'"),
+           ({"bits": 4, "scale": [0.1], "method": "dynamic"}, "dynamic")]
+    for spec, msg in bad:
+        with pytest.raises(RecipeError, match=msg):
+            QuantSpec.from_dict(spec, "layers[3].input")
+    with pytest.raises(RecipeError, match="weights are quantized statically"):
+        LayerSpec.from_dict({"module": "m", "kind": "linear", "weight": d}, "layers[0]")
+
+
+def _dyn_setup(setup):
+    res, rec, path, x = setup
+    fam = res.sim.family
+    spec = build_mixa_spec(res.model, res.sim, res.recipe, x, group=(2, 2) if fam == "vit" else None, low_bits=4,
+                           routed=("linear", "attn"), ratios=0.5, low_quant="dynamic")
+    return res, attach(res.recipe, spec), spec, path, x
+
+
+@pytest.mark.parametrize("which", ["vit", "swin"])
+def test_dynamic_low_branch_graph_matches_simulation(which, vit_setup, swin_setup):
+    res, rec, spec, path, x = _dyn_setup(vit_setup if which == "vit" else swin_setup)
+    assert spec.low_quant == "dynamic"
+    for l in spec.layers:  # low branch: every activation quantizer dynamic; high branch: the base's
+        assert all(q.dynamic == "token" and q.bits == 4 for r, q in l.low.quantizers().items() if r != "weight")
+        assert l.high is res.recipe.layer(l.module)
+        assert l.low.weight == l.high.weight
+    proto, rep = build_deployable(path, rec, "ort", sample_inputs=x[:2].numpy())
+    dyn_q = [n for n in proto.graph.node if n.op_type == "QuantizeLinear" and
+             any(p.key == "vitq.dynamic" for p in n.metadata_props)]
+    n_lin = sum(1 for l in spec.layers if l.low.kind == "linear" and spec.block_of(l.module).n_low)
+    n_att = sum(4 for l in spec.layers if l.low.kind == "attn" and spec.block_of(l.module).n_low)
+    assert len(dyn_q) == n_lin + n_att > 0
+    assert all(any(p.key == "vitq.module" and p.value.endswith("@low") for p in n.metadata_props) for n in dyn_q)
+    sim = MixaSim(res.sim, MixaSpec.from_dict(rec.mixa, layers=rec.layers))
+    static = MixaSim(res.sim, MixaSpec.from_dict(vit_setup[1].mixa if which == "vit" else swin_setup[1].mixa,
+                                                 layers=rec.layers))
+    for b in (1, 3):  # dynamic batch
+        xb = x[:b].numpy()
+        got = ort_run(proto, {"input": xb})[0]
+        ref = sim(torch.from_numpy(xb)).numpy()
+        other = static(torch.from_numpy(xb)).numpy()
+        assert got.shape == (b, 10)
+        assert _rel(other, ref) > 1e-3  # dynamic and static low branches differ
+        assert _rel(got, ref) < 0.05 * _rel(other, ref), (_rel(got, ref), _rel(other, ref))
+        assert (got.argmax(1) == ref.argmax(1)).all()
+
+
+def test_trt_check_reports_dynamic_activations(vit_setup):
+    from vitq.passes.trt_check import check
+
+    res, rec, spec, path, x = _dyn_setup(vit_setup)
+    proto, _ = build_deployable(path, rec, "ort", validate=False)
+    rep = check(proto)
+    codes = [i.code for i in rep.issues]
+    assert "DYNAMIC_ACTIVATION" in codes
+    assert not any(i.code == "QDQ_PARAMS_NOT_CONST" for i in rep.issues)
