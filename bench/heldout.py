@@ -54,6 +54,17 @@ def score(out, ref, y):
             "agreement": float((out.argmax(-1) == ref.argmax(-1)).float().mean() * 100), "kl": kl_mean(ref, out)}
 
 
+def heldout_set(calib: int = 256, extra: int = 32) -> ImageSet:
+    """The labeled sample images that neither bench/mptq.py's calibration subset (``calib``) nor bench/mixa.py's
+    branch-calibration / search subset (``extra``) uses."""
+    sample = open_image_set(SHARED / "imagenet-sample-eli1000")
+    used = set(sample.subset(calib, seed=0).files)
+    if extra:
+        used |= set(sample.subset(extra, seed=0).files)
+    keep = [i for i, f in enumerate(sample.files) if f not in used]
+    return ImageSet(sample.root, [sample.files[i] for i in keep], [sample.labels[i] for i in keep], sample.layout)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("recipes", nargs="+")
@@ -67,12 +78,7 @@ def main():
     t0 = time.time()
     lm = load_model("deit_tiny_patch16_224", SHARED / "weights" / "deit_tiny_patch16_224.wvfunc_matdump.pth")
     cfg = PreprocessConfig.from_dict(data_config(lm.model))
-    sample = open_image_set(SHARED / "imagenet-sample-eli1000")
-    used = set(sample.subset(args.calib, seed=0).files)
-    if args.exclude_extra:
-        used |= set(sample.subset(args.exclude_extra, seed=0).files)
-    keep = [i for i, f in enumerate(sample.files) if f not in used]
-    held = ImageSet(sample.root, [sample.files[i] for i in keep], [sample.labels[i] for i in keep], sample.layout)
+    held = heldout_set(args.calib, args.exclude_extra)
     sets = {"dev650": open_image_set(SHARED / "imagenet-val-dev650"), "sample_heldout": held}
     data = {}
     for name, s in sets.items():

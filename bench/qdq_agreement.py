@@ -51,10 +51,12 @@ SHARED = Path(os.environ.get("VITQ_SHARED_DATA", REPO.parent / "shared" / "data"
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--recipes", default="w8a8,w4a8,w4a4,mp5,w6a6")
+    ap.add_argument("--recipes", default="w8a8,w4a8,w4a4,mp5,w6a6", help="names in --recipe-dir, or .json paths")
     ap.add_argument("--recipe-dir", default=str(REPO / "bench" / "results" / "recipes"))
     ap.add_argument("--targets", default="ort,trt")
     ap.add_argument("--eval", type=int, default=None)
+    ap.add_argument("--images", choices=("dev650", "union"), default="dev650", help="union: dev650 plus the 720 "
+                    "held-out sample images of bench/heldout.py (1370)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--float64", action=argparse.BooleanOptionalAction, default=True,
                     help="also compare against the simulation evaluated in float64")
@@ -66,6 +68,11 @@ def main():
     if args.eval:
         dev = dev.subset(args.eval, seed=0)
     x, y = load_array(dev, cfg)
+    if args.images == "union":
+        from heldout import heldout_set
+
+        xh, yh = load_array(heldout_set(), cfg)
+        x, y = np.concatenate([x, xh]), np.concatenate([y, yh])
     with torch.no_grad():
         fref = torch.cat([lm.model(torch.from_numpy(x[i:i + 50])) for i in range(0, len(x), 50)]).double()
 
@@ -79,7 +86,8 @@ def main():
     rows = []
     tmp = Path(tempfile.mkdtemp(prefix="vitq-agree-"))
     for name in args.recipes.split(","):
-        path = Path(args.recipe_dir) / f"{name}.json"
+        path = Path(name) if name.endswith(".json") else Path(args.recipe_dir) / f"{name}.json"
+        name = path.stem
         if not path.is_file():
             print(f"skip {name}: {path} not found (run bench/mptq.py first)", flush=True)
             continue
@@ -122,6 +130,7 @@ def main():
                             "rel_l2_vs_float64": float(np.linalg.norm(got - ref64) / np.linalg.norm(ref64)),
                             "sim32_vs_float64_agreement": float((ref.argmax(1) == ref64.argmax(1)).mean() * 100),
                             "top1_sim_float64": float((ref64.argmax(1) == y).mean() * 100)})
+            row["images"] = args.images
             rows.append(row)
             print(f"{name:6s} {target:4s} agree {row['top1_agreement']:6.2f}%  rel {row['rel_l2']:.3e} "
                   f"(median/img {row['rel_l2_median_per_image']:.3e})  top-1 sim {row['top1_sim']:.2f} onnx "
