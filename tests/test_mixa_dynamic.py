@@ -140,6 +140,23 @@ def test_dynamic_low_branch_graph_matches_simulation(which, vit_setup, swin_setu
         assert (got.argmax(1) == ref.argmax(1)).all()
 
 
+def test_dynamic_low_branch_at_base_bits(vit_setup):
+    """``--mixa-bits 8/8 --mixa-low-quant dynamic``: the low branch is dynamic uint8 although its bits equal the
+    base's (asked for explicitly), and the graph still equals the simulation."""
+    res, rec, path, x = vit_setup
+    spec = build_mixa_spec(res.model, res.sim, res.recipe, x, group=(2, 2), high_bits=8, low_bits=8,
+                           routed=("linear",), ratios=0.5, low_quant="dynamic")
+    assert all(l.high is res.recipe.layer(l.module) and l.low.input.dynamic and l.low.input.bits == 8
+               for l in spec.layers)
+    proto, _ = build_deployable(path, attach(res.recipe, spec), "ort", validate=False)
+    xb = x[:3].numpy()
+    got = ort_run(proto, {"input": xb})[0]
+    ref = MixaSim(res.sim, spec)(torch.from_numpy(xb)).numpy()
+    base = res.sim(torch.from_numpy(xb)).numpy()
+    assert _rel(base, ref) > 1e-4
+    assert _rel(got, ref) < 0.05 * _rel(base, ref), (_rel(got, ref), _rel(base, ref))
+
+
 def test_trt_check_reports_dynamic_activations(vit_setup):
     from vitq.passes.trt_check import check
 

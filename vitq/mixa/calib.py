@@ -16,7 +16,7 @@ Per routed layer with base spec ``S`` (the uniform recipe's layer):
 ``low_quant="dynamic"``: the low branch's activation quantizers are dynamic per token instead (recipe
 ``"dynamic": "token"``, :func:`vitq.quant.functional.fake_quant_dynamic`): each low token's Linear input, and each
 low token's ``q``/``k``/``v`` row and ``attn`` row, gets its own asymmetric grid from its own min/max at run time
-(4 or 8 bits; nothing to calibrate, weights still shared). Same bit-operations; the graph computes the scales with
+(4 or 8 bits; nothing to calibrate, weights still shared; dynamic even when its bits equal the base's). Same bit-operations; the graph computes the scales with
 ``ReduceMin``/``ReduceMax`` and blocked ``QuantizeLinear`` (ONNX Runtime; no TensorRT lowering yet).
 """
 
@@ -293,10 +293,10 @@ def build_mixa_spec(prepared: nn.Module, qsim: QuantSim, recipe: Recipe, calib_x
         for level, bits in ((0, spec.high_bits), (1, spec.low_bits)):
             if bits == FLOAT_BITS:
                 br[level] = None
+            elif level == 1 and dyn_low:  # asked for explicitly: dynamic even at the base's bits
+                br[level] = dynamic_branch(base, bits)
             elif bits == ab:
                 br[level] = base
-            elif level == 1 and dyn_low:
-                br[level] = dynamic_branch(base, bits)
             elif base.kind == "attn":
                 br[level] = _calib_attn(base, samples[l.module], level, bits)
             else:
