@@ -58,6 +58,8 @@ def main():
     ap.add_argument("--images", choices=("dev650", "union"), default="dev650", help="union: dev650 plus the 720 "
                     "held-out sample images of bench/heldout.py (1370)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--int4-matmul", default="exact", help="comma list of exact,fast: ONNX Runtime's MatMulNBits "
+                    "compute for int4 weights (vitq.runtime.ort_backend; fast re-quantizes activations to int8)")
     ap.add_argument("--float64", action=argparse.BooleanOptionalAction, default=True,
                     help="also compare against the simulation evaluated in float64")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "qdq_agreement.json"))
@@ -110,34 +112,36 @@ def main():
             import onnx
 
             onnx.save(proto, mpath)
-            eng = Engine.load(mpath, backend="ort", threads=args.threads)
-            t = time.time()
-            got = np.concatenate([eng.run(x[i:i + 50]) for i in range(0, len(x), 50)]).astype(np.float64)
-            t_ort = time.time() - t
-            row = {"recipe": name, "target": target, "n": int(len(x)),
-                   "top1_agreement": float((got.argmax(1) == ref.argmax(1)).mean() * 100),
-                   "rel_l2": float(np.linalg.norm(got - ref) / np.linalg.norm(ref)),
-                   "rel_l2_median_per_image": float(np.median(np.linalg.norm(got - ref, axis=1)
-                                                              / np.linalg.norm(ref, axis=1))),
-                   "top1_sim": float((ref.argmax(1) == y).mean() * 100),
-                   "top1_onnx": float((got.argmax(1) == y).mean() * 100),
-                   "plugin_nodes": sum(p.get("stats", {}).get("plugin_nodes", 0) for p in rep["passes"]),
-                   "ort_optimization": eng._b.optimization, "sim_s": round(t_sim, 1), "onnx_s": round(t_ort, 1)}
-            row["vs_fp32"] = {"sim_float32": vs_fp32(ref), "onnx": vs_fp32(got)}
-            if ref64 is not None:
-                row["vs_fp32"]["sim_float64"] = vs_fp32(ref64)
-                row.update({"top1_agreement_vs_float64": float((got.argmax(1) == ref64.argmax(1)).mean() * 100),
-                            "rel_l2_vs_float64": float(np.linalg.norm(got - ref64) / np.linalg.norm(ref64)),
-                            "sim32_vs_float64_agreement": float((ref.argmax(1) == ref64.argmax(1)).mean() * 100),
-                            "top1_sim_float64": float((ref64.argmax(1) == y).mean() * 100)})
-            row["images"] = args.images
-            rows.append(row)
-            print(f"{name:6s} {target:4s} agree {row['top1_agreement']:6.2f}%  rel {row['rel_l2']:.3e} "
-                  f"(median/img {row['rel_l2_median_per_image']:.3e})  top-1 sim {row['top1_sim']:.2f} onnx "
-                  f"{row['top1_onnx']:.2f}  [{row['ort_optimization']}, {row['plugin_nodes']} plugins]"
-                  + (f"  vs float64 sim: agree {row['top1_agreement_vs_float64']:.2f}% (float32 sim "
-                     f"{row['sim32_vs_float64_agreement']:.2f}%)" if ref64 is not None else ""), flush=True)
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            for mode in args.int4_matmul.split(","):
+                eng = Engine.load(mpath, backend="ort", threads=args.threads, int4_matmul=mode)
+                t = time.time()
+                got = np.concatenate([eng.run(x[i:i + 50]) for i in range(0, len(x), 50)]).astype(np.float64)
+                t_ort = time.time() - t
+                row = {"recipe": name, "target": target, "n": int(len(x)),
+                       "top1_agreement": float((got.argmax(1) == ref.argmax(1)).mean() * 100),
+                       "rel_l2": float(np.linalg.norm(got - ref) / np.linalg.norm(ref)),
+                       "rel_l2_median_per_image": float(np.median(np.linalg.norm(got - ref, axis=1)
+                                                                  / np.linalg.norm(ref, axis=1))),
+                       "top1_sim": float((ref.argmax(1) == y).mean() * 100),
+                       "top1_onnx": float((got.argmax(1) == y).mean() * 100),
+                       "plugin_nodes": sum(p.get("stats", {}).get("plugin_nodes", 0) for p in rep["passes"]),
+                       "ort_optimization": eng._b.optimization, "int4_matmul": mode, "sim_s": round(t_sim, 1),
+                       "onnx_s": round(t_ort, 1)}
+                row["vs_fp32"] = {"sim_float32": vs_fp32(ref), "onnx": vs_fp32(got)}
+                if ref64 is not None:
+                    row["vs_fp32"]["sim_float64"] = vs_fp32(ref64)
+                    row.update({"top1_agreement_vs_float64": float((got.argmax(1) == ref64.argmax(1)).mean() * 100),
+                                "rel_l2_vs_float64": float(np.linalg.norm(got - ref64) / np.linalg.norm(ref64)),
+                                "sim32_vs_float64_agreement": float((ref.argmax(1) == ref64.argmax(1)).mean() * 100),
+                                "top1_sim_float64": float((ref64.argmax(1) == y).mean() * 100)})
+                row["images"] = args.images
+                rows.append(row)
+                print(f"{name:6s} {target:4s} agree {row['top1_agreement']:6.2f}%  rel {row['rel_l2']:.3e} "
+                      f"(median/img {row['rel_l2_median_per_image']:.3e})  top-1 sim {row['top1_sim']:.2f} onnx "
+                      f"{row['top1_onnx']:.2f}  [{row['ort_optimization']}, int4 {mode}, {row['plugin_nodes']} plugins]"
+                      + (f"  vs float64 sim: agree {row['top1_agreement_vs_float64']:.2f}% (float32 sim "
+                         f"{row['sim32_vs_float64_agreement']:.2f}%)" if ref64 is not None else ""), flush=True)
+                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps({"model": lm.name, "rows": rows}, indent=1))
     print("\n| recipe | target | agreement % (vs float32 sim) | rel L2 | agreement % vs float64 sim | float32 sim vs "
           "float64 sim | top-1 sim | top-1 ONNX |")
@@ -145,14 +149,14 @@ def main():
     for r in rows:
         a64 = f"{r['top1_agreement_vs_float64']:.2f}" if "top1_agreement_vs_float64" in r else "-"
         s64 = f"{r['sim32_vs_float64_agreement']:.2f}" if "sim32_vs_float64_agreement" in r else "-"
-        print(f"| {r['recipe']} | {r['target']} | {r['top1_agreement']:.2f} | {r['rel_l2']:.3e} | {a64} | {s64} | "
+        print(f"| {r['recipe']} | {r['target']}/{r.get('int4_matmul', '-')} | {r['top1_agreement']:.2f} | {r['rel_l2']:.3e} | {a64} | {s64} | "
               f"{r['top1_sim']:.2f} | {r['top1_onnx']:.2f} |")
     print("\n| recipe | realization | top-1 | agreement with fp32 | KL |")
     print("|---|---|---|---|---|")
     seen = set()
     for r in rows:
         for k, v in r["vs_fp32"].items():
-            key = (r["recipe"], r["target"] if k == "onnx" else k)
+            key = (r["recipe"], f"{r['target']}/{r.get('int4_matmul', '-')}" if k == "onnx" else k)
             if key in seen:
                 continue
             seen.add(key)

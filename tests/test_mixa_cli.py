@@ -53,7 +53,6 @@ def test_mixa_needs_calibration_images(tmp_path, capsys):
 
 @pytest.mark.parametrize("args,msg", [
     (["--mixa-low-quant", "dynamic"], "needs --mixa"),
-    (["--mixa", "1.2x", "--mixa-low-quant", "dynamic", "--target", "trt"], "ONNX Runtime only"),
 ])
 def test_mixa_low_quant_errors(tmp_path, capsys, args, msg):
     calib = make_image_folder(tmp_path / "calib", n=2, size=(32, 32))

@@ -219,7 +219,8 @@ def test_vit_qdq_matches_fake_quant_reference(vit, cfg):
         assert (got.argmax(1) == want.argmax(1)).all()
         if target == "trt":
             names = [p["name"] for p in report["passes"]]
-            assert names == ["insert_qdq", "cleanup", "lower_trt", "clip_sub8_activations", "cleanup", "trt_check"]
+            assert names == ["insert_qdq", "cleanup", "lower_trt", "dynamic_qdq_float", "clip_sub8_activations",
+                             "cleanup", "trt_check"]
             low = report["passes"][2]
             n_plugins = sum(1 for n in m.graph.node if n.op_type == "QuantLinearA4")
             if c["abits"] == 4:  # every int4-activation linear became a plugin node, exactly (checked on samples)
@@ -229,7 +230,7 @@ def test_vit_qdq_matches_fake_quant_reference(vit, cfg):
             else:
                 assert not low["changed"] and n_plugins == 0
             # sub-8-bit activations no plugin took (int4 attention operands, 6-bit inputs) run as clipped int8, exactly
-            clip = report["passes"][3]
+            clip = report["passes"][4]
             # w4a4: 4 attention operands x 2 blocks + the patch-embed Conv input; mixed: the two 6-bit activations
             n_sub8 = 4 * 2 + 1 if c["abits"] == 4 else (2 if cfg == "mixed_optm" else 0)
             assert clip["stats"]["activations_clipped_to_int8"] == n_sub8

@@ -56,3 +56,8 @@ def test_s4_mma_is_emitted_for_sm87(tmp_path):
     text = ptx.read_text()
     assert "mma.sync.aligned.m16n8k64.row.col.s32.s4.s4.s32" in text
     assert "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32" in text
+    # the dynamic per-row mode: its row-parameter kernel, and the S8 GEMM instantiated with DYN = true
+    entries = [ln.split()[-1] for ln in text.splitlines() if ln.startswith(".visible .entry") or ".entry " in ln]
+    assert any("dynamic_row_params_kernel" in e for e in entries), entries
+    assert any("qlinear_a4_kernelILb0ELb1ELb0ELb1E" in e for e in entries), entries  # S8, packed w, f32 out, DYN
+    assert "shfl.sync.bfly" in text  # the row min/max warp reduction

@@ -109,10 +109,6 @@ def compile_model(opts: CompileOptions, echo: Callable[[str], None] = print) -> 
         raise InputError(f"recipe {recipe.name!r} needs calibration images: pass --calib DIR")
     if opts.mixa_low_quant is not None and opts.mixa is None:
         raise InputError("--mixa-low-quant needs --mixa (a recipe file's mixa section already fixes its quantizers)")
-    if opts.mixa_low_quant == "dynamic" and opts.target != "ort":
-        raise InputError(f"--mixa-low-quant dynamic runs on ONNX Runtime only (no TensorRT quantizer computes "
-                         f"per-token int4 scales yet): use --target ort, or --mixa-low-quant static for "
-                         f"--target {opts.target}")
     trt_opts = None
     if opts.target != "ort":
         from .trt.common import TrtBuildOptions

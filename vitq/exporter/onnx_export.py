@@ -21,12 +21,12 @@ import torch
 
 from .. import __version__
 from ..errors import UnsupportedError, VerificationError
+from ..onnx_meta import NAME_SCOPES_KEY, module_name  # noqa: F401  (re-exported)
 from ..runtime.engine import META_MODEL, META_NUM_CLASSES, META_PREPROCESS, META_RECIPE, META_VERSION
 
 OPSET = 21
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
-NAME_SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 DEFAULT_TOLERANCE = 1e-4
 
 
@@ -121,17 +121,3 @@ def verify_against_torch(path: str | Path, model: torch.nn.Module, inputs: np.nd
         raise VerificationError(f"{path}: ONNX Runtime and torch disagree: max |logit diff| = {worst:.3e} > "
                                 f"{tolerance:.0e}")
     return result
-
-
-def module_name(node: onnx.NodeProto) -> str | None:
-    """The timm module path a node came from (e.g. ``blocks.3.attn.qkv``), from the exporter's name scopes:
-    the last scope entry is the op itself, the one before it is the innermost module."""
-    for p in node.metadata_props:
-        if p.key == NAME_SCOPES_KEY:
-            try:
-                scopes = json.loads(p.value.replace("'", '"'))
-            except json.JSONDecodeError:
-                return None
-            mods = [s for s in scopes[:-1] if s]
-            return mods[-1] if mods else ""
-    return None

@@ -10,12 +10,16 @@ The function is :func:`vitq.quant.functional.fake_quant_dynamic` over the featur
 
 Blocked quantization (one block = the whole feature axis) is how ONNX expresses a scale per token: ``s`` and ``z``
 have ``x``'s shape with the feature axis reduced to 1. ONNX Runtime 1.31 runs it on CPU (uint4 and uint8), exactly
-equal to the torch arithmetic. TensorRT has no such int4 quantizer (``trt_check`` reports ``DYNAMIC_ACTIVATION``).
+equal to the torch arithmetic. TensorRT has no blocked activation quantizer: for it, ``lower_trt`` turns a 4-bit
+chain feeding a linear layer into a ``QuantLinearA4`` plugin node in its dynamic per-row mode, and
+``dynamic_qdq_float`` rewrites the rest (attention operands, 8-bit chains) into exact float arithmetic
+(:func:`float_dynamic_qdq`).
 """
 
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 
 from ..recipe.schema import DYN_EPS
@@ -69,3 +73,84 @@ def dynamic_qdq_nodes(g: ir.Graph, nm: Namer, x: ir.Value, bits: int, axis: int,
     y = op("DequantizeLinear", [q, s, z], "dyn_dq", axis=axis, block_size=block)
     y.shape = shape
     return nodes, y
+
+
+def dynamic_qdq_protos(x_name: str, k: int, bits: int, base: str, used: set[str]
+                       ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], str]:
+    """:func:`dynamic_qdq_nodes` over the last axis (of static size ``k``) of the tensor named ``x_name``, as protos
+    for proto-level rewrites (:func:`vitq.plugins.lowering.expand_plugins`): (nodes, initializers, output name).
+    New names avoid ``used``, which is updated."""
+    g = ir.Graph([], [], nodes=[])
+    nm = Namer(g)
+    nm.used |= set(used) | {x_name}
+    x = ir.Value(name=x_name, shape=ir.Shape([k]), type=ir.TensorType(F32))
+    nodes, y = dynamic_qdq_nodes(g, nm, x, bits, -1, base, {})
+    out = ([ir.serde.serialize_node(n) for n in nodes],
+           [ir.serde.serialize_tensor(v.const_value) for v in g.initializers.values()], y.name)
+    used |= nm.used
+    return out
+
+
+def _levels(cast: ir.Node | None) -> int | None:
+    """2^bits - 1 of the zero point's Cast (from its ``to``: value types need not be known)."""
+    if cast is None or cast.op_type != "Cast" or "to" not in cast.attributes:
+        return None
+    return {ir.DataType.UINT4: 15, ir.DataType.UINT8: 255}.get(ir.DataType(cast.attributes["to"].as_int()))
+
+
+def float_dynamic_qdq(g: ir.Graph) -> int:
+    """Rewrite every dynamic quantizer's ``QuantizeLinear -> DequantizeLinear`` pair (as built by
+    :func:`dynamic_qdq_nodes`) into float arithmetic on the same scale ``s`` and the float zero point ``zf`` (the
+    ``Round`` before the ``Cast``)::
+
+        y = Mul(Sub(Clip(Add(Round(Div(x, s)), zf), 0, 2^bits - 1), zf), s)
+
+    Exact: ``x / s`` is the same float32 division QuantizeLinear does, everything up to the ``Mul`` is integer-valued
+    and small, and the ``Mul`` is DequantizeLinear's ``(q - z) * s``. For runtimes without blocked (per-token) Q/DQ,
+    e.g. TensorRT, which runs these as float element-wise ops. Returns the number of quantizers rewritten."""
+    from .irutil import consumers
+
+    nm = Namer(g)
+    n_rew = 0
+    for q in [n for n in g if n.op_type == "QuantizeLinear" and n.metadata_props.get(META_DYNAMIC)]:
+        x, s, z = (list(q.inputs) + [None, None, None])[:3]
+        cast = z.producer() if z is not None else None
+        levels = _levels(cast)
+        dqs = consumers(q.outputs[0])
+        if (levels is None or not dqs
+                or any(d.op_type != "DequantizeLinear" or d.inputs[1] is not s or d.inputs[2] is not z
+                       for d in dqs)):
+            raise GraphPassError(f"{q.name}: not a dynamic quantizer built by dynamic_qdq_nodes")
+        zf = cast.inputs[0]
+        meta = {**q.metadata_props, "vitq.lowered": "dynamic_float"}
+        base = q.name or "dyn"
+        lo = add_initializer(g, nm, f"{base}.clip_lo", np.array(0.0, np.float32))
+        hi = add_initializer(g, nm, f"{base}.clip_hi", np.array(float(levels), np.float32))
+        new: list[ir.Node] = []
+
+        def op(op_type, inputs, name):
+            out = ir.Value(name=nm(f"{base}.{name}"), type=ir.TensorType(F32), shape=x.shape)
+            new.append(ir.node(op_type, inputs, outputs=[out], name=nm(f"{base}/{op_type}F"),
+                               metadata_props=dict(meta)))
+            return out
+
+        t = op("Round", [op("Div", [x, s], "steps")], "rounded")
+        t = op("Clip", [op("Add", [t, zf], "shifted"), lo, hi], "clipped")
+        y = op("Mul", [op("Sub", [t, zf], "centered"), s], "dq")
+        g.insert_before(q, new)
+        keep_name = None
+        for d in dqs:
+            if d.outputs[0].is_graph_output():
+                keep_name = d.outputs[0].name
+            d.outputs[0].replace_all_uses_with(y, replace_graph_outputs=True)
+        dead = list(dqs) + [q] + ([cast] if all(u.node in dqs or u.node is q for u in z.uses()) else [])
+        for n in dead:
+            for i in range(len(n.inputs)):
+                n.replace_input_with(i, None)
+            g.remove(n, safe=False)
+        if keep_name is not None:  # a graph output keeps its name
+            for n in dqs:
+                n.outputs[0].name = None
+            y.name = keep_name
+        n_rew += 1
+    return n_rew

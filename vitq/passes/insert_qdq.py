@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from ..exporter.onnx_export import NAME_SCOPES_KEY
+from ..onnx_meta import NAME_SCOPES_KEY
 from ..recipe.schema import LayerSpec, QuantSpec, Recipe
 from .analysis import Site, find_sites, has_qdq, sites_by_module
 from .dynamic_qdq import dynamic_qdq_nodes

@@ -8,7 +8,7 @@ from typing import Iterable
 import numpy as np
 import onnx_ir as ir
 
-from ..exporter.onnx_export import NAME_SCOPES_KEY, module_name as _proto_module_name
+from ..onnx_meta import NAME_SCOPES_KEY, module_name as _proto_module_name
 
 # Node metadata vitq writes on the nodes it creates (read back by trt_check and the lowering passes).
 META_ROLE = "vitq.role"        # "weight", "input", "input.pos", "input.neg", "q", "k", "attn", "v"

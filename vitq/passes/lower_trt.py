@@ -1,5 +1,6 @@
-"""``lower_trt``: the TensorRT lowering as a pass: int4-activation Q/DQ + MatMul patterns become ``QuantLinearA4``
-plugin nodes (:func:`vitq.plugins.lowering.lower_trt`); every other node stays native.
+"""``lower_trt``: the TensorRT lowering as a pass: int4-activation Q/DQ + MatMul patterns (static per tensor, or the
+dynamic per-token uint4 chain) become ``QuantLinearA4`` plugin nodes (:func:`vitq.plugins.lowering.lower_trt`); every
+other node stays native.
 
 Requires ``qdq``; provides ``trt_lowered``. Semantics ``exact``: the plugin's ONNX expansion
 (:func:`vitq.plugins.lowering.expand_plugins`) is the same function bit for bit, and that is what the pass manager's
@@ -34,6 +35,25 @@ class LowerTrt(GraphPass):
 
 
 META_LOWERED = "vitq.lowered"
+
+
+class DynamicQdqFloat(GraphPass):
+    """Dynamic per-token activation quantizers that no plugin took (MixA-Q's dynamic low branch: the attention
+    operands, 8-bit chains) become float arithmetic on the same per-token scale and zero point
+    (:func:`vitq.passes.dynamic_qdq.float_dynamic_qdq`): TensorRT has no blocked activation Q/DQ, and runs these as
+    element-wise ops with the consuming matmul in float (``trt_check``: ``DYNAMIC_ACT_FLOAT``). Exact (checked
+    numerically by the pass manager)."""
+
+    NAME = "dynamic_qdq_float"
+    REQUIRES = frozenset({"qdq"})
+    SEMANTICS = "exact"
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        from .dynamic_qdq import float_dynamic_qdq
+
+        n = float_dynamic_qdq(model.graph)
+        self.stats = {"dynamic_quantizers_as_float": n}
+        return ir.passes.PassResult(model, modified=n > 0)
 
 
 class ClipSub8Activations(GraphPass):

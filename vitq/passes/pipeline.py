@@ -17,7 +17,7 @@ from .infra import GraphPass, PassManager, to_ir
 from .insert_qdq import InsertQDQ
 from .fold_shift import FoldShiftZeroPoint
 from .lower_ort_cpu import LowerOrtCpu
-from .lower_trt import ClipSub8Activations, LowerTrt
+from .lower_trt import ClipSub8Activations, DynamicQdqFloat, LowerTrt
 from .trt_check import TrtCheck
 
 TARGETS = ("ort", "trt", "jetson")
@@ -32,7 +32,8 @@ def pipeline_for(recipe: Recipe, target: str) -> list[GraphPass]:
     if target == "ort":
         return [InsertQDQ(recipe), Cleanup(), ClipSub8Activations(), LowerOrtCpu(), FoldShiftZeroPoint()]
     if target in ("trt", "jetson"):
-        return [InsertQDQ(recipe), Cleanup(), LowerTrt(), ClipSub8Activations(), Cleanup(), TrtCheck()]
+        return [InsertQDQ(recipe), Cleanup(), LowerTrt(), DynamicQdqFloat(), ClipSub8Activations(), Cleanup(),
+                TrtCheck()]
     raise InputError(f"unknown target {target!r} (expected one of: {', '.join(TARGETS)})")
 
 
@@ -45,7 +46,8 @@ def build_deployable(model: onnx.ModelProto | str | Path, recipe: Recipe | dict 
                 Clip + int8 Q/DQ, then int8 as uint8 zp 128: exact rewrites onto ORT's fast u8 kernels; ORT's
                 optimizer miscompiles int4 Q/DQ behind Relu, see clip_sub8_activations) -> fold_shift_zero_point
                 (shifted quantizers' Sub into the uint8 zero point; equal up to float32 rounding ties)
-    trt/jetson: insert_qdq -> cleanup -> lower_trt (int4-activation linears -> vitq plugin nodes) ->
+    trt/jetson: insert_qdq -> cleanup -> lower_trt (int4-activation linears, static or dynamic per token -> vitq
+                plugin nodes) -> dynamic_qdq_float (other dynamic per-token quantizers -> exact float arithmetic) ->
                 clip_sub8_activations (other sub-8-bit activations -> float Clip + int8 Q/DQ, exact) -> cleanup ->
                 trt_check (lint; TensorRT errors are reported, not raised: the caller decides)
 

@@ -32,7 +32,7 @@ import json
 import numpy as np
 import onnx_ir as ir
 
-from ..exporter.onnx_export import NAME_SCOPES_KEY
+from ..onnx_meta import NAME_SCOPES_KEY
 from ..recipe.schema import QuantSpec, Recipe
 from .analysis import find_sites, sites_by_module
 from .dynamic_qdq import dynamic_qdq_nodes

@@ -8,6 +8,8 @@ errors
   ``QDQ_PARAMS_NOT_CONST``   scale / zero point not initializers (required by the parser)
   ``INT4_ACTIVATION``        int4 QuantizeLinear on an activation: no native kernel; needs vitq's plugin lowering
                              (``vitq.plugins.lowering.lower_trt``)
+  ``DYNAMIC_ACTIVATION``     a blocked (per-token) uint Q/DQ left in the graph: needs ``lower_trt`` /
+                             ``dynamic_qdq_float``
   ``SUB8_ACTIVATION``        a Clip on the integer tensor between Q and DQ (6-bit etc. activations): breaks the Q/DQ
                              pair, TensorRT cannot fuse it into an int8 GEMM
   ``AXIS``                   per-channel weight DQ along the wrong axis for its consumer (or scale length mismatch)
@@ -21,6 +23,8 @@ warnings
   ``SUB8_WEIGHT``            6-bit (etc.) weights stored as int8: run as int8 (correct, no extra speed)
   ``SUB8_ACT_AS_INT8``       a sub-8-bit activation lowered to float Clip + int8 Q/DQ (``clip_sub8_activations``):
                              exact, runs as an int8 GEMM (no sub-8-bit speed)
+  ``DYNAMIC_ACT_FLOAT``      a dynamic per-token quantizer lowered to float arithmetic (``dynamic_qdq_float``):
+                             exact, its matmul runs in float
   ``DECOMPOSED_LAYERNORM``   ReduceMean/Sub/Pow/.../Div LayerNorm: slower, fp16-overflow prone; export at opset
                              >= 17 to keep LayerNormalization
   ``OPSET``                  opset outside the range this list was written for
@@ -180,6 +184,10 @@ def check(model: onnx.ModelProto | ir.Model | str) -> TrtReport:
                                                       f"TensorRT): an extra reformat, no int8 kernel", n)
         if n.op_type == "ReduceMean":
             _check_decomposed_ln(n, add)
+        if n.op_type == "Round" and n.metadata_props.get("vitq.lowered") == "dynamic_float":
+            add("warning", "DYNAMIC_ACT_FLOAT", f"dynamic per-token {n.metadata_props.get(META_BITS, '?')}-bit "
+                                                f"activation as float element-wise ops (exact; its matmul runs in "
+                                                f"float)", n)
     rep.stats = {"gemms": n_gemm, "gemms_int8": n_int8, "nodes": g.num_nodes(), "opset": opset}
     return rep
 
@@ -188,9 +196,10 @@ def _check_qdq(n: ir.Node, add) -> None:
     if n.metadata_props.get(META_DYNAMIC):
         if n.op_type == "QuantizeLinear":
             add("error", "DYNAMIC_ACTIVATION", f"dynamic per-token {n.metadata_props.get(META_BITS, '?')}-bit "
-                                               f"activation (MixA-Q --mixa-low-quant dynamic): no TensorRT int4 "
-                                               f"quantizer or plugin computes per-token scales yet; compile with "
-                                               f"--mixa-low-quant static for TensorRT, or serve on ONNX Runtime", n)
+                                               f"activation (blocked uint Q/DQ): TensorRT has no such quantizer; "
+                                               f"build with the trt target's pipeline (lower_trt takes 4-bit linear "
+                                               f"inputs into the QuantLinearA4 plugin, dynamic_qdq_float makes the "
+                                               f"rest float)", n)
         return
     scale = const_array(n.inputs[1])
     zp_v = n.inputs[2] if len(n.inputs) > 2 else None

@@ -35,7 +35,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import InputError
-from .specs import DOMAIN, NAMESPACE, QUANT_LINEAR_A4, VERSION, qrange
+from ..passes.dynamic_qdq import dynamic_qdq_protos
+from .specs import DOMAIN, DYN_EPS, DYN_LEVELS, NAMESPACE, QUANT_LINEAR_A4, VERSION, qrange
 
 _INT_TYPES = {TensorProto.INT4: 4, TensorProto.INT8: 8}
 
@@ -101,6 +102,7 @@ class _Match:
     remove: list  # nodes replaced outright (MatMul/Gemm, Add)
     maybe_dead: list  # Q, DQ, weight DQ: removed if nothing else uses them
     name: str
+    dynamic: bool = False  # per-row dynamic activation quantizer (act_dynamic=1)
 
 
 def _match_act_int4(ix: _Index, name: str) -> tuple[str, float, list] | None:
@@ -176,6 +178,59 @@ def _bias_const(ix: _Index, name: str, n: int) -> np.ndarray | None:
     return b[0].reshape(n).astype(np.float32)
 
 
+def _match_act_dynamic(ix: _Index, name: str, k: int) -> tuple[str, list] | None:
+    """``name`` = the dynamic per-token uint4 Q/DQ chain of :func:`vitq.passes.dynamic_qdq.dynamic_qdq_nodes` over
+    the last axis (block size ``k``), every node and constant checked: (x, [its 13 nodes])."""
+    dq = ix.producer.get(name)
+    if not _is_std(dq, "DequantizeLinear") or len(dq.input) < 3:
+        return None
+    q = ix.producer.get(dq.input[0])
+    if not _is_std(q, "QuantizeLinear") or list(q.input[1:3]) != list(dq.input[1:3]):
+        return None
+    for n in (q, dq):
+        a = _attrs(n)
+        if a.get("axis", 1) != -1 or a.get("block_size", 0) != k:
+            return None
+    x, s_name, z_name = q.input[0], q.input[1], q.input[2]
+
+    def prod(v, op, n_in=None):
+        p = ix.producer.get(v)
+        return p if _is_std(p, op) and (n_in is None or len(p.input) == n_in) else None
+
+    def is_const(v, value, dtype=TensorProto.FLOAT):
+        c = ix.const(v)
+        return c is not None and c[1] == dtype and c[0].size == 1 and np.float32(c[0].reshape(())) == np.float32(value)
+
+    cast = prod(z_name, "Cast")
+    if cast is None or _attrs(cast).get("to") != TensorProto.UINT4:
+        return None
+    rnd = prod(cast.input[0], "Round")
+    neg = prod(rnd.input[0], "Neg") if rnd else None
+    div_lo = prod(neg.input[0], "Div", 2) if neg else None
+    if div_lo is None or div_lo.input[1] != s_name:
+        return None
+    smax = prod(s_name, "Max", 2)
+    if smax is None or not is_const(smax.input[1], DYN_EPS):
+        return None
+    div_r = prod(smax.input[0], "Div", 2)
+    if div_r is None or not is_const(div_r.input[1], DYN_LEVELS[4]):
+        return None
+    sub = prod(div_r.input[0], "Sub", 2)
+    if sub is None or sub.input[1] != div_lo.input[0]:
+        return None
+    chain = [q, dq, cast, rnd, neg, div_lo, smax, div_r, sub]
+    for v, bound, red in ((sub.input[0], "Max", "ReduceMax"), (sub.input[1], "Min", "ReduceMin")):
+        b = prod(v, bound, 2)
+        r = prod(b.input[0], red, 2) if b else None
+        if r is None or r.input[0] != x or not is_const(b.input[1], 0.0) or _attrs(r).get("keepdims", 1) != 1:
+            return None
+        axes = ix.const(r.input[1])
+        if axes is None or axes[0].reshape(-1).tolist() != [-1]:
+            return None
+        chain += [b, r]
+    return x, chain
+
+
 def _match(ix: _Index, node: onnx.NodeProto) -> _Match | None:
     if _is_std(node, "MatMul"):
         w_is_kn = True
@@ -186,12 +241,19 @@ def _match(ix: _Index, node: onnx.NodeProto) -> _Match | None:
         w_is_kn = not a.get("transB", 0)
     else:
         return None
-    act = _match_act_int4(ix, node.input[0])
     wt = _match_weight(ix, node.input[1], w_is_kn)
-    if act is None or wt is None:
+    if wt is None:
         return None
-    x, act_scale, act_nodes = act
     w_nk, bits, w_scale, wdq = wt
+    act = _match_act_int4(ix, node.input[0])
+    if act is not None:
+        x, act_scale, act_nodes = act
+        dynamic = False
+    else:
+        dyn = _match_act_dynamic(ix, node.input[0], w_nk.shape[1])
+        if dyn is None:
+            return None
+        (x, act_nodes), act_scale, dynamic = dyn, 0.0, True
     n = w_nk.shape[0]
     bias, out, remove = None, node.output[0], [node]
     if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]:
@@ -206,7 +268,7 @@ def _match(ix: _Index, node: onnx.NodeProto) -> _Match | None:
             if b is not None:
                 bias, out, remove = b, add.output[0], [node, add]
     return _Match(x, act_scale, w_nk, bits, w_scale, bias, out, remove, act_nodes + [wdq],
-                  node.name or f"{node.op_type}_{out}")
+                  node.name or f"{node.op_type}_{out}", dynamic)
 
 
 class _Names:
@@ -279,10 +341,10 @@ def lower_trt(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
             b_name = names(f"{m.name}.vitq_bias")
             g.initializer.append(numpy_helper.from_array(m.bias, b_name))
             inputs.append(b_name)
+        act = {"act_dynamic": 1} if m.dynamic else {"act_scale": m.act_scale}
         node = helper.make_node(
             QUANT_LINEAR_A4.name, inputs, [m.output], name=names(f"{m.name}.vitq_qlinear_a4"), domain=DOMAIN,
-            plugin_namespace=NAMESPACE, plugin_version=VERSION, act_scale=m.act_scale, act_bits=4,
-            weight_bits=m.weight_bits)
+            plugin_namespace=NAMESPACE, plugin_version=VERSION, act_bits=4, weight_bits=m.weight_bits, **act)
         for r in m.remove:
             freed.update(r.input)
             g.node.remove(r)
@@ -320,17 +382,18 @@ def expand_plugins(model: onnx.ModelProto, int4: str = "native") -> tuple[onnx.M
     ix = _Index(g)
     names = _Names(g)
     freed: set[str] = set()
-    count = 0
+    count = n_dynamic = 0
     default_opset = next((o.version for o in out.opset_import if o.domain in ("", "ai.onnx")), 0)
     for node in list(g.node):
         if not _is_plugin(node):
             continue
-        if int4 == "native" and default_opset < 21:
+        if (int4 == "native" or _attrs(node).get("act_dynamic", 0)) and default_opset < 21:
             raise InputError(f"{node.name}: expanding to INT4 QuantizeLinear needs opset >= 21 (model has "
                              f"{default_opset})", hint="use expand_plugins(model, int4='emulate')")
-        a = QUANT_LINEAR_A4.resolve_attrs({k: v for k, v in _attrs(node).items()})
-        if a["act_bits"] != 4:
-            raise InputError(f"{node.name}: QuantLinearA4 act_bits={a['act_bits']} unsupported (only 4)")
+        try:
+            a = QUANT_LINEAR_A4.resolve_attrs({k: v for k, v in _attrs(node).items()})
+        except InputError as e:
+            raise InputError(f"{node.name}: {e}") from None
         w = ix.const(node.input[1])
         if w is None or w[0].ndim != 2:
             raise InputError(f"{node.name}: QuantLinearA4 W_q must be a constant [N, K] tensor")
@@ -345,16 +408,11 @@ def expand_plugins(model: onnx.ModelProto, int4: str = "native") -> tuple[onnx.M
         q, qc, xd = p("xq"), p("xq_clip"), p("xdq")
         w_name, ws_name, wzp_name, wd, mm = p("w_kn"), p("w_scale"), p("w_zp"), p("wdq"), p("matmul")
         native = int4 == "native"
-        new_inits = [numpy_helper.from_array(np.array(a["act_scale"], np.float32), s_a)]
-        if native:
-            new_inits.append(numpy_helper.from_array(ix.const(node.input[2])[0].astype(np.float32).reshape(n),
-                                                     ws_name))
-        if native:
-            new_inits.append(numpy_helper.from_array(np.array(0, ml_dtypes.int4), zp_a))
-        else:
-            new_inits.append(numpy_helper.from_array(np.array(0, np.int8), zp_a))
         w_kn = np.ascontiguousarray(w_nk.T)
         w_scale = ix.const(node.input[2])[0].astype(np.float32).reshape(n)
+        new_inits = []
+        if native:
+            new_inits.append(numpy_helper.from_array(w_scale, ws_name))
         if a["weight_bits"] == 4 and native:
             new_inits += [numpy_helper.from_array(w_kn.astype(ml_dtypes.int4), w_name),
                           numpy_helper.from_array(np.zeros(n, ml_dtypes.int4), wzp_name)]
@@ -366,19 +424,27 @@ def expand_plugins(model: onnx.ModelProto, int4: str = "native") -> tuple[onnx.M
             # weight DequantizeLinear, onnxruntime 1.31 at ORT_ENABLE_ALL fuses DQ(W)+MatMul into a *dynamically
             # re-quantized* int8 MatMul, which changes the result by ~1e-3.)
             new_inits.append(numpy_helper.from_array(w_kn.astype(np.float32) * w_scale[None, :], wd))
-        nodes = [helper.make_node("QuantizeLinear", [node.input[0], s_a, zp_a], [q], name=p("QuantizeLinear"))]
-        if native:
-            nodes.append(helper.make_node("DequantizeLinear", [q, s_a, zp_a], [xd], name=p("DequantizeLinear")))
+        if a["act_dynamic"]:
+            # the per-row uint4 chain, from the one builder insert_qdq uses; emulate: made float below
+            nodes, inits, xd = dynamic_qdq_protos(node.input[0], w_nk.shape[1], 4, f"{base}.act", names.used)
+            new_inits += inits
+            n_dynamic += 1
         else:
-            # Clip in float after the DequantizeLinear: fl(q*s) is monotone in q and fl(-8*s) / fl(7*s) are exactly
-            # the dequantized ends, so this equals DequantizeLinear(clip(q, -8, 7)). (An int8 Clip between Q and DQ
-            # is equivalent too, but onnxruntime 1.31's QDQ MatMul fusion fails on that form.)
-            lo_c, hi_c = p("clip_lo"), p("clip_hi")
-            sa32 = np.float32(a["act_scale"])
-            new_inits += [numpy_helper.from_array(np.array(np.float32(-8) * sa32, np.float32), lo_c),
-                          numpy_helper.from_array(np.array(np.float32(7) * sa32, np.float32), hi_c)]
-            nodes += [helper.make_node("DequantizeLinear", [q, s_a, zp_a], [qc], name=p("DequantizeLinear")),
-                      helper.make_node("Clip", [qc, lo_c, hi_c], [xd], name=p("Clip"))]
+            new_inits.append(numpy_helper.from_array(np.array(a["act_scale"], np.float32), s_a))
+            new_inits.append(numpy_helper.from_array(np.array(0, ml_dtypes.int4 if native else np.int8), zp_a))
+            nodes = [helper.make_node("QuantizeLinear", [node.input[0], s_a, zp_a], [q], name=p("QuantizeLinear"))]
+            if native:
+                nodes.append(helper.make_node("DequantizeLinear", [q, s_a, zp_a], [xd], name=p("DequantizeLinear")))
+            else:
+                # Clip in float after the DequantizeLinear: fl(q*s) is monotone in q and fl(-8*s) / fl(7*s) are
+                # exactly the dequantized ends, so this equals DequantizeLinear(clip(q, -8, 7)). (An int8 Clip
+                # between Q and DQ is equivalent too, but onnxruntime 1.31's QDQ MatMul fusion fails on that form.)
+                lo_c, hi_c = p("clip_lo"), p("clip_hi")
+                sa32 = np.float32(a["act_scale"])
+                new_inits += [numpy_helper.from_array(np.array(np.float32(-8) * sa32, np.float32), lo_c),
+                              numpy_helper.from_array(np.array(np.float32(7) * sa32, np.float32), hi_c)]
+                nodes += [helper.make_node("DequantizeLinear", [q, s_a, zp_a], [qc], name=p("DequantizeLinear")),
+                          helper.make_node("Clip", [qc, lo_c, hi_c], [xd], name=p("Clip"))]
         if native:
             nodes.append(helper.make_node("DequantizeLinear", [w_name, ws_name, wzp_name], [wd], axis=1,
                                           name=p("DequantizeLinear_w")))
@@ -404,4 +470,12 @@ def expand_plugins(model: onnx.ModelProto, int4: str = "native") -> tuple[onnx.M
             for op in list(out.opset_import):
                 if op.domain == DOMAIN:
                     out.opset_import.remove(op)
+    if n_dynamic and int4 == "emulate":
+        import onnx_ir as ir
+
+        from ..passes.dynamic_qdq import float_dynamic_qdq
+
+        m = ir.serde.deserialize_model(out)
+        float_dynamic_qdq(m.graph)
+        out = ir.serde.serialize_model(m)
     return out, count

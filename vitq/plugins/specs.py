@@ -12,7 +12,9 @@ QuantLinearA4
         X -> QuantizeLinear(act_scale, zp=int4 0) -> DequantizeLinear -> MatMul(., DequantizeLinear(W, w_scale, axis))
           [-> Add(bias)]
 
-    up to float rounding of the products and summation order (see :func:`quant_linear_a4_ref`).
+    up to float rounding of the products and summation order (see :func:`quant_linear_a4_ref`). With
+    ``act_dynamic=1`` the activation quantizer is instead the per-row (per-token) asymmetric uint4 one of MixA-Q's
+    dynamic low branch (``vitq.passes.dynamic_qdq``): scale and zero point from each row's own min/max at run time.
 
 WindowRoute / WindowMerge
     Fused window importance + top-k + gather of windows into a "high" and a "low" group, and the exact scatter back.
@@ -72,6 +74,8 @@ class OpSpec:
     version: str = VERSION
     domain: str = DOMAIN
     notes: tuple[str, ...] = field(default=())
+    #: cross-attribute check on the resolved attributes (raises :class:`InputError`), or None
+    check: Callable[[dict[str, Any]], None] | None = None
 
     def attr(self, name: str) -> AttrSpec:
         for a in self.attrs:
@@ -93,6 +97,8 @@ class OpSpec:
                 raise InputError(f"{self.name}: required attribute {a.name!r} missing")
             else:
                 out[a.name] = a.default
+        if self.check is not None:
+            self.check(out)
         return out
 
 
@@ -118,16 +124,56 @@ def quantize_act_ref(x: np.ndarray, act_scale: float, act_bits: int = 4) -> np.n
     return np.clip(q, lo, hi).astype(np.int32)
 
 
+DYN_LEVELS = {4: 15}  # uint4 grid of the dynamic per-row mode: 0..15
+DYN_EPS = 1e-8  # == vitq.recipe.schema.DYN_EPS (a test keeps them equal; the runtime imports neither torch nor this)
+
+
+def dynamic_row_params_ref(x: np.ndarray, act_bits: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row (last axis) scale and zero point of the dynamic mode, in float32, op for op as the standard-ONNX chain
+    of :func:`vitq.passes.dynamic_qdq.dynamic_qdq_nodes` computes them (and ``fake_quant_dynamic`` in torch)::
+
+        lo = min(min_k x, 0); hi = max(max_k x, 0); s = max((hi - lo) / 15, 1e-8); z = rint(-(lo / s))
+
+    Returns (s, z) with shape ``x.shape[:-1] + (1,)``; z holds integers in [0, 15] as float32."""
+    if act_bits not in DYN_LEVELS:
+        raise InputError(f"QuantLinearA4: the dynamic mode quantizes activations to 4 bits, not {act_bits}")
+    x = np.asarray(x, dtype=np.float32)
+    lo = np.minimum(x.min(axis=-1, keepdims=True), np.float32(0))
+    hi = np.maximum(x.max(axis=-1, keepdims=True), np.float32(0))
+    s = np.maximum((hi - lo) / np.float32(DYN_LEVELS[act_bits]), np.float32(DYN_EPS)).astype(np.float32)
+    z = np.rint(-(lo / s)).astype(np.float32)
+    return s, z
+
+
+def quantize_act_dynamic_ref(x: np.ndarray, act_bits: int = 4) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-row asymmetric quantization of the dynamic mode: (q - z as int32 in [-15, 15], s, z).
+    ``q = clip(rint(x / s) + z, 0, 15)``: ONNX QuantizeLinear to uint4 with a per-row block."""
+    s, z = dynamic_row_params_ref(x, act_bits)
+    x = np.asarray(x, dtype=np.float32)
+    q = np.clip(np.rint(x / s) + z, 0, DYN_LEVELS[act_bits])
+    return (q - z).astype(np.int32), s, z
+
+
 def quant_linear_a4_ref(x: np.ndarray, w_q: np.ndarray, w_scale: np.ndarray, bias: np.ndarray | None = None, *,
-                        act_scale: float, act_bits: int = 4, weight_bits: int = 4) -> np.ndarray:
-    """Reference QuantLinearA4: ``Y = (xq @ W_q^T) * act_scale * w_scale + bias`` in float32.
+                        act_scale: float = 0.0, act_bits: int = 4, weight_bits: int = 4,
+                        act_dynamic: int = 0) -> np.ndarray:
+    """Reference QuantLinearA4 (float32 output).
+
+    Static (``act_dynamic=0``): ``Y = ((float(xq @ W_q^T) * act_scale) * w_scale) + bias`` with
+    ``xq = clip(round_half_even(x / act_scale), -8, 7)``.
+
+    Dynamic per row (``act_dynamic=1``, ``act_scale`` unused): per row m, ``s_m, z_m`` from the row's own min/max
+    (:func:`dynamic_row_params_ref`), ``d = clip(rint(x / s_m) + z_m, 0, 15) - z_m`` (integers in [-15, 15]) and
+    ``Y = ((float(d @ W_q^T) * s_m) * w_scale) + bias``. This is what standard ONNX computes for the blocked uint4
+    Q/DQ chain of ``vitq.passes.dynamic_qdq`` feeding the MatMul, up to float rounding of the products and the
+    summation order.
 
     x: float32 [..., K]; w_q: int8 [N, K] holding values in the ``weight_bits`` range; w_scale: float32 [N];
-    bias: float32 [N] or None. xq = clip(round_half_even(x / act_scale), -8, 7).
+    bias: float32 [N] or None.
 
-    The integer product is exact (int64 here, int32 in the kernel: |acc| <= K * 8 * 128 < 2^31 for any realistic
-    K), then scaled in this exact float32 order: ``((float(acc) * act_scale) * w_scale[n]) + bias[n]``; the CUDA
-    kernel uses the same order with no FMA contraction, so for float32 output it is bit-exact for K <= 2^14.
+    The integer product is exact (int64 here, int32 in the kernel: |acc| <= K * 15 * 128 < 2^31 for any realistic
+    K), then scaled in the exact float32 order above; the CUDA kernel uses the same order with no FMA contraction,
+    so for float32 output it is bit-exact while |acc| < 2^24.
 
     Standard ONNX (QuantizeLinear -> DequantizeLinear -> MatMul with DequantizeLinear'd weights -> Add) computes
     ``sum_k (xq_k * act_scale) * (w_nk * w_scale_n) + bias_n``: the same real number; the float32 results differ
@@ -146,21 +192,40 @@ def quant_linear_a4_ref(x: np.ndarray, w_q: np.ndarray, w_scale: np.ndarray, bia
     w_scale = np.asarray(w_scale, dtype=np.float32).reshape(-1)
     if w_scale.shape != (n,):
         raise InputError(f"QuantLinearA4: w_scale must have shape [{n}], got {w_scale.shape}")
-    xq = quantize_act_ref(x, act_scale, act_bits).astype(np.int64)
+    if act_dynamic not in (0, 1):
+        raise InputError(f"QuantLinearA4: act_dynamic must be 0 or 1, got {act_dynamic}")
+    if act_dynamic:
+        d, s, _ = quantize_act_dynamic_ref(x, act_bits)
+        xq, row_scale = d.astype(np.int64), s.reshape(-1, 1)
+    else:
+        if not np.float32(act_scale) > 0:
+            raise InputError(f"QuantLinearA4: act_scale must be > 0 in the static mode, got {act_scale}")
+        xq, row_scale = quantize_act_ref(x, act_scale, act_bits).astype(np.int64), np.float32(act_scale)
     acc = xq.reshape(-1, k) @ w_q.astype(np.int64).T  # exact
-    y = acc.astype(np.float32) * np.float32(act_scale)
+    y = acc.astype(np.float32) * row_scale
     y = y * w_scale[None, :]
     if bias is not None:
         y = y + np.asarray(bias, dtype=np.float32).reshape(1, n)
     return y.astype(np.float32).reshape(*x.shape[:-1], n)
 
 
+def _check_quant_linear(a: dict[str, Any]) -> None:
+    if a["act_dynamic"] not in (0, 1):
+        raise InputError(f"QuantLinearA4: act_dynamic must be 0 or 1, got {a['act_dynamic']}")
+    if a["act_bits"] != 4:
+        raise InputError(f"QuantLinearA4: act_bits={a['act_bits']} unsupported (only 4)")
+    if not a["act_dynamic"] and not (a["act_scale"] > 0 and math.isfinite(a["act_scale"])):
+        raise InputError(f"QuantLinearA4: the static mode (act_dynamic=0) needs act_scale > 0, got {a['act_scale']}")
+
+
 QUANT_LINEAR_A4 = OpSpec(
     name="QuantLinearA4",
     attrs=(
-        AttrSpec("act_scale", "float", None, "per-tensor symmetric activation scale (float32, > 0)"),
+        AttrSpec("act_scale", "float", 0.0, "per-tensor symmetric activation scale (float32, > 0); static mode only"),
         AttrSpec("act_bits", "int", 4, "activation bit width; only 4 is supported"),
         AttrSpec("weight_bits", "int", 4, "4 (W_q values in [-8, 7]) or 8 (values in [-128, 127])"),
+        AttrSpec("act_dynamic", "int", 0, "0: static per-tensor act_scale; 1: per-row asymmetric uint4 scale and "
+                                          "zero point from the row's min/max (MixA-Q's dynamic low branch)"),
     ),
     inputs=(
         TensorSpec("X", "float32", "[..., K]"),
@@ -171,7 +236,8 @@ QUANT_LINEAR_A4 = OpSpec(
     ),
     outputs=(TensorSpec("Y", "float32", "[..., N]"),),
     reference=quant_linear_a4_ref,
-    doc="W4A4 / W8A4 linear layer with fused int4 activation quantization.",
+    check=_check_quant_linear,
+    doc="W4A4 / W8A4 linear layer with fused int4 activation quantization (static per tensor, or dynamic per row).",
 )
 
 

@@ -23,16 +23,28 @@ def _info(arg) -> TensorInfo:
     return TensorInfo(arg.name, shape, np.dtype(_ORT_TYPES.get(arg.type, np.float32)))
 
 
+#: ONNX Runtime session option: compute type of MatMulNBits made by the int4 DQ -> MatMul fusion (0 unset, 1 fp32,
+#: 2 fp16, 3 bf16, 4 int8: activations re-quantized)
+QDQ_MATMULNBITS_ACCURACY = "session.qdq_matmulnbits_accuracy_level"
+
+
 class OrtBackend:
     name = "ort"
 
     def __init__(self, path: Path, threads: int | None = None, providers: list[str] | None = None,
-                 optimization: str = "auto"):
+                 optimization: str = "auto", int4_matmul: str = "exact"):
         """``optimization``: ORT graph optimization level, or ``"auto"``: ``"all"``, except for graphs compiled for
         TensorRT (``vitq.target`` trt/jetson metadata: signed int8 Q/DQ, vitq plugin nodes), which run with graph
         optimizations off: ONNX Runtime's fused S8S8 int8 kernels can saturate on AVX2 CPUs, and the point of
         running a TensorRT graph on the CPU is to check its exact function. vitq plugin nodes are expanded to their
-        standard-ONNX definition (:func:`vitq.plugins.lowering.expand_plugins`) before the session is created."""
+        standard-ONNX definition (:func:`vitq.plugins.lowering.expand_plugins`) before the session is created.
+
+        ``int4_matmul``: at ``extended``/``all``, ONNX Runtime fuses an int4 weight ``DequantizeLinear -> MatMul`` into
+        ``MatMulNBits``, whose default compute (accuracy level 4) quantizes the *activations* to int8 again, per
+        block of 32 along K, with their own scales: a different function from the graph's (measured on one W4 layer
+        behind a dynamic uint4 activation: 7% relative error). ``"exact"`` (default) sets
+        ``session.qdq_matmulnbits_accuracy_level = 1`` (float compute: the Q/DQ function, up to float rounding);
+        ``"fast"`` keeps ONNX Runtime's default."""
         self.notes: list[str] = []
         model_src: str | bytes = str(path)
         try:
@@ -68,7 +80,12 @@ class OrtBackend:
         if level is None:
             raise InputError(f"optimization must be auto, disable, basic, extended or all (got {optimization!r})")
         so.graph_optimization_level = level
+        if int4_matmul == "exact":
+            so.add_session_config_entry(QDQ_MATMULNBITS_ACCURACY, "1")
+        elif int4_matmul != "fast":
+            raise InputError(f"int4_matmul must be exact or fast (got {int4_matmul!r})")
         self.optimization = optimization
+        self.int4_matmul = int4_matmul
         so.log_severity_level = 3
         try:
             self.session = ort.InferenceSession(model_src, sess_options=so,

@@ -30,6 +30,14 @@ __device__ __forceinline__ int quant_s4(float x, float s) {
     return static_cast<int>(v);
 }
 
+// The dynamic per-row mode: ONNX QuantizeLinear to uint4 with the row's zero point z, minus z again (what
+// DequantizeLinear subtracts): clamp(rint(x / s) + z, 0, 15) - z, an integer in [-15, 15] (int8 operand, S8 path).
+__device__ __forceinline__ int quant_u4_centered(float x, float s, float z) {
+    float v = rintf(__fdiv_rn(x, s)) + z;  // both integer-valued: exact
+    v = fminf(fmaxf(v, 0.0f), 15.0f);
+    return static_cast<int>(v - z);
+}
+
 __device__ __forceinline__ void mma_s4(int (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
     asm volatile(
@@ -56,11 +64,14 @@ __device__ __forceinline__ void mma_s8(int (&c)[4], const uint32_t (&a)[4], cons
 
 // S4: int4 operands (8 values per word); otherwise int8 operands (4 per word).
 // W_PACKED: weights are packed int4 [N, K/2]; otherwise int8 [N, K].
-template <bool S4, bool W_PACKED, bool OUT_F16>
+// DYN: per-row scale / zero point (row_scale[m], row_zp[m], from dynamic_row_params_kernel) instead of act_scale.
+template <bool S4, bool W_PACKED, bool OUT_F16, bool DYN>
 __global__ void __launch_bounds__(THREADS)
 qlinear_a4_kernel(const float* __restrict__ x, const uint8_t* __restrict__ w, const float* __restrict__ w_scale,
-                  const float* __restrict__ bias, void* __restrict__ y, int M, int N, int K, float act_scale) {
+                  const float* __restrict__ bias, void* __restrict__ y, int M, int N, int K, float act_scale,
+                  const float* __restrict__ row_scale, const float* __restrict__ row_zp) {
     static_assert(S4 ? W_PACKED : true, "the s4 path needs packed int4 weights");
+    static_assert(!(S4 && DYN), "the dynamic mode's operands are in [-15, 15]: int8 (S8 path) only");
     constexpr int EPW = S4 ? 8 : 4;        // elements per 32-bit word
     constexpr int KSTEP = WORDS * EPW;     // K elements per step (64 or 32)
     constexpr int EBITS = S4 ? 4 : 8;
@@ -92,10 +103,12 @@ qlinear_a4_kernel(const float* __restrict__ x, const uint8_t* __restrict__ w, co
             uint32_t word = 0;
             if (m < M) {
                 const float* xr = x + static_cast<size_t>(m) * K;
+                const float rs = DYN ? row_scale[m] : act_scale;
+                const float rz = DYN ? row_zp[m] : 0.0f;
 #pragma unroll
                 for (int e = 0; e < EPW; ++e) {
                     if (k + e < K) {
-                        const int q = quant_s4(xr[k + e], act_scale);
+                        const int q = DYN ? quant_u4_centered(xr[k + e], rs, rz) : quant_s4(xr[k + e], rs);
                         word |= (static_cast<uint32_t>(q) & EMASK) << (EBITS * e);
                     }
                 }
@@ -152,7 +165,7 @@ qlinear_a4_kernel(const float* __restrict__ x, const uint8_t* __restrict__ w, co
         __syncthreads();
     }
 
-    // ---- epilogue: ((float(acc) * act_scale) * w_scale[n]) + bias[n], no FMA contraction ----
+    // ---- epilogue: ((float(acc) * act_scale) * w_scale[n]) + bias[n], no FMA contraction (DYN: row_scale[m]) ----
 #pragma unroll
     for (int i = 0; i < 2; ++i)
 #pragma unroll
@@ -162,13 +175,42 @@ qlinear_a4_kernel(const float* __restrict__ x, const uint8_t* __restrict__ w, co
                 const int m = m0 + wm * 32 + i * 16 + g + (r >= 2 ? 8 : 0);
                 const int n = n0 + wn * 32 + j * 8 + t * 2 + (r & 1);
                 if (m < M && n < N) {
-                    float v = __fmul_rn(__fmul_rn(static_cast<float>(acc[i][j][r]), act_scale), w_scale[n]);
+                    const float rs = DYN ? row_scale[m] : act_scale;
+                    float v = __fmul_rn(__fmul_rn(static_cast<float>(acc[i][j][r]), rs), w_scale[n]);
                     if (bias) v = __fadd_rn(v, bias[n]);
                     const size_t o = static_cast<size_t>(m) * N + n;
                     if (OUT_F16) reinterpret_cast<__half*>(y)[o] = __float2half_rn(v);
                     else reinterpret_cast<float*>(y)[o] = v;
                 }
             }
+}
+
+// One warp per row: lo = min(min_k x, 0), hi = max(max_k x, 0), s = max((hi - lo) / 15, 1e-8), z = rint(-(lo / s)),
+// op for op the standard-ONNX chain (ReduceMin/ReduceMax -> Min/Max -> Sub -> Div -> Max -> Div -> Neg -> Round).
+constexpr int ROW_WARPS = 4;
+__global__ void __launch_bounds__(ROW_WARPS * 32)
+dynamic_row_params_kernel(const float* __restrict__ x, float* __restrict__ row_scale, float* __restrict__ row_zp,
+                          int M, int K) {
+    const int lane = threadIdx.x & 31;
+    const int m = blockIdx.x * ROW_WARPS + (threadIdx.x >> 5);
+    if (m >= M) return;
+    const float* xr = x + static_cast<size_t>(m) * K;
+    float mn = 0.0f, mx = 0.0f;  // the clamp to 0 of lo / hi, folded into the initial values
+    for (int k = lane; k < K; k += 32) {
+        const float v = xr[k];
+        mn = fminf(mn, v);
+        mx = fmaxf(mx, v);
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+        mn = fminf(mn, __shfl_xor_sync(0xffffffffu, mn, off));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+    }
+    if (lane == 0) {
+        const float s = fmaxf(__fdiv_rn(__fsub_rn(mx, mn), 15.0f), 1e-8f);
+        row_scale[m] = s;
+        row_zp[m] = rintf(-__fdiv_rn(mn, s));
+    }
 }
 
 __global__ void pack_int4_kernel(const int8_t* __restrict__ w, uint8_t* __restrict__ packed, size_t n_bytes) {
@@ -180,14 +222,14 @@ __global__ void pack_int4_kernel(const int8_t* __restrict__ w, uint8_t* __restri
     }
 }
 
-template <bool S4, bool W_PACKED>
+template <bool S4, bool W_PACKED, bool DYN = false>
 int launch_typed(const float* x, const uint8_t* w, const float* ws, const float* b, void* y, int out_dtype, int M,
-                 int N, int K, float s, cudaStream_t stream) {
+                 int N, int K, float s, cudaStream_t stream, const float* rs = nullptr, const float* rz = nullptr) {
     const dim3 grid((N + BN - 1) / BN, (M + BM - 1) / BM);
     if (out_dtype == VITQ_OUT_F16)
-        qlinear_a4_kernel<S4, W_PACKED, true><<<grid, THREADS, 0, stream>>>(x, w, ws, b, y, M, N, K, s);
+        qlinear_a4_kernel<S4, W_PACKED, true, DYN><<<grid, THREADS, 0, stream>>>(x, w, ws, b, y, M, N, K, s, rs, rz);
     else
-        qlinear_a4_kernel<S4, W_PACKED, false><<<grid, THREADS, 0, stream>>>(x, w, ws, b, y, M, N, K, s);
+        qlinear_a4_kernel<S4, W_PACKED, false, DYN><<<grid, THREADS, 0, stream>>>(x, w, ws, b, y, M, N, K, s, rs, rz);
     return cudaGetLastError() == cudaSuccess ? VITQ_OK : VITQ_ERR_CUDA;
 }
 
@@ -248,4 +290,35 @@ extern "C" int vitq_quant_linear_a4(const float* x, const void* w, int weight_fo
     if (weight_format == VITQ_W_INT4_PACKED)
         return launch_typed<false, true>(x, wb, w_scale, bias, y, out_dtype, M, N, K, act_scale, stream);
     return launch_typed<false, false>(x, wb, w_scale, bias, y, out_dtype, M, N, K, act_scale, stream);
+}
+
+extern "C" int vitq_dynamic_row_params(const float* x, float* row_scale, float* row_zp, int M, int K,
+                                       cudaStream_t stream) {
+    if (!x || !row_scale || !row_zp) return VITQ_ERR_ARG;
+    if (M < 1 || K < 1) return VITQ_ERR_SHAPE;
+    dynamic_row_params_kernel<<<(M + ROW_WARPS - 1) / ROW_WARPS, ROW_WARPS * 32, 0, stream>>>(x, row_scale, row_zp,
+                                                                                              M, K);
+    return cudaGetLastError() == cudaSuccess ? VITQ_OK : VITQ_ERR_CUDA;
+}
+
+extern "C" int vitq_quant_linear_a4_dynamic(const float* x, const void* w, int weight_format, const float* w_scale,
+                                            const float* bias, void* y, int out_dtype, int M, int N, int K,
+                                            float* row_params, int path, cudaStream_t stream) {
+    if (!x || !w || !w_scale || !y || !row_params) return VITQ_ERR_ARG;
+    if (weight_format != VITQ_W_INT4_PACKED && weight_format != VITQ_W_INT8) return VITQ_ERR_ARG;
+    if (out_dtype != VITQ_OUT_F32 && out_dtype != VITQ_OUT_F16) return VITQ_ERR_ARG;
+    if (path != VITQ_PATH_AUTO && path != VITQ_PATH_S8_MMA) return VITQ_ERR_ARG;  // operands in [-15, 15]: s8 only
+    if (M < 1 || N < 1 || K < 8 || K % 8 != 0) return VITQ_ERR_SHAPE;
+    if ((M + BM - 1) / BM > 65535) return VITQ_ERR_SHAPE;
+    const int cc = device_cc();
+    if (cc < 0) return VITQ_ERR_CUDA;
+    if (cc < 80) return VITQ_ERR_ARCH;
+    float* rs = row_params;
+    float* rz = row_params + M;
+    const int rc = vitq_dynamic_row_params(x, rs, rz, M, K, stream);
+    if (rc != VITQ_OK) return rc;
+    const uint8_t* wb = static_cast<const uint8_t*>(w);
+    if (weight_format == VITQ_W_INT4_PACKED)
+        return launch_typed<false, true, true>(x, wb, w_scale, bias, y, out_dtype, M, N, K, 0.0f, stream, rs, rz);
+    return launch_typed<false, false, true>(x, wb, w_scale, bias, y, out_dtype, M, N, K, 0.0f, stream, rs, rz);
 }

@@ -57,6 +57,19 @@ int vitq_quant_linear_a4(const float* x, const void* w, int weight_format, const
                          void* y, int out_dtype, int M, int N, int K, float act_scale, int path,
                          cudaStream_t stream);
 
+/*
+ * Dynamic per-row mode (QuantLinearA4 act_dynamic=1; MixA-Q's dynamic low branch). Per row m of x [M, K]:
+ *   lo = min(min_k x, 0), hi = max(max_k x, 0), s_m = max((hi - lo) / 15, 1e-8), z_m = rint(-(lo / s_m))
+ *   d = clamp(rint(X / s_m) + z_m, 0, 15) - z_m   (ONNX uint4 QuantizeLinear minus its zero point: [-15, 15])
+ *   Y[m, n] = ((float(sum_k d[m,k] * W[n,k]) * s_m) * w_scale[n]) + bias[n]
+ * row_params: caller-allocated device float [2 * M] (workspace: s_m, then z_m). S8 path only (path AUTO or S8_MMA,
+ * else VITQ_ERR_ARG). Same shape preconditions as vitq_quant_linear_a4.
+ */
+int vitq_dynamic_row_params(const float* x, float* row_scale, float* row_zp, int M, int K, cudaStream_t stream);
+int vitq_quant_linear_a4_dynamic(const float* x, const void* w, int weight_format, const float* w_scale,
+                                 const float* bias, void* y, int out_dtype, int M, int N, int K, float* row_params,
+                                 int path, cudaStream_t stream);
+
 /* The path VITQ_PATH_AUTO picks on the current device for this weight format (or a negative vitq_status). */
 int vitq_select_path(int weight_format);
 

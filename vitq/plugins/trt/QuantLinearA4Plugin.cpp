@@ -23,6 +23,11 @@ void logError(char const* what) noexcept
     std::cerr << "[vitq QuantLinearA4] " << what << std::endl;
 }
 
+size_t rowParamsOffset(size_t packedBytes)
+{
+    return (packedBytes + 255) / 256 * 256;
+}
+
 int64_t leadingVolume(Dims const& d)
 {
     int64_t v = 1;
@@ -34,10 +39,11 @@ int64_t leadingVolume(Dims const& d)
 }
 } // namespace
 
-QuantLinearA4Plugin::QuantLinearA4Plugin(float actScale, int32_t actBits, int32_t weightBits)
+QuantLinearA4Plugin::QuantLinearA4Plugin(float actScale, int32_t actBits, int32_t weightBits, int32_t actDynamic)
     : mActScale(actScale)
     , mActBits(actBits)
     , mWeightBits(weightBits)
+    , mActDynamic(actDynamic)
 {
     initFieldsToSerialize();
 }
@@ -48,6 +54,7 @@ void QuantLinearA4Plugin::initFieldsToSerialize()
     mDataToSerialize.emplace_back(PluginField("act_scale", &mActScale, PluginFieldType::kFLOAT32, 1));
     mDataToSerialize.emplace_back(PluginField("act_bits", &mActBits, PluginFieldType::kINT32, 1));
     mDataToSerialize.emplace_back(PluginField("weight_bits", &mWeightBits, PluginFieldType::kINT32, 1));
+    mDataToSerialize.emplace_back(PluginField("act_dynamic", &mActDynamic, PluginFieldType::kINT32, 1));
     mFCToSerialize.nbFields = static_cast<int32_t>(mDataToSerialize.size());
     mFCToSerialize.fields = mDataToSerialize.data();
 }
@@ -167,13 +174,15 @@ int32_t QuantLinearA4Plugin::getOutputShapes(DimsExprs const* inputs, int32_t nb
 size_t QuantLinearA4Plugin::getWorkspaceSize(DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
     DynamicPluginTensorDesc const* outputs, int32_t nbOutputs) const noexcept
 {
-    if (mWeightBits != 4)
-    {
-        return 0;
-    }
-    // packed int4 weights [N, K/2]; the weight shape is static (an initializer), use the max to be safe
+    // [packed int4 weights N*K/2 bytes (weight_bits 4)] [pad to 256] [dynamic mode: row scales + zero points, 2*M
+    // floats]; the weight shape is static (an initializer), M from the profile's max of X
     Dims const& w = inputs[1].max;
-    return static_cast<size_t>(w.d[0]) * static_cast<size_t>(w.d[1] / 2);
+    size_t const packed = mWeightBits == 4 ? static_cast<size_t>(w.d[0]) * static_cast<size_t>(w.d[1] / 2) : 0;
+    if (!mActDynamic)
+    {
+        return packed;
+    }
+    return rowParamsOffset(packed) + 2 * sizeof(float) * static_cast<size_t>(leadingVolume(inputs[0].max));
 }
 
 // ---- IPluginV3OneRuntime ----
@@ -218,6 +227,14 @@ int32_t QuantLinearA4Plugin::enqueue(PluginTensorDesc const* inputDesc, PluginTe
         w = workspace;
         format = VITQ_W_INT4_PACKED;
     }
+    if (mActDynamic)
+    {
+        size_t const packed = mWeightBits == 4 ? static_cast<size_t>(n) * static_cast<size_t>(k / 2) : 0;
+        float* rowParams = reinterpret_cast<float*>(static_cast<char*>(workspace) + rowParamsOffset(packed));
+        int32_t const rc = vitq_quant_linear_a4_dynamic(x, w, format, wScale, bias, outputs[0], VITQ_OUT_F32,
+            static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), rowParams, VITQ_PATH_AUTO, stream);
+        return rc == VITQ_OK ? 0 : -rc;
+    }
     int32_t const rc = vitq_quant_linear_a4(x, w, format, wScale, bias, outputs[0], VITQ_OUT_F32, static_cast<int>(m),
         static_cast<int>(n), static_cast<int>(k), mActScale, VITQ_PATH_AUTO, stream);
     return rc == VITQ_OK ? 0 : -rc;
@@ -240,6 +257,7 @@ QuantLinearA4PluginCreator::QuantLinearA4PluginCreator()
     mPluginAttributes.emplace_back(PluginField("act_scale", nullptr, PluginFieldType::kFLOAT32, 1));
     mPluginAttributes.emplace_back(PluginField("act_bits", nullptr, PluginFieldType::kINT32, 1));
     mPluginAttributes.emplace_back(PluginField("weight_bits", nullptr, PluginFieldType::kINT32, 1));
+    mPluginAttributes.emplace_back(PluginField("act_dynamic", nullptr, PluginFieldType::kINT32, 1));
     mFC.nbFields = static_cast<int32_t>(mPluginAttributes.size());
     mFC.fields = mPluginAttributes.data();
 }
@@ -272,6 +290,7 @@ IPluginV3* QuantLinearA4PluginCreator::createPlugin(
         float actScale{-1.F};
         int32_t actBits{4};
         int32_t weightBits{4};
+        int32_t actDynamic{0};
         for (int32_t i = 0; i < fc->nbFields; ++i)
         {
             PluginField const& f = fc->fields[i];
@@ -291,14 +310,20 @@ IPluginV3* QuantLinearA4PluginCreator::createPlugin(
             {
                 weightBits = *static_cast<int32_t const*>(f.data);
             }
+            else if (std::strcmp(f.name, "act_dynamic") == 0 && f.type == PluginFieldType::kINT32)
+            {
+                actDynamic = *static_cast<int32_t const*>(f.data);
+            }
             // other fields (e.g. plugin_namespace / plugin_version forwarded by a parser) are ignored
         }
-        if (!(actScale > 0.F) || !std::isfinite(actScale) || actBits != 4 || (weightBits != 4 && weightBits != 8))
+        bool const scaleOk = actDynamic == 1 || (actScale > 0.F && std::isfinite(actScale));
+        if (!scaleOk || actBits != 4 || (weightBits != 4 && weightBits != 8) || (actDynamic != 0 && actDynamic != 1))
         {
-            logError("invalid attributes: need act_scale > 0, act_bits == 4, weight_bits in {4, 8}");
+            logError("invalid attributes: need act_bits == 4, weight_bits in {4, 8}, act_dynamic in {0, 1}, and "
+                     "act_scale > 0 when act_dynamic == 0");
             return nullptr;
         }
-        return new QuantLinearA4Plugin(actScale, actBits, weightBits);
+        return new QuantLinearA4Plugin(actDynamic ? 0.F : actScale, actBits, weightBits, actDynamic);
     }
     catch (std::exception const& e)
     {
