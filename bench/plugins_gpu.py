@@ -31,8 +31,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from vitq.plugins.specs import (n_high_windows, quant_linear_a4_ref, window_importance_ref,  # noqa: E402
-                                window_merge_ref)
+from vitq.plugins.specs import (dynamic_row_params_ref, n_high_windows, quant_linear_a4_ref,  # noqa: E402
+                                window_importance_ref, window_merge_ref)
 
 KERNELS = REPO / "vitq" / "plugins" / "kernels"
 W_INT4_PACKED, W_INT8 = 0, 1
@@ -153,11 +153,13 @@ def load_library(path: Path):
     p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     lib.vitq_pack_int4.argtypes = [p, p, i, i, p]
     lib.vitq_quant_linear_a4.argtypes = [p, p, i, p, p, p, i, i, i, i, f, i, p]
+    lib.vitq_quant_linear_a4_dynamic.argtypes = [p, p, i, p, p, p, i, i, i, i, p, i, p]
+    lib.vitq_dynamic_row_params.argtypes = [p, p, p, i, i, p]
     lib.vitq_select_path.argtypes = [i]
     lib.vitq_window_route.argtypes = [p, p, p, p, p, p, i, i, i, i, i, p]
     lib.vitq_window_merge.argtypes = [p, p, p, p, p, i, i, i, i, i, p]
-    for fn in (lib.vitq_pack_int4, lib.vitq_quant_linear_a4, lib.vitq_select_path, lib.vitq_window_route,
-               lib.vitq_window_merge):
+    for fn in (lib.vitq_pack_int4, lib.vitq_quant_linear_a4, lib.vitq_quant_linear_a4_dynamic,
+               lib.vitq_dynamic_row_params, lib.vitq_select_path, lib.vitq_window_route, lib.vitq_window_merge):
         fn.restype = ctypes.c_int
     return lib
 
@@ -227,6 +229,28 @@ def run_gpu(iters: int, batch: int, seed: int) -> dict:
                     if rc == 0 and sh.model != "random" and out_dt == OUT_F16:
                         row["us"] = _time(launch, iters)
                     results["linear"].append(row)
+            # the dynamic per-row mode (act_dynamic=1): row scale / zero point bit-exact, then the S8 GEMM
+            ref_d = quant_linear_a4_ref(x, w, ws, b, weight_bits=wbits, act_dynamic=1)
+            rs_ref, rz_ref = dynamic_row_params_ref(x)
+            params = torch.full((2 * sh.M,), float("nan"), device=dev, dtype=torch.float32)
+            for out_dt in (OUT_F32, OUT_F16):
+                y = torch.full((sh.M, sh.N), float("nan"), device=dev,
+                               dtype=torch.float32 if out_dt == OUT_F32 else torch.float16)
+                launch = lambda: lib.vitq_quant_linear_a4_dynamic(  # noqa: E731
+                    xt.data_ptr(), wbuf.data_ptr(), fmt, wst.data_ptr(), bt.data_ptr(), y.data_ptr(), out_dt,
+                    sh.M, sh.N, sh.K, params.data_ptr(), PATH_S8, stream)
+                rc = launch()
+                torch.cuda.synchronize()
+                row = {**asdict(sh), "weight_bits": wbits, "path": "s8_mma_dynamic",
+                       "out": "f32" if out_dt == OUT_F32 else "f16", "rc": rc}
+                row.update(check_linear(y.cpu().numpy(), ref_d, out_dt == OUT_F16) if rc == 0 else {"ok": False})
+                pr = params.cpu().numpy()
+                row["row_params_exact"] = bool(np.array_equal(pr[:sh.M], rs_ref.reshape(-1))
+                                               and np.array_equal(pr[sh.M:], rz_ref.reshape(-1)))
+                row["ok"] = row["ok"] and row["row_params_exact"]
+                if rc == 0 and sh.model != "random" and out_dt == OUT_F16:
+                    row["us"] = _time(launch, iters)
+                results["linear"].append(row)
             if sh.model != "random" and wbits == 4:
                 a16 = torch.randn(sh.M, sh.K, device=dev, dtype=torch.float16)
                 w16 = torch.randn(sh.K, sh.N, device=dev, dtype=torch.float16)

@@ -77,8 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "operands too (default linear+attn)")
     c.add_argument("--mixa-low-quant", choices=("static", "dynamic"),
                    help="MixA-Q low branch's activation quantizers: static scales calibrated on its own tokens "
-                        "(default; TensorRT plugin) or dynamic per-token scales (more accurate at 4 bits; "
-                        "ONNX Runtime only)")
+                        "(default, the paper's) or dynamic per-token scales (more accurate at 4 bits; on TensorRT "
+                        "the QuantLinearA4 plugin's per-row mode)")
     c.add_argument("--reconstruct", metavar="STEPS", type=_positive_int, nargs="?", const=200,
                    help="block-wise reconstruction after calibration: weight rounding and activation scales "
                         "fitted per transformer block, STEPS steps each (default 200; 5-15 minutes for "

@@ -17,7 +17,8 @@ Per routed layer with base spec ``S`` (the uniform recipe's layer):
 ``"dynamic": "token"``, :func:`vitq.quant.functional.fake_quant_dynamic`): each low token's Linear input, and each
 low token's ``q``/``k``/``v`` row and ``attn`` row, gets its own asymmetric grid from its own min/max at run time
 (4 or 8 bits; nothing to calibrate, weights still shared; dynamic even when its bits equal the base's). Same bit-operations; the graph computes the scales with
-``ReduceMin``/``ReduceMax`` and blocked ``QuantizeLinear`` (ONNX Runtime; no TensorRT lowering yet).
+``ReduceMin``/``ReduceMax`` and blocked ``QuantizeLinear`` (ONNX Runtime; for TensorRT, ``lower_trt`` makes the
+Linear inputs ``QuantLinearA4`` plugin nodes in their per-row mode and ``dynamic_qdq_float`` the rest float).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ the compile pipeline and report it.
 * ``--mixa-bits H/L``: high/low activation bits (``32``/``fp32`` = float high branch); default: the recipe's
   activation bits / 4.
 * ``--mixa-low-quant static|dynamic``: the low branch's activation quantizers calibrated on its own tokens
-  (default) or dynamic per token (:func:`vitq.mixa.calib.dynamic_branch`; ONNX Runtime only).
+  (default) or dynamic per token (:func:`vitq.mixa.calib.dynamic_branch`; TensorRT through the plugin's per-row mode).
 * a recipe file that already has a ``mixa`` section is used as is (without ``--mixa``).
 
 Adds ``report["mixa"]``: ``bitops_reduction`` (float, vs the uniform base), ``ratios`` (per block / pair),
