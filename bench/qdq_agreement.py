@@ -63,6 +63,8 @@ def main():
     ap.add_argument("--float64", action=argparse.BooleanOptionalAction, default=True,
                     help="also compare against the simulation evaluated in float64")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "qdq_agreement.json"))
+    ap.add_argument("--save-preds", metavar="NPZ", help="also write per-image predictions (labels, fp32 and each "
+                    "realization's top-1 class, per-image KL to fp32) for paired statistics (bench/paired_ci.py)")
     args = ap.parse_args()
     lm = load_model("deit_tiny_patch16_224", SHARED / "weights" / "deit_tiny_patch16_224.wvfunc_matdump.pth")
     cfg = PreprocessConfig.from_dict(data_config(lm.model))
@@ -70,6 +72,7 @@ def main():
     if args.eval:
         dev = dev.subset(args.eval, seed=0)
     x, y = load_array(dev, cfg)
+    n_dev = len(x)
     if args.images == "union":
         from heldout import heldout_set
 
@@ -77,6 +80,16 @@ def main():
         x, y = np.concatenate([x, xh]), np.concatenate([y, yh])
     with torch.no_grad():
         fref = torch.cat([lm.model(torch.from_numpy(x[i:i + 50])) for i in range(0, len(x), 50)]).double()
+
+    preds = {"labels": np.asarray(y), "fp32": fref.argmax(1).numpy(), "n_dev650": np.array(n_dev)}
+
+    def keep(key: str, logits: np.ndarray) -> None:
+        out = torch.from_numpy(np.asarray(logits, np.float64))
+        p, q = torch.log_softmax(fref, -1), torch.log_softmax(out, -1)
+        preds[f"{key}:pred"] = out.argmax(1).numpy()
+        preds[f"{key}:kl"] = (p.exp() * (p - q)).sum(-1).numpy()
+        if args.save_preds:
+            np.savez_compressed(args.save_preds, **preds)
 
     def vs_fp32(logits: np.ndarray) -> dict:
         out = torch.from_numpy(np.asarray(logits, np.float64))
@@ -128,6 +141,8 @@ def main():
                        "ort_optimization": eng._b.optimization, "int4_matmul": mode, "sim_s": round(t_sim, 1),
                        "onnx_s": round(t_ort, 1)}
                 row["vs_fp32"] = {"sim_float32": vs_fp32(ref), "onnx": vs_fp32(got)}
+                keep(f"{name}:sim_float32", ref)
+                keep(f"{name}:{target}/{mode}", got)
                 if ref64 is not None:
                     row["vs_fp32"]["sim_float64"] = vs_fp32(ref64)
                     row.update({"top1_agreement_vs_float64": float((got.argmax(1) == ref64.argmax(1)).mean() * 100),
