@@ -85,15 +85,17 @@ def test_compile_mixa_end_to_end(tmp_path):
 
 
 @pytest.mark.slow
-def test_compile_mixa_dynamic_low_branch(tmp_path):
+@pytest.mark.parametrize("target", ["ort", "trt"])
+def test_compile_mixa_dynamic_low_branch(tmp_path, target):
     """``--mixa-low-quant dynamic`` with explicit ratios: the recipe's low branch is dynamic per token, the graph
-    computes its scales (ReduceMax, blocked QuantizeLinear) and verifies against the simulation."""
+    computes its scales (ReduceMax, blocked QuantizeLinear) and verifies against the simulation. ``--target trt``:
+    the low-branch Linears are QuantLinearA4 plugin nodes in their per-row mode, the attention operands float."""
     calib = make_image_folder(tmp_path / "calib", n=4, size=(64, 48))
     ratios = tmp_path / "ratios.json"
     ratios.write_text(json.dumps({"default": 0.5, "blocks.0": 0.0}))
     out = tmp_path / "out"
     assert main(["compile", MODEL, "--calib", str(calib), "--recipe", "w4a8", "--mixa", str(ratios),
-                 "--mixa-low-quant", "dynamic", "--out", str(out), "-q"]) == 0
+                 "--mixa-low-quant", "dynamic", "--target", target, "--out", str(out), "-q"]) == 0
     r = json.loads((out / "report.json").read_text())
     assert r["mixa"]["low_quant"] == "dynamic" and r["mixa"]["ratios"]["blocks.0"] == 0.0
     assert r["verification"]["qdq_vs_simulation"]["passed"]
@@ -105,4 +107,11 @@ def test_compile_mixa_dynamic_low_branch(tmp_path):
     m = onnx.load(str(out / "model.onnx"))
     dyn = [n for n in m.graph.node if n.op_type == "QuantizeLinear" and
            any(p.key == "vitq.dynamic" for p in n.metadata_props)]
-    assert len(dyn) == 11 * 8  # blocks 1-11: 4 Linears + 4 attention operands each
+    if target == "ort":
+        assert len(dyn) == 11 * 8  # blocks 1-11: 4 Linears + 4 attention operands each
+    else:
+        plug = [n for n in m.graph.node if n.op_type == "QuantLinearA4"
+                and any(a.name == "act_dynamic" and a.i == 1 for a in n.attribute)]
+        assert not dyn and len(plug) == 11 * 4  # blocks 1-11: 4 Linears each; attention operands as float
+        chk = r["passes"]["trt_check"]
+        assert chk["ok"] and [i["code"] for i in chk["warnings"]].count("DYNAMIC_ACT_FLOAT") == 11 * 4
