@@ -66,3 +66,25 @@ def test_main_reads_npz_and_writes_json(tmp_path, capsys):
         ("cand", "sim_float32", "dev650"), ("cand", "sim_float32", "all800")]
     assert rows[1]["drop"] == 1.0 and "| cand | sim_float32 | all800 |" in capsys.readouterr().out
     assert pc.main([str(tmp_path / "p.npz"), "--base", "nope", "--out", str(out)]) == 2
+
+
+_rspec = importlib.util.spec_from_file_location("realizations", Path(__file__).resolve().parents[1] / "bench" /
+                                                "realizations.py")
+rz = importlib.util.module_from_spec(_rspec)
+_rspec.loader.exec_module(rz)
+
+
+def test_realizations_perturbation_and_scores():
+    import torch
+
+    x = torch.randn(4, 3, 8, 8)
+    assert rz.perturbed(x, 1e-4, 0) is x
+    a, b = rz.perturbed(x, 1e-4, 1), rz.perturbed(x, 1e-4, 1)
+    assert torch.equal(a, b) and not torch.equal(a, rz.perturbed(x, 1e-4, 2))  # seeded: the same draw per recipe
+    rel = ((a - x).abs() / x.abs().clamp_min(1e-12)).max().item()
+    assert 0 < rel < 1e-3
+    f = np.eye(3)[[0, 1, 2, 0]] * 5.0
+    s = rz.scores(f, f, np.array([0, 1, 1, 0]))
+    assert s["top1"] == 75.0 and s["agreement_fp32"] == 100.0 and abs(s["kl_fp32"]) < 1e-12
+    m = rz.summarize([1.0, 3.0])
+    assert m == {"mean": 2.0, "std": 2 ** 0.5, "min": 1.0, "max": 3.0}
