@@ -1,6 +1,7 @@
 /*
  * TensorRT IPluginV3 wrapper for QuantLinearA4: a thin adapter over the C API in ../kernels/vitq_kernels.h.
- * NOT COMPILED in the session that wrote it (no TensorRT headers there); see vitq/plugins/NOTES.md.
+ * Syntax-checked against TensorRT 10.7 headers (tests/test_plugins_cxx.py, where headers exist); never built into
+ * a library or run (no TensorRT or GPU in the sessions that wrote it); see vitq/plugins/NOTES.md.
  */
 #include "QuantLinearA4Plugin.h"
 
