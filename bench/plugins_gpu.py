@@ -142,7 +142,7 @@ def check_merge(y: np.ndarray, y_hi, y_lo, i_hi, i_lo) -> dict:
 
 def build_library(out_dir: Path, arch: str) -> Path:
     lib = out_dir / "libvitq_kernels.so"
-    cmd = ["nvcc", "-std=c++17", "-O3", f"-arch={arch}", "-shared", "-Xcompiler", "-fPIC", "-o", str(lib),
+    cmd = ["nvcc", "-std=c++17", "-O3", "-lineinfo", f"-arch={arch}", "-shared", "-Xcompiler", "-fPIC", "-o", str(lib),
            *map(str, sorted(KERNELS.glob("*.cu")))]
     subprocess.run(cmd, check=True)
     return lib
@@ -156,6 +156,14 @@ def load_library(path: Path):
     lib.vitq_quant_linear_a4_dynamic.argtypes = [p, p, i, p, p, p, i, i, i, i, p, i, p]
     lib.vitq_dynamic_row_params.argtypes = [p, p, p, i, i, p]
     lib.vitq_select_path.argtypes = [i]
+    lib.vitq_prepared_weight_bytes.argtypes = [i, i, i]
+    lib.vitq_act_workspace_bytes.argtypes = [i, i, i, i]
+    lib.vitq_prepared_weight_bytes.restype = lib.vitq_act_workspace_bytes.restype = ctypes.c_size_t
+    lib.vitq_resolve_path.argtypes = [i, i, i]
+    lib.vitq_prepare_weights.argtypes = [p, i, i, i, i, p, p]
+    lib.vitq_quant_linear_a4_prepared.argtypes = [p, p, p, p, p, i, i, i, i, f, i, i, p, p]
+    for fn in (lib.vitq_resolve_path, lib.vitq_prepare_weights, lib.vitq_quant_linear_a4_prepared):
+        fn.restype = ctypes.c_int
     lib.vitq_window_route.argtypes = [p, p, p, p, p, p, i, i, i, i, i, p]
     lib.vitq_window_merge.argtypes = [p, p, p, p, p, i, i, i, i, i, p]
     for fn in (lib.vitq_pack_int4, lib.vitq_quant_linear_a4, lib.vitq_quant_linear_a4_dynamic,
@@ -164,20 +172,47 @@ def load_library(path: Path):
     return lib
 
 
-def _time(fn, iters: int) -> float:
+REPS = 20  # launches per timed sample
+
+
+def _time(fn, iters: int, reps: int = REPS) -> float:
+    """Device time of one call of `fn`, in microseconds: `reps` calls are captured into a CUDA graph and the median
+    over `iters` replays (CUDA events), divided by `reps`, is returned, so host-side launch cost (Python, ctypes,
+    torch dispatch) stays out. `fn` must launch on torch's current stream (the capture stream). Falls back to
+    back-to-back launches between events if capture fails (then host cost can dominate small kernels)."""
     import torch
 
     for _ in range(3):
         fn()
+    torch.cuda.synchronize()
+    try:
+        g = torch.cuda.CUDAGraph()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            fn()  # warm-up on the side stream (torch's recommendation before capture)
+        torch.cuda.current_stream().wait_stream(s)
+        with torch.cuda.graph(g):
+            for _ in range(reps):
+                rc = fn()
+                if isinstance(rc, int) and rc != 0:  # a launch refused during capture: time it uncaptured
+                    raise RuntimeError(f"launch returned {rc} during capture")
+        run = g.replay
+    except RuntimeError:
+        def run():
+            for _ in range(reps):
+                fn()
+    run()
+    torch.cuda.synchronize()
     times = []
     for _ in range(iters):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
-        fn()
+        run()
         b.record()
         b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3)
-    return statistics.median(times)  # microseconds
+        times.append(a.elapsed_time(b) * 1e3 / reps)
+    return statistics.median(times)
 
 
 def run_gpu(iters: int, batch: int, seed: int, quick: bool = False) -> dict:
@@ -189,7 +224,12 @@ def run_gpu(iters: int, batch: int, seed: int, quick: bool = False) -> dict:
     assert cc >= 80, f"needs sm_80+, device is sm_{cc}"
     tmp = Path(tempfile.mkdtemp(prefix="vitq_kernels_"))
     lib = load_library(build_library(tmp, f"sm_{cc}"))
-    stream = torch.cuda.current_stream().cuda_stream
+    class _CurrentStream:  # ctypes argument: torch's current stream at call time (the capture stream in _time)
+        @property
+        def _as_parameter_(self):
+            return ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
+
+    stream = _CurrentStream()
     dev = torch.device("cuda")
     rng = np.random.default_rng(seed)
     paths = [PATH_S8] + ([PATH_S4] if 80 <= cc < 90 else [])
@@ -254,6 +294,45 @@ def run_gpu(iters: int, batch: int, seed: int, quick: bool = False) -> dict:
                 if rc == 0 and sh.model != "random" and out_dt == OUT_F16:
                     row["us"] = _time(launch, iters)
                 results["linear"].append(row)
+            # the two-kernel pipeline: weights prepared once, activations quantized once per row, pipelined GEMM
+            for path in paths if wbits == 4 else [PATH_S8]:
+                wq = torch.empty(lib.vitq_prepared_weight_bytes(sh.N, sh.K, path), dtype=torch.uint8, device=dev)
+                prep = lambda: lib.vitq_prepare_weights(wbuf.data_ptr(), fmt, sh.N, sh.K, path,  # noqa: E731
+                                                        wq.data_ptr(), stream)
+                rc_prep = prep()
+                torch.cuda.synchronize()
+                if wbits == 4:  # the plugin prepares from its int8 [N, K] weights: same bytes as from packed int4
+                    wq8 = torch.full_like(wq, 0xAA)
+                    rc8 = lib.vitq_prepare_weights(wt.data_ptr(), W_INT8, sh.N, sh.K, path, wq8.data_ptr(), stream)
+                    torch.cuda.synchronize()
+                    results["pack"].append({**asdict(sh), "check": "prepare int8 == prepare packed", "path": path,
+                                            "rc": rc8, "ok": rc8 == 0 and bool(torch.equal(wq8, wq))})
+                prep_us = _time(prep, iters) if sh.model != "random" else None
+                for dyn in (0, 1) if path == PATH_S8 else (0,):
+                    wsb = lib.vitq_act_workspace_bytes(sh.M, sh.K, path, dyn)
+                    work = torch.full((wsb,), 0xFF, dtype=torch.uint8, device=dev)  # poisoned (NaN row params)
+                    for out_dt in (OUT_F32, OUT_F16):
+                        y = torch.full((sh.M, sh.N), float("nan"), device=dev,
+                                       dtype=torch.float32 if out_dt == OUT_F32 else torch.float16)
+                        launch = lambda: lib.vitq_quant_linear_a4_prepared(  # noqa: E731
+                            xt.data_ptr(), wq.data_ptr(), wst.data_ptr(), bt.data_ptr(), y.data_ptr(), out_dt,
+                            sh.M, sh.N, sh.K, ctypes.c_float(s), dyn, path, work.data_ptr(), stream)
+                        rc = rc_prep or launch()
+                        torch.cuda.synchronize()
+                        name = {PATH_S4: "s4", PATH_S8: "s8"}[path] + "_v2" + ("_dynamic" if dyn else "")
+                        row = {**asdict(sh), "weight_bits": wbits, "path": name,
+                               "out": "f32" if out_dt == OUT_F32 else "f16", "rc": rc}
+                        row.update(check_linear(y.cpu().numpy(), ref_d if dyn else ref, out_dt == OUT_F16)
+                                   if rc == 0 else {"ok": False})
+                        if dyn and rc == 0:
+                            pr = work[wsb - 8 * sh.M:].cpu().numpy().view(np.float32)
+                            row["row_params_exact"] = bool(np.array_equal(pr[:sh.M], rs_ref.reshape(-1))
+                                                           and np.array_equal(pr[sh.M:], rz_ref.reshape(-1)))
+                            row["ok"] = row["ok"] and row["row_params_exact"]
+                        if rc == 0 and sh.model != "random" and out_dt == OUT_F16:
+                            row["us"] = _time(launch, iters)
+                            row["prepare_weights_us"] = prep_us
+                        results["linear"].append(row)
             if sh.model != "random" and wbits == 4:
                 a16 = torch.randn(sh.M, sh.K, device=dev, dtype=torch.float16)
                 w16 = torch.randn(sh.K, sh.N, device=dev, dtype=torch.float16)
@@ -322,6 +401,28 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def speed_table(results: dict) -> str:
+    """Per layer (int4 weights, fp16 out): median us of each implementation, and v2's speedup over v1."""
+    cols = ["s8_mma", "s8_v2", "s4_v2", "s8_mma_dynamic", "s8_v2_dynamic", "torch_fp16_matmul", "torch_int_mm_int8"]
+    rows: dict = {}
+    for r in results["linear"]:
+        if r["model"] == "random" or "us" not in r or r["weight_bits"] not in (4, 8, 16):
+            continue
+        if r["path"].startswith(("s8", "s4")) and r["weight_bits"] != 4:
+            continue
+        rows.setdefault((r["model"], r["layer"], r["M"], r["K"], r["N"]), {})[r["path"]] = r["us"]
+    present = [c for c in cols if any(c in v for v in rows.values())]
+    lines = ["| layer | M | K | N | " + " | ".join(present) + " | v1/v2 static | v1/v2 dynamic |",
+             "|" + "---|" * (6 + len(present))]
+    for (model, layer, m, k, n), v in rows.items():
+        f = [f"{v[c]:.1f}" if c in v else "" for c in present]
+        r1 = f"{v['s8_mma'] / v['s8_v2']:.2f}" if "s8_mma" in v and "s8_v2" in v else ""
+        r2 = (f"{v['s8_mma_dynamic'] / v['s8_v2_dynamic']:.2f}"
+              if "s8_mma_dynamic" in v and "s8_v2_dynamic" in v else "")
+        lines.append(f"| {model}.{layer} | {m} | {k} | {n} | " + " | ".join(f) + f" | {r1} | {r2} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "plugins_gpu.json")
@@ -333,8 +434,10 @@ def main(argv=None) -> int:
     results = run_gpu(args.iters, args.batch, args.seed, args.quick)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1))
-    args.out.with_suffix(".md").write_text(table(results) + "\n")
+    args.out.with_suffix(".md").write_text(table(results) + "\n\n" + speed_table(results) + "\n")
     print(table(results))
+    print()
+    print(speed_table(results))
     bad = [r for r in results["pack"] + results["linear"] + results["window"] if not r.get("ok")]
     for r in bad[:40]:
         print("FAIL", {k: r.get(k) for k in ("model", "layer", "stage", "op", "M", "K", "N", "weight_bits", "path",

@@ -61,3 +61,10 @@ def test_s4_mma_is_emitted_for_sm87(tmp_path):
     assert any("dynamic_row_params_kernel" in e for e in entries), entries
     assert any("qlinear_a4_kernelILb0ELb1ELb0ELb1E" in e for e in entries), entries  # S8, packed w, f32 out, DYN
     assert "shfl.sync.bfly" in text  # the row min/max warp reduction
+    # the two-kernel pipeline (session 11): row quantizer (static and dynamic, int8 and packed int4 operands) and the
+    # cp.async / ldmatrix GEMM, S4 and S8, with the dynamic per-row epilogue
+    for name in ("quantize_rows_kernelILb0ELb0E", "quantize_rows_kernelILb0ELb1E", "quantize_rows_kernelILb1ELb0E",
+                 "qgemm_kernelILb1ELb0ELb0E", "qgemm_kernelILb0ELb1ELb1E", "prepare_weights_kernelILb1E"):
+        assert any(name in e for e in entries), (name, entries)
+    assert "cp.async.cg.shared.global" in text and "cp.async.wait_group" in text
+    assert "ldmatrix.sync.aligned.m8n8.x4.shared.b16" in text

@@ -70,6 +70,29 @@ int vitq_quant_linear_a4_dynamic(const float* x, const void* w, int weight_forma
                                  const float* bias, void* y, int out_dtype, int M, int N, int K, float* row_params,
                                  int path, cudaStream_t stream);
 
+/*
+ * Two-kernel pipeline (faster; same function, bit for bit): the activations are quantized once per row into a
+ * workspace, then a cp.async-pipelined tensor-core GEMM runs on the prepared operands.
+ *   1. once per weight tensor: vitq_prepare_weights(w, weight_format, N, K, path, wq) into a device buffer of
+ *      vitq_prepared_weight_bytes(N, K, path) bytes (16-byte aligned): int8 (S8 path) or packed int4 (S4 path)
+ *      rows zero-padded to a multiple of 64 bytes;
+ *   2. per call: vitq_quant_linear_a4_prepared(..., act_scale, act_dynamic, path, workspace) with a 16-byte
+ *      aligned workspace of vitq_act_workspace_bytes(M, K, path, act_dynamic) bytes (quantized rows, then for
+ *      act_dynamic = 1 the row scales s_m and zero points z_m, M floats each).
+ * path must be a concrete path (S4_MMA or S8_MMA): vitq_resolve_path(VITQ_PATH_AUTO, weight_format, act_dynamic)
+ * gives the one AUTO means (S4 on sm_80..sm_89 for static int4 weights, else S8), or a negative vitq_status.
+ * The dynamic mode runs on the S8 path only. x must be 16-byte aligned. Size functions return 0 on bad arguments.
+ * vitq_prepare_weights takes either weight format for either path; VITQ_W_INT8 input for the S4 path must hold int4
+ * values (-8..7, not checked), as the ONNX plugin node's int8 [N, K] weights do.
+ */
+size_t vitq_prepared_weight_bytes(int N, int K, int path);
+size_t vitq_act_workspace_bytes(int M, int K, int path, int act_dynamic);
+int vitq_resolve_path(int path, int weight_format, int act_dynamic);
+int vitq_prepare_weights(const void* w, int weight_format, int N, int K, int path, void* wq, cudaStream_t stream);
+int vitq_quant_linear_a4_prepared(const float* x, const void* wq, const float* w_scale, const float* bias, void* y,
+                                  int out_dtype, int M, int N, int K, float act_scale, int act_dynamic, int path,
+                                  void* workspace, cudaStream_t stream);
+
 /* The path VITQ_PATH_AUTO picks on the current device for this weight format (or a negative vitq_status). */
 int vitq_select_path(int weight_format);
 

@@ -24,9 +24,9 @@ void logError(char const* what) noexcept
     std::cerr << "[vitq QuantLinearA4] " << what << std::endl;
 }
 
-size_t rowParamsOffset(size_t packedBytes)
+size_t alignTo256(size_t bytes)
 {
-    return (packedBytes + 255) / 256 * 256;
+    return (bytes + 255) / 256 * 256;
 }
 
 int64_t leadingVolume(Dims const& d)
@@ -175,15 +175,15 @@ int32_t QuantLinearA4Plugin::getOutputShapes(DimsExprs const* inputs, int32_t nb
 size_t QuantLinearA4Plugin::getWorkspaceSize(DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
     DynamicPluginTensorDesc const* outputs, int32_t nbOutputs) const noexcept
 {
-    // [packed int4 weights N*K/2 bytes (weight_bits 4)] [pad to 256] [dynamic mode: row scales + zero points, 2*M
-    // floats]; the weight shape is static (an initializer), M from the profile's max of X
+    // [prepared weights, padded to 256 bytes] [quantized activations (+ dynamic mode: row scales, zero points)], sized
+    // for the S8 path, which needs at least as much as the S4 path; the weight shape is static (an initializer), M is
+    // the profile's max of X
     Dims const& w = inputs[1].max;
-    size_t const packed = mWeightBits == 4 ? static_cast<size_t>(w.d[0]) * static_cast<size_t>(w.d[1] / 2) : 0;
-    if (!mActDynamic)
-    {
-        return packed;
-    }
-    return rowParamsOffset(packed) + 2 * sizeof(float) * static_cast<size_t>(leadingVolume(inputs[0].max));
+    int const n = static_cast<int>(w.d[0]);
+    int const k = static_cast<int>(w.d[1]);
+    int const m = static_cast<int>(leadingVolume(inputs[0].max));
+    return alignTo256(vitq_prepared_weight_bytes(n, k, VITQ_PATH_S8_MMA))
+        + vitq_act_workspace_bytes(m, k, VITQ_PATH_S8_MMA, mActDynamic);
 }
 
 // ---- IPluginV3OneRuntime ----
@@ -213,31 +213,26 @@ int32_t QuantLinearA4Plugin::enqueue(PluginTensorDesc const* inputDesc, PluginTe
     float const* wScale = static_cast<float const*>(inputs[2]);
     // the optional bias is the 4th input (mNbInputs is recorded in onShapeChange, which precedes enqueue)
     float const* bias = mNbInputs == 4 ? static_cast<float const*>(inputs[3]) : nullptr;
-    void const* w = inputs[1];
-    int32_t format = VITQ_W_INT8;
-    if (mWeightBits == 4)
+    // S4 tensor-core path on sm_80..sm_89 (Orin) for static int4 weights, S8 otherwise (vitq_kernels.h)
+    int32_t const path = vitq_resolve_path(VITQ_PATH_AUTO, mWeightBits == 4 ? VITQ_W_INT4_PACKED : VITQ_W_INT8,
+        mActDynamic);
+    if (path < 0)
     {
-        // TODO(perf): the weights are constant; pack once (e.g. on the first enqueue into a persistent buffer)
-        // instead of on every call. Packing is N*K/2 bytes, small next to the GEMM for ViT shapes.
-        int32_t const rc = vitq_pack_int4(static_cast<int8_t const*>(inputs[1]), static_cast<uint8_t*>(workspace),
-            static_cast<int>(n), static_cast<int>(k), stream);
-        if (rc != VITQ_OK)
-        {
-            return -rc;
-        }
-        w = workspace;
-        format = VITQ_W_INT4_PACKED;
+        return path;
     }
-    if (mActDynamic)
+    // Two kernels after the weights: quantize X once per row, then the pipelined GEMM. The weights are constant;
+    // preparing them (pad, pack) on every call costs 2-7 us on an H100 at DeiT-T / Swin-T shapes (session 11).
+    // TODO(perf): prepare once into a plugin-owned buffer.
+    char* ws = static_cast<char*>(workspace);
+    size_t const wqBytes = alignTo256(vitq_prepared_weight_bytes(static_cast<int>(n), static_cast<int>(k), path));
+    int32_t rc = vitq_prepare_weights(inputs[1], VITQ_W_INT8, static_cast<int>(n), static_cast<int>(k), path, ws,
+        stream);
+    if (rc != VITQ_OK)
     {
-        size_t const packed = mWeightBits == 4 ? static_cast<size_t>(n) * static_cast<size_t>(k / 2) : 0;
-        float* rowParams = reinterpret_cast<float*>(static_cast<char*>(workspace) + rowParamsOffset(packed));
-        int32_t const rc = vitq_quant_linear_a4_dynamic(x, w, format, wScale, bias, outputs[0], VITQ_OUT_F32,
-            static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), rowParams, VITQ_PATH_AUTO, stream);
-        return rc == VITQ_OK ? 0 : -rc;
+        return -rc;
     }
-    int32_t const rc = vitq_quant_linear_a4(x, w, format, wScale, bias, outputs[0], VITQ_OUT_F32, static_cast<int>(m),
-        static_cast<int>(n), static_cast<int>(k), mActScale, VITQ_PATH_AUTO, stream);
+    rc = vitq_quant_linear_a4_prepared(x, ws, wScale, bias, outputs[0], VITQ_OUT_F32, static_cast<int>(m),
+        static_cast<int>(n), static_cast<int>(k), mActScale, mActDynamic, path, ws + wqBytes, stream);
     return rc == VITQ_OK ? 0 : -rc;
 }
 
