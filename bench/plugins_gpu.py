@@ -11,8 +11,9 @@
 3. times them with CUDA events (median of --iters) next to torch fp16 matmul and torch._int_mm (int8) at the same
    shapes, and writes JSON + a markdown table.
 
-Nothing in this file has been run on a GPU yet (see vitq/plugins/NOTES.md). The CPU-side parts (shape lists,
-reference comparisons) are unit-tested in tests/test_plugins_bench.py.
+Run on an H100 in session 11 (vitq/plugins/NOTES.md): all checks pass. Timings are device times from CUDA-graph
+replays (host launch cost excluded), with inputs resident in L2. The CPU-side parts (shape lists, reference
+comparisons) are unit-tested in tests/test_plugins_bench.py.
 """
 
 from __future__ import annotations
@@ -152,22 +153,16 @@ def load_library(path: Path):
     lib = ctypes.CDLL(str(path))
     p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     lib.vitq_pack_int4.argtypes = [p, p, i, i, p]
-    lib.vitq_quant_linear_a4.argtypes = [p, p, i, p, p, p, i, i, i, i, f, i, p]
-    lib.vitq_quant_linear_a4_dynamic.argtypes = [p, p, i, p, p, p, i, i, i, i, p, i, p]
-    lib.vitq_dynamic_row_params.argtypes = [p, p, p, i, i, p]
-    lib.vitq_select_path.argtypes = [i]
     lib.vitq_prepared_weight_bytes.argtypes = [i, i, i]
     lib.vitq_act_workspace_bytes.argtypes = [i, i, i, i]
     lib.vitq_prepared_weight_bytes.restype = lib.vitq_act_workspace_bytes.restype = ctypes.c_size_t
     lib.vitq_resolve_path.argtypes = [i, i, i]
     lib.vitq_prepare_weights.argtypes = [p, i, i, i, i, p, p]
     lib.vitq_quant_linear_a4_prepared.argtypes = [p, p, p, p, p, i, i, i, i, f, i, i, p, p]
-    for fn in (lib.vitq_resolve_path, lib.vitq_prepare_weights, lib.vitq_quant_linear_a4_prepared):
-        fn.restype = ctypes.c_int
     lib.vitq_window_route.argtypes = [p, p, p, p, p, p, i, i, i, i, i, p]
     lib.vitq_window_merge.argtypes = [p, p, p, p, p, i, i, i, i, i, p]
-    for fn in (lib.vitq_pack_int4, lib.vitq_quant_linear_a4, lib.vitq_quant_linear_a4_dynamic,
-               lib.vitq_dynamic_row_params, lib.vitq_select_path, lib.vitq_window_route, lib.vitq_window_merge):
+    for fn in (lib.vitq_pack_int4, lib.vitq_resolve_path, lib.vitq_prepare_weights, lib.vitq_quant_linear_a4_prepared,
+               lib.vitq_window_route, lib.vitq_window_merge):
         fn.restype = ctypes.c_int
     return lib
 
@@ -233,7 +228,7 @@ def run_gpu(iters: int, batch: int, seed: int, quick: bool = False) -> dict:
     dev = torch.device("cuda")
     rng = np.random.default_rng(seed)
     paths = [PATH_S8] + ([PATH_S4] if 80 <= cc < 90 else [])
-    results = {"device": torch.cuda.get_device_name(), "sm": cc, "auto_path_int4": lib.vitq_select_path(0),
+    results = {"device": torch.cuda.get_device_name(), "sm": cc, "auto_path_int4": lib.vitq_resolve_path(0, W_INT4_PACKED, 0),
                "pack": [], "linear": [], "window": []}
 
     def T(a):
@@ -257,44 +252,10 @@ def run_gpu(iters: int, batch: int, seed: int, quick: bool = False) -> dict:
                 wbuf, fmt = packed, W_INT4_PACKED
             else:
                 wbuf, fmt = wt, W_INT8
-            for path in paths if wbits == 4 else [PATH_S8]:
-                for out_dt in (OUT_F32, OUT_F16):
-                    y = torch.full((sh.M, sh.N), float("nan"), device=dev,
-                                   dtype=torch.float32 if out_dt == OUT_F32 else torch.float16)
-                    launch = lambda: lib.vitq_quant_linear_a4(  # noqa: E731
-                        xt.data_ptr(), wbuf.data_ptr(), fmt, wst.data_ptr(), bt.data_ptr(), y.data_ptr(), out_dt,
-                        sh.M, sh.N, sh.K, ctypes.c_float(s), path, stream)
-                    rc = launch()
-                    torch.cuda.synchronize()
-                    row = {**asdict(sh), "weight_bits": wbits, "path": {1: "s4_mma", 2: "s8_mma"}[path],
-                           "out": "f32" if out_dt == OUT_F32 else "f16", "rc": rc}
-                    row.update(check_linear(y.cpu().numpy(), ref, out_dt == OUT_F16) if rc == 0 else {"ok": False})
-                    if rc == 0 and sh.model != "random" and out_dt == OUT_F16:
-                        row["us"] = _time(launch, iters)
-                    results["linear"].append(row)
-            # the dynamic per-row mode (act_dynamic=1): row scale / zero point bit-exact, then the S8 GEMM
             ref_d = quant_linear_a4_ref(x, w, ws, b, weight_bits=wbits, act_dynamic=1)
             rs_ref, rz_ref = dynamic_row_params_ref(x)
-            params = torch.full((2 * sh.M,), float("nan"), device=dev, dtype=torch.float32)
-            for out_dt in (OUT_F32, OUT_F16):
-                y = torch.full((sh.M, sh.N), float("nan"), device=dev,
-                               dtype=torch.float32 if out_dt == OUT_F32 else torch.float16)
-                launch = lambda: lib.vitq_quant_linear_a4_dynamic(  # noqa: E731
-                    xt.data_ptr(), wbuf.data_ptr(), fmt, wst.data_ptr(), bt.data_ptr(), y.data_ptr(), out_dt,
-                    sh.M, sh.N, sh.K, params.data_ptr(), PATH_S8, stream)
-                rc = launch()
-                torch.cuda.synchronize()
-                row = {**asdict(sh), "weight_bits": wbits, "path": "s8_mma_dynamic",
-                       "out": "f32" if out_dt == OUT_F32 else "f16", "rc": rc}
-                row.update(check_linear(y.cpu().numpy(), ref_d, out_dt == OUT_F16) if rc == 0 else {"ok": False})
-                pr = params.cpu().numpy()
-                row["row_params_exact"] = bool(np.array_equal(pr[:sh.M], rs_ref.reshape(-1))
-                                               and np.array_equal(pr[sh.M:], rz_ref.reshape(-1)))
-                row["ok"] = row["ok"] and row["row_params_exact"]
-                if rc == 0 and sh.model != "random" and out_dt == OUT_F16:
-                    row["us"] = _time(launch, iters)
-                results["linear"].append(row)
-            # the two-kernel pipeline: weights prepared once, activations quantized once per row, pipelined GEMM
+            # weights prepared once, then per call: activations quantized once per row, pipelined GEMM; static and
+            # dynamic per-row mode (row scale / zero point bit-exact), both GEMM paths where the device has them
             for path in paths if wbits == 4 else [PATH_S8]:
                 wq = torch.empty(lib.vitq_prepared_weight_bytes(sh.N, sh.K, path), dtype=torch.uint8, device=dev)
                 prep = lambda: lib.vitq_prepare_weights(wbuf.data_ptr(), fmt, sh.N, sh.K, path,  # noqa: E731
@@ -319,7 +280,7 @@ def run_gpu(iters: int, batch: int, seed: int, quick: bool = False) -> dict:
                             sh.M, sh.N, sh.K, ctypes.c_float(s), dyn, path, work.data_ptr(), stream)
                         rc = rc_prep or launch()
                         torch.cuda.synchronize()
-                        name = {PATH_S4: "s4", PATH_S8: "s8"}[path] + "_v2" + ("_dynamic" if dyn else "")
+                        name = {PATH_S4: "s4_mma", PATH_S8: "s8_mma"}[path] + ("_dynamic" if dyn else "")
                         row = {**asdict(sh), "weight_bits": wbits, "path": name,
                                "out": "f32" if out_dt == OUT_F32 else "f16", "rc": rc}
                         row.update(check_linear(y.cpu().numpy(), ref_d if dyn else ref, out_dt == OUT_F16)
@@ -346,6 +307,27 @@ def run_gpu(iters: int, batch: int, seed: int, quick: bool = False) -> dict:
                                               "us": us})
                 except RuntimeError as e:  # _int_mm shape limits (M > 16, K, N multiples of 8)
                     results["linear"].append({**base, "path": "torch_int_mm_int8", "ok": False, "error": str(e)})
+
+    # argument checks of the C API: each call must be refused with the documented status and launch nothing
+    x = T(np.ones((8, 64), np.float32))
+    wq = torch.zeros(lib.vitq_prepared_weight_bytes(8, 64, PATH_S8), dtype=torch.uint8, device=dev)
+    work = torch.zeros(lib.vitq_act_workspace_bytes(8, 64, PATH_S8, 1), dtype=torch.uint8, device=dev)
+    ones = T(np.ones(8, np.float32))
+    y = torch.full((8, 8), float("nan"), device=dev)
+
+    def call(xp=x.data_ptr(), k=64, scale=1.0, dyn=0, path=PATH_S8):
+        return lib.vitq_quant_linear_a4_prepared(xp, wq.data_ptr(), ones.data_ptr(), None, y.data_ptr(), OUT_F32, 8,
+                                                 8, k, ctypes.c_float(scale), dyn, path, work.data_ptr(), stream)
+    expect = {"x not 16-byte aligned": (call(xp=x.data_ptr() + 4), 3), "K % 8 != 0": (call(k=60), 1),
+              "static act_scale 0": (call(scale=0.0), 3), "static act_scale inf": (call(scale=float("inf")), 3),
+              "dynamic on the S4 path": (call(dyn=1, path=PATH_S4), 3), "path AUTO unresolved": (call(path=0), 3),
+              "S4 path on sm_90+": (lib.vitq_resolve_path(PATH_S4, W_INT4_PACKED, 0), -2 if cc >= 90 else PATH_S4),
+              "AUTO, dynamic": (lib.vitq_resolve_path(0, W_INT4_PACKED, 1), PATH_S8),
+              "AUTO, int8 weights": (lib.vitq_resolve_path(0, W_INT8, 0), PATH_S8)}
+    torch.cuda.synchronize()
+    untouched = bool(torch.isnan(y).all())
+    results["api"] = [{"check": k, "got": got, "want": want, "ok": got == want and untouched}
+                      for k, (got, want) in expect.items()]
 
     wcases = [WindowShape("random", "r0", 2, 9, 5, 4, 0.4), WindowShape("random", "r1", 3, 64, 49, 32, 0.0)]
     for sh in wcases + ([] if quick else window_shapes(batch)):
@@ -402,24 +384,25 @@ def table(results: dict) -> str:
 
 
 def speed_table(results: dict) -> str:
-    """Per layer (int4 weights, fp16 out): median us of each implementation, and v2's speedup over v1."""
-    cols = ["s8_mma", "s8_v2", "s4_v2", "s8_mma_dynamic", "s8_v2_dynamic", "torch_fp16_matmul", "torch_int_mm_int8"]
+    """Per layer (int4 weights, fp16 out): median us per call of each implementation."""
+    cols = ["s8_mma", "s4_mma", "s8_mma_dynamic", "torch_fp16_matmul", "torch_int_mm_int8"]
     rows: dict = {}
     for r in results["linear"]:
-        if r["model"] == "random" or "us" not in r or r["weight_bits"] not in (4, 8, 16):
+        if r["model"] == "random" or "us" not in r:
             continue
         if r["path"].startswith(("s8", "s4")) and r["weight_bits"] != 4:
             continue
-        rows.setdefault((r["model"], r["layer"], r["M"], r["K"], r["N"]), {})[r["path"]] = r["us"]
+        rows.setdefault((r["model"], r["layer"], r["M"], r["K"], r["N"]), {})[r["path"]] = (r["us"],
+                                                                                         r.get("prepare_weights_us"))
     present = [c for c in cols if any(c in v for v in rows.values())]
-    lines = ["| layer | M | K | N | " + " | ".join(present) + " | v1/v2 static | v1/v2 dynamic |",
+    lines = ["| layer | M | K | N | " + " | ".join(present) + " | prepare weights (once) | s8 / fp16 |",
              "|" + "---|" * (6 + len(present))]
     for (model, layer, m, k, n), v in rows.items():
-        f = [f"{v[c]:.1f}" if c in v else "" for c in present]
-        r1 = f"{v['s8_mma'] / v['s8_v2']:.2f}" if "s8_mma" in v and "s8_v2" in v else ""
-        r2 = (f"{v['s8_mma_dynamic'] / v['s8_v2_dynamic']:.2f}"
-              if "s8_mma_dynamic" in v and "s8_v2_dynamic" in v else "")
-        lines.append(f"| {model}.{layer} | {m} | {k} | {n} | " + " | ".join(f) + f" | {r1} | {r2} |")
+        f = [f"{v[c][0]:.1f}" if c in v else "" for c in present]
+        prep = f"{v['s8_mma'][1]:.1f}" if "s8_mma" in v and v["s8_mma"][1] is not None else ""
+        ratio = (f"{v['s8_mma'][0] / v['torch_fp16_matmul'][0]:.2f}"
+                 if "s8_mma" in v and "torch_fp16_matmul" in v else "")
+        lines.append(f"| {model}.{layer} | {m} | {k} | {n} | " + " | ".join(f) + f" | {prep} | {ratio} |")
     return "\n".join(lines)
 
 
@@ -438,9 +421,10 @@ def main(argv=None) -> int:
     print(table(results))
     print()
     print(speed_table(results))
-    bad = [r for r in results["pack"] + results["linear"] + results["window"] if not r.get("ok")]
+    bad = [r for r in results["pack"] + results["api"] + results["linear"] + results["window"] if not r.get("ok")]
     for r in bad[:40]:
-        print("FAIL", {k: r.get(k) for k in ("model", "layer", "stage", "op", "M", "K", "N", "weight_bits", "path",
+        print("FAIL", {k: r.get(k) for k in ("check", "got", "want", "model", "layer", "stage", "op", "M", "K", "N",
+                                           "weight_bits", "path",
                                            "out", "rc", "nan", "max_abs_diff", "row_params_exact", "problems")
                        if k in r})
     print(f"\n{len(bad)} failing checks; wrote {args.out}")

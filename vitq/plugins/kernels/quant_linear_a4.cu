@@ -1,26 +1,26 @@
 // QuantLinearA4: int4-activation linear layer (semantics: vitq/plugins/specs.py::quant_linear_a4_ref).
 //
-// One kernel template, two tensor-core paths:
-//   S4 path (sm_80/86/87/89): mma.sync.aligned.m16n8k64.row.col.s32.s4.s4.s32, A = activations quantized to int4
-//        on the fly while staging the tile in shared memory, B = packed int4 weights.
-//   S8 path (sm_80+, used on sm_90 where there is no s4 mma.sync): mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32
-//        on the same int4 values widened to int8 (weights unpacked while staging), or on int8 weights (W8A4).
-// Both paths stage 32 bytes of K per row per step (64 int4 or 32 int8 values), so the fragment loads are the same.
-//
-// Tiling: block = 128 threads (4 warps) computes a 64x64 tile of Y; warp (wm, wn) owns 32x32 = 2 (m16) x 4 (n8)
-// mma tiles. Correctness over speed: no cp.async pipelining, no double buffering, scalar X loads.
+// Two kernels per call, after a one-time weight preparation:
+//   quantize_rows_kernel: one warp per row of X quantizes it once (static: round(x / act_scale) clamped to int4;
+//        dynamic: the row's scale / zero point from its min / max, then the centered uint4 code) into a zero-padded
+//        int8 (S8 path) or packed int4 (S4 path) operand in the workspace;
+//   qgemm_kernel: a 3-stage cp.async pipeline, ldmatrix fragments and tensor-core mma.sync:
+//        S4 path (sm_80/86/87/89, Orin): mma.sync.aligned.m16n8k64.row.col.s32.s4.s4.s32 on packed int4 operands;
+//        S8 path (sm_80+, and sm_90, which has no s4 mma.sync): mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 on
+//        the int4 values widened to int8, or on int8 weights (W8A4), or on the dynamic mode's [-15, 15] codes.
+//   Integer accumulation is exact in any order, and the epilogue is ((float(acc) * s) * w_scale) + bias without
+//   FMA contraction, so float32 output is bit-exact to the reference (bench/plugins_gpu.py, H100, session 11).
+//   prepared weights: bytes [N, Kb]    activations: bytes [M, Kb] (+ float row_scale[M], row_zp[M] if dynamic)
+//   S8: Kb = Kp = roundup(K, 64), int8 operands;  S4: Kp = roundup(K, 128), Kb = Kp / 2, packed int4 operands.
+//   The padding (k >= K) is zero in both operands, so it adds nothing to the integer sums.
+// Session 10's single kernel quantized X inside the GEMM (once per 64 output channels) without pipelining; it was
+// bit-exact too but 3.6-10.6x slower on an H100 at DeiT-T / Swin-T shapes (vitq/plugins/NOTES.md) and was removed.
 #include "vitq_kernels.h"
 
 #include <cuda_fp16.h>
 #include <stdint.h>
 
 namespace {
-
-constexpr int BM = 64;
-constexpr int BN = 64;
-constexpr int WORDS = 8;      // 32-bit words of K per row per step (32 bytes)
-constexpr int SROW = WORDS + 1;  // padded shared-memory row (words)
-constexpr int THREADS = 128;
 
 // ONNX QuantizeLinear to int4 with zero point 0: saturate(rint(x / s)). __fdiv_rn keeps the IEEE division even
 // under --use_fast_math; rintf rounds half to even.
@@ -62,156 +62,7 @@ __device__ __forceinline__ void mma_s8(int (&c)[4], const uint32_t (&a)[4], cons
 #endif
 }
 
-// S4: int4 operands (8 values per word); otherwise int8 operands (4 per word).
-// W_PACKED: weights are packed int4 [N, K/2]; otherwise int8 [N, K].
-// DYN: per-row scale / zero point (row_scale[m], row_zp[m], from dynamic_row_params_kernel) instead of act_scale.
-template <bool S4, bool W_PACKED, bool OUT_F16, bool DYN>
-__global__ void __launch_bounds__(THREADS)
-qlinear_a4_kernel(const float* __restrict__ x, const uint8_t* __restrict__ w, const float* __restrict__ w_scale,
-                  const float* __restrict__ bias, void* __restrict__ y, int M, int N, int K, float act_scale,
-                  const float* __restrict__ row_scale, const float* __restrict__ row_zp) {
-    static_assert(S4 ? W_PACKED : true, "the s4 path needs packed int4 weights");
-    static_assert(!(S4 && DYN), "the dynamic mode's operands are in [-15, 15]: int8 (S8 path) only");
-    constexpr int EPW = S4 ? 8 : 4;        // elements per 32-bit word
-    constexpr int KSTEP = WORDS * EPW;     // K elements per step (64 or 32)
-    constexpr int EBITS = S4 ? 4 : 8;
-    constexpr uint32_t EMASK = S4 ? 0xFu : 0xFFu;
-
-    __shared__ uint32_t As[BM][SROW];
-    __shared__ uint32_t Bs[BN][SROW];
-
-    const int tid = threadIdx.x;
-    const int lane = tid & 31;
-    const int warp = tid >> 5;
-    const int wm = warp >> 1, wn = warp & 1;
-    const int g = lane >> 2, t = lane & 3;  // groupID, threadID_in_group (PTX fragment notation)
-    const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
-
-    int acc[2][4][4];
-#pragma unroll
-    for (int i = 0; i < 2; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-#pragma unroll
-            for (int r = 0; r < 4; ++r) acc[i][j][r] = 0;
-
-    for (int k0 = 0; k0 < K; k0 += KSTEP) {
-        // ---- stage A: quantize + pack 64 rows x KSTEP values of X ----
-        for (int i = tid; i < BM * WORDS; i += THREADS) {
-            const int r = i / WORDS, wd = i % WORDS;
-            const int m = m0 + r, k = k0 + wd * EPW;
-            uint32_t word = 0;
-            if (m < M) {
-                const float* xr = x + static_cast<size_t>(m) * K;
-                const float rs = DYN ? row_scale[m] : act_scale;
-                const float rz = DYN ? row_zp[m] : 0.0f;
-#pragma unroll
-                for (int e = 0; e < EPW; ++e) {
-                    if (k + e < K) {
-                        const int q = DYN ? quant_u4_centered(xr[k + e], rs, rz) : quant_s4(xr[k + e], rs);
-                        word |= (static_cast<uint32_t>(q) & EMASK) << (EBITS * e);
-                    }
-                }
-            }
-            As[r][wd] = word;
-        }
-        // ---- stage B: 64 output channels x KSTEP weights ----
-        for (int i = tid; i < BN * WORDS; i += THREADS) {
-            const int r = i / WORDS, wd = i % WORDS;
-            const int n = n0 + r, k = k0 + wd * EPW;
-            uint32_t word = 0;
-            if (n < N && k < K) {  // K % 8 == 0, so a word is either fully inside or fully outside K
-                if (S4) {
-                    word = *reinterpret_cast<const uint32_t*>(w + static_cast<size_t>(n) * (K / 2) + k / 2);
-                } else if (W_PACKED) {  // widen 4 int4 (2 bytes) to 4 int8
-                    const uint32_t h = *reinterpret_cast<const uint16_t*>(w + static_cast<size_t>(n) * (K / 2) + k / 2);
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        const int v = static_cast<int>((h >> (4 * e)) & 0xFu);
-                        const int sv = (v ^ 8) - 8;  // sign-extend 4 bits
-                        word |= (static_cast<uint32_t>(sv) & 0xFFu) << (8 * e);
-                    }
-                } else {
-                    word = *reinterpret_cast<const uint32_t*>(w + static_cast<size_t>(n) * K + k);
-                }
-            }
-            Bs[r][wd] = word;
-        }
-        __syncthreads();
-
-        // ---- tensor-core step: fragment layout from the PTX ISA (m16n8k64 .s4 / m16n8k32 .s8 share it in words)
-        uint32_t a[2][4], b[4][2];
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-            const int r = wm * 32 + i * 16 + g;
-            a[i][0] = As[r][t];
-            a[i][1] = As[r + 8][t];
-            a[i][2] = As[r][t + 4];
-            a[i][3] = As[r + 8][t + 4];
-        }
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            const int c = wn * 32 + j * 8 + g;
-            b[j][0] = Bs[c][t];
-            b[j][1] = Bs[c][t + 4];
-        }
-#pragma unroll
-        for (int i = 0; i < 2; ++i)
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                if (S4) mma_s4(acc[i][j], a[i], b[j]);
-                else mma_s8(acc[i][j], a[i], b[j]);
-            }
-        __syncthreads();
-    }
-
-    // ---- epilogue: ((float(acc) * act_scale) * w_scale[n]) + bias[n], no FMA contraction (DYN: row_scale[m]) ----
-#pragma unroll
-    for (int i = 0; i < 2; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-#pragma unroll
-            for (int r = 0; r < 4; ++r) {
-                const int m = m0 + wm * 32 + i * 16 + g + (r >= 2 ? 8 : 0);
-                const int n = n0 + wn * 32 + j * 8 + t * 2 + (r & 1);
-                if (m < M && n < N) {
-                    const float rs = DYN ? row_scale[m] : act_scale;
-                    float v = __fmul_rn(__fmul_rn(static_cast<float>(acc[i][j][r]), rs), w_scale[n]);
-                    if (bias) v = __fadd_rn(v, bias[n]);
-                    const size_t o = static_cast<size_t>(m) * N + n;
-                    if (OUT_F16) reinterpret_cast<__half*>(y)[o] = __float2half_rn(v);
-                    else reinterpret_cast<float*>(y)[o] = v;
-                }
-            }
-}
-
-// One warp per row: lo = min(min_k x, 0), hi = max(max_k x, 0), s = max((hi - lo) / 15, 1e-8), z = rint(-(lo / s)),
-// op for op the standard-ONNX chain (ReduceMin/ReduceMax -> Min/Max -> Sub -> Div -> Max -> Div -> Neg -> Round).
-constexpr int ROW_WARPS = 4;
-__global__ void __launch_bounds__(ROW_WARPS * 32)
-dynamic_row_params_kernel(const float* __restrict__ x, float* __restrict__ row_scale, float* __restrict__ row_zp,
-                          int M, int K) {
-    const int lane = threadIdx.x & 31;
-    const int m = blockIdx.x * ROW_WARPS + (threadIdx.x >> 5);
-    if (m >= M) return;
-    const float* xr = x + static_cast<size_t>(m) * K;
-    float mn = 0.0f, mx = 0.0f;  // the clamp to 0 of lo / hi, folded into the initial values
-    for (int k = lane; k < K; k += 32) {
-        const float v = xr[k];
-        mn = fminf(mn, v);
-        mx = fmaxf(mx, v);
-    }
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) {
-        mn = fminf(mn, __shfl_xor_sync(0xffffffffu, mn, off));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-    }
-    if (lane == 0) {
-        const float s = fmaxf(__fdiv_rn(__fsub_rn(mx, mn), 15.0f), 1e-8f);
-        row_scale[m] = s;
-        row_zp[m] = rintf(-__fdiv_rn(mn, s));
-    }
-}
+constexpr int ROW_WARPS = 4;  // warps per block of the row quantizer (one row per warp)
 
 __global__ void pack_int4_kernel(const int8_t* __restrict__ w, uint8_t* __restrict__ packed, size_t n_bytes) {
     for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n_bytes;
@@ -222,17 +73,6 @@ __global__ void pack_int4_kernel(const int8_t* __restrict__ w, uint8_t* __restri
     }
 }
 
-template <bool S4, bool W_PACKED, bool DYN = false>
-int launch_typed(const float* x, const uint8_t* w, const float* ws, const float* b, void* y, int out_dtype, int M,
-                 int N, int K, float s, cudaStream_t stream, const float* rs = nullptr, const float* rz = nullptr) {
-    const dim3 grid((N + BN - 1) / BN, (M + BM - 1) / BM);
-    if (out_dtype == VITQ_OUT_F16)
-        qlinear_a4_kernel<S4, W_PACKED, true, DYN><<<grid, THREADS, 0, stream>>>(x, w, ws, b, y, M, N, K, s, rs, rz);
-    else
-        qlinear_a4_kernel<S4, W_PACKED, false, DYN><<<grid, THREADS, 0, stream>>>(x, w, ws, b, y, M, N, K, s, rs, rz);
-    return cudaGetLastError() == cudaSuccess ? VITQ_OK : VITQ_ERR_CUDA;
-}
-
 int device_cc() {
     int dev = 0, major = 0, minor = 0;
     if (cudaGetDevice(&dev) != cudaSuccess) return -1;
@@ -241,105 +81,12 @@ int device_cc() {
     return major * 10 + minor;
 }
 
-}  // namespace
-
-extern "C" int vitq_pack_int4(const int8_t* w, uint8_t* packed, int N, int K, cudaStream_t stream) {
-    if (!w || !packed) return VITQ_ERR_ARG;
-    if (N < 1 || K < 8 || K % 8 != 0) return VITQ_ERR_SHAPE;
-    const size_t n_bytes = static_cast<size_t>(N) * (K / 2);
-    const int blocks = static_cast<int>((n_bytes + 255) / 256 < 4096 ? (n_bytes + 255) / 256 : 4096);
-    pack_int4_kernel<<<blocks, 256, 0, stream>>>(w, packed, n_bytes);
-    return cudaGetLastError() == cudaSuccess ? VITQ_OK : VITQ_ERR_CUDA;
-}
-
-extern "C" int vitq_select_path(int weight_format) {
-    const int cc = device_cc();
-    if (cc < 0) return -VITQ_ERR_CUDA;
-    if (cc < 80) return -VITQ_ERR_ARCH;
-    if (weight_format == VITQ_W_INT4_PACKED && cc < 90) return VITQ_PATH_S4_MMA;
-    return VITQ_PATH_S8_MMA;
-}
-
-extern "C" int vitq_quant_linear_a4(const float* x, const void* w, int weight_format, const float* w_scale,
-                                    const float* bias, void* y, int out_dtype, int M, int N, int K, float act_scale,
-                                    int path, cudaStream_t stream) {
-    if (!x || !w || !w_scale || !y) return VITQ_ERR_ARG;
-    if (weight_format != VITQ_W_INT4_PACKED && weight_format != VITQ_W_INT8) return VITQ_ERR_ARG;
-    if (out_dtype != VITQ_OUT_F32 && out_dtype != VITQ_OUT_F16) return VITQ_ERR_ARG;
-    if (!(act_scale > 0.0f) || act_scale == __builtin_huge_valf()) return VITQ_ERR_ARG;
-    if (M < 1 || N < 1 || K < 8 || K % 8 != 0) return VITQ_ERR_SHAPE;
-    if ((M + BM - 1) / BM > 65535) return VITQ_ERR_SHAPE;  // grid.y limit
-    if (path == VITQ_PATH_AUTO) {
-        path = vitq_select_path(weight_format);
-        if (path < 0) return -path;
-    } else if (path == VITQ_PATH_S4_MMA) {
-        const int cc = device_cc();
-        if (cc < 0) return VITQ_ERR_CUDA;
-        if (cc < 80 || cc >= 90) return VITQ_ERR_ARCH;
-        if (weight_format != VITQ_W_INT4_PACKED) return VITQ_ERR_ARG;
-    } else if (path == VITQ_PATH_S8_MMA) {
-        const int cc = device_cc();
-        if (cc < 0) return VITQ_ERR_CUDA;
-        if (cc < 80) return VITQ_ERR_ARCH;
-    } else {
-        return VITQ_ERR_ARG;
-    }
-    const uint8_t* wb = static_cast<const uint8_t*>(w);
-    if (path == VITQ_PATH_S4_MMA)
-        return launch_typed<true, true>(x, wb, w_scale, bias, y, out_dtype, M, N, K, act_scale, stream);
-    if (weight_format == VITQ_W_INT4_PACKED)
-        return launch_typed<false, true>(x, wb, w_scale, bias, y, out_dtype, M, N, K, act_scale, stream);
-    return launch_typed<false, false>(x, wb, w_scale, bias, y, out_dtype, M, N, K, act_scale, stream);
-}
-
-extern "C" int vitq_dynamic_row_params(const float* x, float* row_scale, float* row_zp, int M, int K,
-                                       cudaStream_t stream) {
-    if (!x || !row_scale || !row_zp) return VITQ_ERR_ARG;
-    if (M < 1 || K < 1) return VITQ_ERR_SHAPE;
-    dynamic_row_params_kernel<<<(M + ROW_WARPS - 1) / ROW_WARPS, ROW_WARPS * 32, 0, stream>>>(x, row_scale, row_zp,
-                                                                                              M, K);
-    return cudaGetLastError() == cudaSuccess ? VITQ_OK : VITQ_ERR_CUDA;
-}
-
-extern "C" int vitq_quant_linear_a4_dynamic(const float* x, const void* w, int weight_format, const float* w_scale,
-                                            const float* bias, void* y, int out_dtype, int M, int N, int K,
-                                            float* row_params, int path, cudaStream_t stream) {
-    if (!x || !w || !w_scale || !y || !row_params) return VITQ_ERR_ARG;
-    if (weight_format != VITQ_W_INT4_PACKED && weight_format != VITQ_W_INT8) return VITQ_ERR_ARG;
-    if (out_dtype != VITQ_OUT_F32 && out_dtype != VITQ_OUT_F16) return VITQ_ERR_ARG;
-    if (path != VITQ_PATH_AUTO && path != VITQ_PATH_S8_MMA) return VITQ_ERR_ARG;  // operands in [-15, 15]: s8 only
-    if (M < 1 || N < 1 || K < 8 || K % 8 != 0) return VITQ_ERR_SHAPE;
-    if ((M + BM - 1) / BM > 65535) return VITQ_ERR_SHAPE;
-    const int cc = device_cc();
-    if (cc < 0) return VITQ_ERR_CUDA;
-    if (cc < 80) return VITQ_ERR_ARCH;
-    float* rs = row_params;
-    float* rz = row_params + M;
-    const int rc = vitq_dynamic_row_params(x, rs, rz, M, K, stream);
-    if (rc != VITQ_OK) return rc;
-    const uint8_t* wb = static_cast<const uint8_t*>(w);
-    if (weight_format == VITQ_W_INT4_PACKED)
-        return launch_typed<false, true, true>(x, wb, w_scale, bias, y, out_dtype, M, N, K, 0.0f, stream, rs, rz);
-    return launch_typed<false, false, true>(x, wb, w_scale, bias, y, out_dtype, M, N, K, 0.0f, stream, rs, rz);
-}
-
-// ================================================================================================================
-// Two-kernel pipeline (session 11): quantize X once per row, then a cp.async-pipelined tensor-core GEMM.
-// The single-kernel version above re-quantizes every X tile once per 64 output channels (N / 64 times, with an
-// IEEE division per element) and has no pipelining; measured on an H100 it runs 3-10x over torch's fp16 matmul.
-// Integer accumulation is exact in any order and the epilogue is the same, so this path is bit-exact too.
-//   prepared weights: bytes [N, Kb]    activations: bytes [M, Kb] (+ float row_scale[M], row_zp[M] if dynamic)
-//   S8: Kb = Kp = roundup(K, 64), int8 operands;  S4: Kp = roundup(K, 128), Kb = Kp / 2, packed int4 operands.
-//   The padding (k >= K) is zero in both operands, so it adds nothing to the integer sums.
-// ================================================================================================================
-namespace {
-
-constexpr int P_BM = 64, P_BN = 64;
-constexpr int P_BKB = 64;                 // bytes of K per pipeline stage (two mma k-steps)
-constexpr int P_WORDS = P_BKB / 4;        // 16 words per row per stage
-constexpr int P_SROW = P_WORDS + 4;       // + 16 bytes: rows stay 16-byte aligned, fragment loads conflict-free
-constexpr int P_STAGES = 3;
-constexpr int P_THREADS = 128;
+constexpr int BM = 64, BN = 64;
+constexpr int BKB = 64;                 // bytes of K per pipeline stage (two mma k-steps)
+constexpr int WORDS = BKB / 4;        // 16 words per row per stage
+constexpr int SROW = WORDS + 4;       // + 16 bytes: rows stay 16-byte aligned, fragment loads conflict-free
+constexpr int STAGES = 3;
+constexpr int THREADS = 128;
 
 inline int padded_k(int K, bool s4) { return s4 ? (K + 127) / 128 * 128 : (K + 63) / 64 * 64; }
 inline int k_bytes(int K, bool s4) { return s4 ? padded_k(K, true) / 2 : padded_k(K, false); }
@@ -372,7 +119,8 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) 
 }
 
 // One warp per row. DYN: row min/max first (order-free, so exact), then the same scale / zero point arithmetic as
-// dynamic_row_params_kernel. Each lane quantizes 8 consecutive k (two float4 loads) per iteration.
+// ONNX chain (ReduceMin/ReduceMax -> Min/Max -> Sub -> Div -> Max -> Div -> Neg -> Round).
+// Each lane quantizes 8 consecutive k (two float4 loads) per iteration.
 template <bool S4, bool DYN>
 __global__ void __launch_bounds__(ROW_WARPS * 32)
 quantize_rows_kernel(const float* __restrict__ x, uint8_t* __restrict__ xq, float* __restrict__ row_scale,
@@ -462,23 +210,23 @@ __global__ void prepare_weights_kernel(const uint8_t* __restrict__ w, bool packe
 }
 
 template <bool S4, bool OUT_F16, bool DYN>
-__global__ void __launch_bounds__(P_THREADS)
+__global__ void __launch_bounds__(THREADS)
 qgemm_kernel(const uint8_t* __restrict__ aq, const uint8_t* __restrict__ wq, const float* __restrict__ w_scale,
              const float* __restrict__ bias, void* __restrict__ y, int M, int N, int Kb, float act_scale,
              const float* __restrict__ row_scale) {
-    __shared__ __align__(16) uint32_t As[P_STAGES][P_BM][P_SROW];
-    __shared__ __align__(16) uint32_t Bs[P_STAGES][P_BN][P_SROW];
+    __shared__ __align__(16) uint32_t As[STAGES][BM][SROW];
+    __shared__ __align__(16) uint32_t Bs[STAGES][BN][SROW];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int wm = warp >> 1, wn = warp & 1;
     const int g = lane >> 2, t = lane & 3;
-    const int m0 = blockIdx.y * P_BM, n0 = blockIdx.x * P_BN;
-    const int nk = Kb / P_BKB;
+    const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
+    const int nk = Kb / BKB;
 
     auto load_stage = [&](int stage, int kt) {
-        const size_t kb = static_cast<size_t>(kt) * P_BKB;
+        const size_t kb = static_cast<size_t>(kt) * BKB;
 #pragma unroll
-        for (int i = 0; i < (P_BM * P_BKB / 16) / P_THREADS; ++i) {  // 2 chunks of 16 bytes per thread
-            const int c = tid + i * P_THREADS, r = c >> 2, c16 = c & 3;
+        for (int i = 0; i < (BM * BKB / 16) / THREADS; ++i) {  // 2 chunks of 16 bytes per thread
+            const int c = tid + i * THREADS, r = c >> 2, c16 = c & 3;
             const int m = min(m0 + r, M - 1);  // rows past M / N load a valid row; the epilogue never stores them
             const int n = min(n0 + r, N - 1);
             cp_async16(&As[stage][r][c16 * 4], aq + static_cast<size_t>(m) * Kb + kb + c16 * 16);
@@ -495,18 +243,18 @@ qgemm_kernel(const uint8_t* __restrict__ aq, const uint8_t* __restrict__ wq, con
             for (int r = 0; r < 4; ++r) acc[i][j][r] = 0;
 
 #pragma unroll
-    for (int s = 0; s < P_STAGES - 1; ++s) {
+    for (int s = 0; s < STAGES - 1; ++s) {
         if (s < nk) load_stage(s, s);
         cp_async_commit();
     }
     for (int kt = 0; kt < nk; ++kt) {
-        cp_async_wait<P_STAGES - 2>();
+        cp_async_wait<STAGES - 2>();
         __syncthreads();  // stage kt landed for all threads; everyone is done with stage kt - 1
-        if (kt + P_STAGES - 1 < nk) load_stage((kt + P_STAGES - 1) % P_STAGES, kt + P_STAGES - 1);
+        if (kt + STAGES - 1 < nk) load_stage((kt + STAGES - 1) % STAGES, kt + STAGES - 1);
         cp_async_commit();
-        const int st = kt % P_STAGES;
+        const int st = kt % STAGES;
 #pragma unroll
-        for (int kk = 0; kk < P_WORDS / 8; ++kk) {
+        for (int kk = 0; kk < WORDS / 8; ++kk) {
             // ldmatrix.x4: lanes 8q..8q+7 address the 8 rows of matrix q (16 bytes each); lane l receives word l % 4
             // of row l / 4 of every matrix, which is the mma fragment layout (register q = matrix q).
             uint32_t a[2][4], b[4][2];
@@ -649,7 +397,7 @@ extern "C" int vitq_quant_linear_a4_prepared(const float* x, const void* wq, con
     if (path != VITQ_PATH_S4_MMA && path != VITQ_PATH_S8_MMA) return VITQ_ERR_ARG;  // resolve AUTO first
     if (path == VITQ_PATH_S4_MMA && act_dynamic) return VITQ_ERR_ARG;
     if (M < 1 || N < 1 || K < 8 || K % 8 != 0) return VITQ_ERR_SHAPE;
-    if ((M + P_BM - 1) / P_BM > 65535) return VITQ_ERR_SHAPE;
+    if ((M + BM - 1) / BM > 65535) return VITQ_ERR_SHAPE;
     // float4 loads of x rows and 16-byte cp.async of the operands need 16-byte aligned buffers
     if ((reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(wq) | reinterpret_cast<uintptr_t>(workspace)) & 15)
         return VITQ_ERR_ARG;
@@ -664,14 +412,23 @@ extern "C" int vitq_quant_linear_a4_prepared(const float* x, const void* wq, con
     else if (act_dynamic) quantize_rows_kernel<false, true><<<qblocks, ROW_WARPS * 32, 0, stream>>>(x, aq, rs, rz, M, K, Kp, act_scale);
     else quantize_rows_kernel<false, false><<<qblocks, ROW_WARPS * 32, 0, stream>>>(x, aq, rs, rz, M, K, Kp, act_scale);
     if (cudaGetLastError() != cudaSuccess) return VITQ_ERR_CUDA;
-    const dim3 grid((N + P_BN - 1) / P_BN, (M + P_BM - 1) / P_BM);
+    const dim3 grid((N + BN - 1) / BN, (M + BM - 1) / BM);
     const uint8_t* w8 = static_cast<const uint8_t*>(wq);
 #define VITQ_GEMM(S4_, F16_, DYN_) \
-    qgemm_kernel<S4_, F16_, DYN_><<<grid, P_THREADS, 0, stream>>>(aq, w8, w_scale, bias, y, M, N, Kb, act_scale, rs)
+    qgemm_kernel<S4_, F16_, DYN_><<<grid, THREADS, 0, stream>>>(aq, w8, w_scale, bias, y, M, N, Kb, act_scale, rs)
     const bool f16 = out_dtype == VITQ_OUT_F16;
     if (s4) { if (f16) VITQ_GEMM(true, true, false); else VITQ_GEMM(true, false, false); }
     else if (act_dynamic) { if (f16) VITQ_GEMM(false, true, true); else VITQ_GEMM(false, false, true); }
     else { if (f16) VITQ_GEMM(false, true, false); else VITQ_GEMM(false, false, false); }
 #undef VITQ_GEMM
+    return cudaGetLastError() == cudaSuccess ? VITQ_OK : VITQ_ERR_CUDA;
+}
+
+extern "C" int vitq_pack_int4(const int8_t* w, uint8_t* packed, int N, int K, cudaStream_t stream) {
+    if (!w || !packed) return VITQ_ERR_ARG;
+    if (N < 1 || K < 8 || K % 8 != 0) return VITQ_ERR_SHAPE;
+    const size_t n_bytes = static_cast<size_t>(N) * (K / 2);
+    const int blocks = static_cast<int>((n_bytes + 255) / 256 < 4096 ? (n_bytes + 255) / 256 : 4096);
+    pack_int4_kernel<<<blocks, 256, 0, stream>>>(w, packed, n_bytes);
     return cudaGetLastError() == cudaSuccess ? VITQ_OK : VITQ_ERR_CUDA;
 }

@@ -45,45 +45,30 @@ enum vitq_gemm_path {
 int vitq_pack_int4(const int8_t* w, uint8_t* packed, int N, int K, cudaStream_t stream);
 
 /*
- * Y[M, N] = ((float(sum_k xq[m,k] * W[n,k]) * act_scale) * w_scale[n]) + bias[n]
- *   xq = clamp(rint(X / act_scale), -8, 7)   (IEEE division, round-half-even; exactly ONNX QuantizeLinear int4)
- * x: float32 [M, K] row-major; w: see weight_format; w_scale: float32 [N]; bias: float32 [N] or NULL;
- * y: float32 or float16 [M, N] row-major.
- * Preconditions (else VITQ_ERR_SHAPE): M >= 1, N >= 1, K >= 8, K % 8 == 0. M and N tails are bounds-checked,
- * K tails (K % 64 != 0) are zero-padded in shared memory. Float32 output is bit-exact w.r.t. the numpy reference
- * while |acc| < 2^24 (always for K <= 2^14 with int4 weights).
- */
-int vitq_quant_linear_a4(const float* x, const void* w, int weight_format, const float* w_scale, const float* bias,
-                         void* y, int out_dtype, int M, int N, int K, float act_scale, int path,
-                         cudaStream_t stream);
-
-/*
- * Dynamic per-row mode (QuantLinearA4 act_dynamic=1; MixA-Q's dynamic low branch). Per row m of x [M, K]:
- *   lo = min(min_k x, 0), hi = max(max_k x, 0), s_m = max((hi - lo) / 15, 1e-8), z_m = rint(-(lo / s_m))
- *   d = clamp(rint(X / s_m) + z_m, 0, 15) - z_m   (ONNX uint4 QuantizeLinear minus its zero point: [-15, 15])
- *   Y[m, n] = ((float(sum_k d[m,k] * W[n,k]) * s_m) * w_scale[n]) + bias[n]
- * row_params: caller-allocated device float [2 * M] (workspace: s_m, then z_m). S8 path only (path AUTO or S8_MMA,
- * else VITQ_ERR_ARG). Same shape preconditions as vitq_quant_linear_a4.
- */
-int vitq_dynamic_row_params(const float* x, float* row_scale, float* row_zp, int M, int K, cudaStream_t stream);
-int vitq_quant_linear_a4_dynamic(const float* x, const void* w, int weight_format, const float* w_scale,
-                                 const float* bias, void* y, int out_dtype, int M, int N, int K, float* row_params,
-                                 int path, cudaStream_t stream);
-
-/*
- * Two-kernel pipeline (faster; same function, bit for bit): the activations are quantized once per row into a
- * workspace, then a cp.async-pipelined tensor-core GEMM runs on the prepared operands.
+ * QuantLinearA4 (semantics: vitq/plugins/specs.py::quant_linear_a4_ref), per call
+ *   static  (act_dynamic = 0): xq = clamp(rint(X / act_scale), -8, 7)   (IEEE division, round-half-even: exactly
+ *           ONNX QuantizeLinear to int4), Y[m, n] = ((float(sum_k xq[m,k] * W[n,k]) * act_scale) * w_scale[n]) + bias[n]
+ *   dynamic (act_dynamic = 1, MixA-Q's per-token low branch), per row m:
+ *           lo = min(min_k x, 0), hi = max(max_k x, 0), s_m = max((hi - lo) / 15, 1e-8), z_m = rint(-(lo / s_m)),
+ *           d = clamp(rint(X / s_m) + z_m, 0, 15) - z_m   (ONNX uint4 QuantizeLinear minus its zero point),
+ *           Y[m, n] = ((float(sum_k d[m,k] * W[n,k]) * s_m) * w_scale[n]) + bias[n]
+ * x: float32 [M, K] row-major, 16-byte aligned; w_scale: float32 [N]; bias: float32 [N] or NULL; y: float32 or
+ * float16 [M, N] row-major. Float32 output is bit-exact w.r.t. the reference while |acc| < 2^24 (always for
+ * K <= 2^14 with int4 weights). Preconditions (else VITQ_ERR_SHAPE): M >= 1, N >= 1, K >= 8, K % 8 == 0.
+ *
+ * Two kernels: the activations are quantized once per row into a workspace, then a cp.async-pipelined
+ * tensor-core GEMM runs on the prepared operands.
  *   1. once per weight tensor: vitq_prepare_weights(w, weight_format, N, K, path, wq) into a device buffer of
  *      vitq_prepared_weight_bytes(N, K, path) bytes (16-byte aligned): int8 (S8 path) or packed int4 (S4 path)
- *      rows zero-padded to a multiple of 64 bytes;
+ *      rows zero-padded to a multiple of 64 bytes. Either weight format works for either path; VITQ_W_INT8 input
+ *      for the S4 path must hold int4 values (-8..7, not checked), as the ONNX plugin node's int8 [N, K] does;
  *   2. per call: vitq_quant_linear_a4_prepared(..., act_scale, act_dynamic, path, workspace) with a 16-byte
  *      aligned workspace of vitq_act_workspace_bytes(M, K, path, act_dynamic) bytes (quantized rows, then for
- *      act_dynamic = 1 the row scales s_m and zero points z_m, M floats each).
- * path must be a concrete path (S4_MMA or S8_MMA): vitq_resolve_path(VITQ_PATH_AUTO, weight_format, act_dynamic)
- * gives the one AUTO means (S4 on sm_80..sm_89 for static int4 weights, else S8), or a negative vitq_status.
- * The dynamic mode runs on the S8 path only. x must be 16-byte aligned. Size functions return 0 on bad arguments.
- * vitq_prepare_weights takes either weight format for either path; VITQ_W_INT8 input for the S4 path must hold int4
- * values (-8..7, not checked), as the ONNX plugin node's int8 [N, K] weights do.
+ *      act_dynamic = 1 the row scales s_m and zero points z_m, M floats each, at the workspace's last 8 * M bytes).
+ * path must be concrete (S4_MMA or S8_MMA): vitq_resolve_path(VITQ_PATH_AUTO, weight_format, act_dynamic) gives
+ * the one AUTO means on the current device (S4 on sm_80..sm_89 for static int4 weights, else S8), or a negative
+ * vitq_status. The dynamic mode runs on the S8 path only (its codes span [-15, 15]). act_scale is ignored when
+ * act_dynamic = 1, else it must be finite and > 0 (VITQ_ERR_ARG). Size functions return 0 on bad arguments.
  */
 size_t vitq_prepared_weight_bytes(int N, int K, int path);
 size_t vitq_act_workspace_bytes(int M, int K, int path, int act_dynamic);
@@ -92,9 +77,6 @@ int vitq_prepare_weights(const void* w, int weight_format, int N, int K, int pat
 int vitq_quant_linear_a4_prepared(const float* x, const void* wq, const float* w_scale, const float* bias, void* y,
                                   int out_dtype, int M, int N, int K, float act_scale, int act_dynamic, int path,
                                   void* workspace, cudaStream_t stream);
-
-/* The path VITQ_PATH_AUTO picks on the current device for this weight format (or a negative vitq_status). */
-int vitq_select_path(int weight_format);
 
 /*
  * Window routing. x: float32 [B, nW, T, C] contiguous. n_high in [0, nW].
