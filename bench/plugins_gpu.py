@@ -210,7 +210,7 @@ def _time(fn, iters: int, reps: int = REPS) -> float:
     return statistics.median(times)
 
 
-def run_gpu(iters: int, batch: int, seed: int, quick: bool = False) -> dict:
+def run_gpu(iters: int, batch: int, seed: int, quick: bool = False, force_s4: bool = False) -> dict:
     import torch
 
     assert torch.cuda.is_available(), "needs a CUDA GPU"
@@ -227,8 +227,11 @@ def run_gpu(iters: int, batch: int, seed: int, quick: bool = False) -> dict:
     stream = _CurrentStream()
     dev = torch.device("cuda")
     rng = np.random.default_rng(seed)
-    paths = [PATH_S8] + ([PATH_S4] if 80 <= cc < 90 else [])
-    results = {"device": torch.cuda.get_device_name(), "sm": cc, "auto_path_int4": lib.vitq_resolve_path(0, W_INT4_PACKED, 0),
+    # the S4 path is dispatched on sm_80..sm_89 only. On sm_90+ ptxas lowers the s4 mma to an s8 IMMA sequence
+    # (cuobjdump, session 11), so --force-s4 runs it there to check its function (packing, fragments), not its speed
+    paths = [PATH_S8] + ([PATH_S4] if 80 <= cc < 90 or force_s4 else [])
+    results = {"device": torch.cuda.get_device_name(), "sm": cc, "s4_emulated": PATH_S4 in paths and cc >= 90,
+               "auto_path_int4": lib.vitq_resolve_path(0, W_INT4_PACKED, 0),
                "pack": [], "linear": [], "window": []}
 
     def T(a):
@@ -413,8 +416,10 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="random shapes only, no model shapes (for compute-sanitizer)")
+    ap.add_argument("--force-s4", action="store_true",
+                    help="also run the S4 (int4 mma) path on sm_90+, where it is emulated: a function check only")
     args = ap.parse_args(argv)
-    results = run_gpu(args.iters, args.batch, args.seed, args.quick)
+    results = run_gpu(args.iters, args.batch, args.seed, args.quick, args.force_s4)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1))
     args.out.with_suffix(".md").write_text(table(results) + "\n\n" + speed_table(results) + "\n")
