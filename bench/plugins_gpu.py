@@ -239,8 +239,9 @@ def run_gpu(iters: int, batch: int, seed: int, quick: bool = False, force_s4: bo
 
     cases = [LinearShape("random", f"r{i}", int(m), int(k), int(n)) for i, (m, k, n) in
              enumerate(((1, 8, 1), (63, 64, 65), (130, 136, 72), (257, 520, 200)))]
-    if not quick:
-        cases += linear_shapes(batch)
+    if not quick:  # + DeiT-T at batch 1 (M = 197): the edge-latency case
+        cases += linear_shapes(batch) + [LinearShape("deit_tiny_b1", sh.layer, sh.M, sh.K, sh.N)
+                                         for sh in linear_shapes(1) if sh.model == "deit_tiny"]
     for sh in cases:
         for wbits in (4, 8):
             x, w, ws, b, s = random_linear_case(rng, sh.M, sh.K, sh.N, wbits)
