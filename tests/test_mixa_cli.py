@@ -53,6 +53,10 @@ def test_mixa_needs_calibration_images(tmp_path, capsys):
 
 @pytest.mark.parametrize("args,msg", [
     (["--mixa-low-quant", "dynamic"], "needs --mixa"),
+    (["--mixa", "1.2x", "--mixa-low-group", "32"], "needs --mixa-low-quant dynamic"),
+    (["--mixa", "1.2x", "--mixa-low-quant", "dynamic", "--mixa-low-group", "1"], "group size >= 2"),
+    (["--mixa", "1.2x", "--mixa-low-quant", "dynamic", "--mixa-low-group", "32", "--target", "trt"],
+     "not supported with --target trt"),
 ])
 def test_mixa_low_quant_errors(tmp_path, capsys, args, msg):
     calib = make_image_folder(tmp_path / "calib", n=2, size=(32, 32))

@@ -197,3 +197,135 @@ def test_dynamic_low_branch_trt_target(which, vit_setup, swin_setup):
         other = base(torch.from_numpy(xb)).numpy()
         assert _rel(got, ref) < 0.05 * _rel(other, ref), (_rel(got, ref), _rel(other, ref))
         assert (got.argmax(1) == ref.argmax(1)).all()
+
+
+# ---- grouped dynamic quantization (--mixa-low-group): one grid per `group` features of a token ----
+
+def test_fake_quant_dynamic_grouped_is_per_group():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 5, 24, generator=g) * 2
+    x[0, 0, 8:16] *= 50  # one loud group: the other groups of that token keep their fine grids
+    y = fake_quant_dynamic(x, 4, group=8)
+    for i in range(3):  # each group of 8 equals a per-token quantizer applied to that group alone
+        sl = slice(8 * i, 8 * (i + 1))
+        assert torch.equal(y[..., sl], fake_quant_dynamic(x[..., sl], 4))
+    assert not torch.equal(y, fake_quant_dynamic(x, 4))
+    err_g = float((y[0, 0, :8] - x[0, 0, :8]).abs().max())
+    err_t = float((fake_quant_dynamic(x, 4)[0, 0, :8] - x[0, 0, :8]).abs().max())
+    assert err_g < err_t / 10  # the quiet group no longer shares the loud group's step
+    assert torch.equal(fake_quant_dynamic(x, 4, group=24), fake_quant_dynamic(x, 4))  # one group = per token
+    with pytest.raises(ValueError, match="multiple of the group size"):
+        fake_quant_dynamic(x, 4, group=7)
+
+
+@pytest.mark.parametrize("bits,group", [(4, 4), (4, 6), (8, 4)])
+def test_onnx_grouped_dynamic_qdq_equals_torch(bits, group):
+    import onnx_ir as ir
+
+    from vitq.passes.dynamic_qdq import dynamic_qdq_nodes
+    from vitq.passes.infra import GraphPassError
+    from vitq.passes.irutil import Namer
+
+    x = ir.Value(name="x", shape=ir.Shape([None, 5, 12]), type=ir.TensorType(ir.DataType.FLOAT))
+    g = ir.Graph([x], [], nodes=[], opset_imports={"": 21}, name="g")
+    nodes, y = dynamic_qdq_nodes(g, Namer(g), x, bits, -1, "t", {}, group=group)
+    g.extend(nodes)
+    g.outputs.append(y)
+    y.dtype = ir.DataType.FLOAT
+    model = ir.serde.serialize_model(ir.Model(g, ir_version=10))
+    onnx.checker.check_model(model, full_check=True)
+    q = next(n for n in model.graph.node if n.op_type == "QuantizeLinear")
+    assert {a.name: a.i for a in q.attribute} == {"axis": -1, "block_size": group}
+    assert [n.op_type for n in model.graph.node].count("Reshape") == 1
+    xs = (np.random.default_rng(3).standard_normal((4, 5, 12)) * 3).astype(np.float32)
+    xs[0, 0] = 0
+    xs[1, 2, :group] *= 40
+    got = ort_run(model, {"x": xs})[0]
+    ref = fake_quant_dynamic(torch.from_numpy(xs), bits, group=group).numpy()
+    assert np.array_equal(got, ref)
+    with pytest.raises(GraphPassError, match="multiple of the group size"):
+        dynamic_qdq_nodes(g, Namer(g), x, bits, -1, "t2", {}, group=5)
+    xk = ir.Value(name="xk", shape=ir.Shape([None, 12, 5]), type=ir.TensorType(ir.DataType.FLOAT))
+    with pytest.raises(GraphPassError, match="feature axis last"):
+        dynamic_qdq_nodes(g, Namer(g), xk, bits, -2, "t3", {}, group=4)
+
+
+def test_schema_grouped_dynamic_round_trip_and_errors():
+    q = QuantSpec.from_dict({"bits": 4, "dynamic": "token", "group": 32}, "x")
+    assert q.group == 32 and q.to_dict() == {"bits": 4, "dynamic": "token", "method": "dynamic", "group": 32}
+    assert QuantSpec.from_dict(q.to_dict(), "x") == q
+    assert QuantSpec.from_dict({"bits": 4, "dynamic": "token"}, "x").group == 0
+    for spec, msg in [({"bits": 4, "dynamic": "token", "group": 1}, "group size >= 2"),
+                      ({"bits": 4, "dynamic": "token", "group": "32"}, "group"),
+                      ({"bits": 4, "scale": [0.1], "group": 32}, "only dynamic quantizers")]:
+        with pytest.raises(RecipeError, match=msg):
+            QuantSpec.from_dict(spec, "layers[0].input")
+
+
+@pytest.mark.parametrize("which", ["vit", "swin"])
+def test_grouped_dynamic_low_branch_graph_matches_simulation(which, vit_setup, swin_setup):
+    """``--mixa-low-quant dynamic --mixa-low-group 16``: Linear inputs of the low branch per 16 features (attention
+    operands per token); the ORT graph equals the simulation, which differs from the per-token one."""
+    res, rec0, path, x = vit_setup if which == "vit" else swin_setup
+    kw = dict(group=(2, 2) if which == "vit" else None, low_bits=4, routed=("linear", "attn"), ratios=0.5,
+              low_quant="dynamic")
+    gs = 16 if which == "vit" else 8  # the tiny Swin's first stage has 24 features
+    if which == "swin":
+        with pytest.raises(Exception, match="24 input features, not a multiple"):
+            build_mixa_spec(res.model, res.sim, res.recipe, x, low_group=16, **kw)
+    spec = build_mixa_spec(res.model, res.sim, res.recipe, x, low_group=gs, **kw)
+    assert spec.low_group == gs and spec.info["low_group"] == gs
+    for l in spec.layers:
+        for r, q in l.low.quantizers().items():
+            if r != "weight":
+                assert q.dynamic == "token" and q.group == (gs if l.low.kind == "linear" else 0), (l.module, r)
+    rec = attach(res.recipe, spec)
+    assert MixaSpec.from_dict(rec.mixa, layers=rec.layers).low_group == gs  # survives the recipe round trip
+    proto, _ = build_deployable(path, rec, "ort", sample_inputs=x[:2].numpy())
+    blocked = [n for n in proto.graph.node if n.op_type == "QuantizeLinear"
+               and any(a.name == "block_size" and a.i == gs for a in n.attribute)]
+    assert len(blocked) == sum(1 for l in spec.layers if l.low.kind == "linear" and spec.block_of(l.module).n_low)
+    sim = MixaSim(res.sim, spec)
+    per_token = MixaSim(res.sim, build_mixa_spec(res.model, res.sim, res.recipe, x, **kw))
+    for b in (1, 3):
+        xb = x[:b].numpy()
+        got = ort_run(proto, {"input": xb})[0]
+        ref = sim(torch.from_numpy(xb)).numpy()
+        other = per_token(torch.from_numpy(xb)).numpy()
+        assert _rel(other, ref) > 1e-4
+        assert _rel(got, ref) < 0.05 * _rel(other, ref), (_rel(got, ref), _rel(other, ref))
+        assert (got.argmax(1) == ref.argmax(1)).all()
+    with pytest.raises(Exception, match="dynamic low branch"):
+        build_mixa_spec(res.model, res.sim, res.recipe, x, group=kw["group"], low_bits=4, routed=("linear",),
+                        ratios=0.5, low_group=gs)
+
+
+def test_bench_group_variant(tmp_path, vit_setup):
+    """bench/mixa_group_variant.py: same ratios and weights, low-branch Linear inputs grouped; loads as a recipe."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from vitq.recipe.schema import Recipe
+
+    res, _, _, x = vit_setup
+    spec = build_mixa_spec(res.model, res.sim, res.recipe, x, group=(2, 2), low_bits=4, routed=("linear", "attn"),
+                           ratios=0.5, low_quant="dynamic")
+    src = tmp_path / "src"
+    src.mkdir()
+    attach(res.recipe, spec).save(src / "m.json")
+    spec_b = importlib.util.spec_from_file_location(
+        "mixa_group_variant", Path(__file__).resolve().parents[1] / "bench" / "mixa_group_variant.py")
+    mod = importlib.util.module_from_spec(spec_b)
+    spec_b.loader.exec_module(mod)
+    out = tmp_path / "out" / "g.json"
+    out.parent.mkdir()
+    assert mod.main([str(src / "m.json"), "--group", "16", "--out", str(out)]) == 0
+    rec = Recipe.load(out)
+    ms = MixaSpec.from_dict(rec.mixa, layers=rec.layers)
+    assert ms.low_group == 16
+    assert {b.block: b.ratio for b in ms.blocks} == {b.block: b.ratio for b in spec.blocks}
+    d0, d1 = json.loads((src / "m.json").read_text()), json.loads(out.read_text())
+    assert d0["layers"] == d1["layers"]  # the base (high branch) is untouched
+    with pytest.raises(SystemExit, match="no mixa section"):
+        mod.group_variant({"layers": []}, 16)

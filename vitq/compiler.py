@@ -49,6 +49,7 @@ class CompileOptions:
     mixa_group: str | None = None  # ViT token group, "2x2"
     mixa_routed: str | None = None  # "linear+attn" (default) | "linear"
     mixa_low_quant: str | None = None  # "static" (default) | "dynamic" (per-token low-branch activations)
+    mixa_low_group: int | None = None  # dynamic low branch: one grid per this many features of a token (None: per token)
     reconstruct: int | None = None  # block reconstruction iterations per stage (vitq/quant/reconstruct.py); None: off
 
 
@@ -109,6 +110,14 @@ def compile_model(opts: CompileOptions, echo: Callable[[str], None] = print) -> 
         raise InputError(f"recipe {recipe.name!r} needs calibration images: pass --calib DIR")
     if opts.mixa_low_quant is not None and opts.mixa is None:
         raise InputError("--mixa-low-quant needs --mixa (a recipe file's mixa section already fixes its quantizers)")
+    if opts.mixa_low_group is not None:
+        if opts.mixa_low_quant != "dynamic":
+            raise InputError("--mixa-low-group needs --mixa-low-quant dynamic (groups split a token's dynamic grid)")
+        if opts.mixa_low_group < 2:
+            raise InputError(f"--mixa-low-group {opts.mixa_low_group}: expected a group size >= 2 (e.g. 32)")
+        if opts.target != "ort":
+            raise InputError(f"--mixa-low-group is not supported with --target {opts.target} yet: the TensorRT "
+                             f"lowering takes per-token dynamic quantizers only (drop --mixa-low-group)")
     trt_opts = None
     if opts.target != "ort":
         from .trt.common import TrtBuildOptions

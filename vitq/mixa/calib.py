@@ -244,8 +244,9 @@ def _calib_attn(base: LayerSpec, st: dict, level: int, bits: int) -> LayerSpec:
 LOW_QUANT = ("static", "dynamic")
 
 
-def dynamic_branch(base: LayerSpec, bits: int) -> LayerSpec:
-    """``base`` with every activation quantizer dynamic per token at ``bits`` (weights kept: shared)."""
+def dynamic_branch(base: LayerSpec, bits: int, group: int = 0) -> LayerSpec:
+    """``base`` with every activation quantizer dynamic per token at ``bits`` (weights kept: shared); a Linear's
+    input per ``group`` features when ``group`` > 0 (attention operands stay per token)."""
     if bits not in (4, 8):
         raise UnsupportedError(f"dynamic per-token activations are 4 or 8 bits, not {bits}")
     s = copy.copy(base)
@@ -254,20 +255,23 @@ def dynamic_branch(base: LayerSpec, bits: int) -> LayerSpec:
             if getattr(base, r) is not None:
                 setattr(s, r, QuantSpec.dynamic_token(bits))
     else:
-        s.input, s.input_regions = QuantSpec.dynamic_token(bits), None
+        s.input, s.input_regions = QuantSpec.dynamic_token(bits, group), None
     return s
 
 
 def build_mixa_spec(prepared: nn.Module, qsim: QuantSim, recipe: Recipe, calib_x, *, group=None,
                     high_bits: int | None = None, low_bits: int = 4, routed=("linear",),
                     ratios: float | dict = 0.5, calib_ratios: float | dict | None = None,
-                    low_quant: str = "static", progress=None) -> MixaSpec:
+                    low_quant: str = "static", low_group: int = 0, progress=None) -> MixaSpec:
     """The full ``mixa`` section: skeleton at ``ratios``, branch quantizers calibrated at ``calib_ratios``
     (default: ``ratios``; where that is 0 for a block, 0.5, so every block's low branch sees tokens), or, for the
-    low branch with ``low_quant="dynamic"``, dynamic per token."""
+    low branch with ``low_quant="dynamic"``, dynamic per token (a Linear's input per ``low_group`` features when
+    ``low_group`` > 0)."""
     if low_quant not in LOW_QUANT:
         raise UnsupportedError(f"low_quant {low_quant!r} is not one of {', '.join(LOW_QUANT)}")
     dyn_low = low_quant == "dynamic" and low_bits != FLOAT_BITS
+    if low_group and not dyn_low:
+        raise UnsupportedError("a low-branch group size needs the dynamic low branch (low_quant='dynamic')")
     if dyn_low and low_bits not in (4, 8):
         raise UnsupportedError(f"a dynamic low branch is 4 or 8 bits, not {low_bits}")
     family = qsim.family
@@ -295,7 +299,12 @@ def build_mixa_spec(prepared: nn.Module, qsim: QuantSim, recipe: Recipe, calib_x
             if bits == FLOAT_BITS:
                 br[level] = None
             elif level == 1 and dyn_low:  # asked for explicitly: dynamic even at the base's bits
-                br[level] = dynamic_branch(base, bits)
+                if low_group and base.kind == "linear":
+                    k = int(qsim.wrappers[l.module].float_weight.shape[1])
+                    if k % low_group:
+                        raise UnsupportedError(f"low-branch group size {low_group}: {l.module} has {k} input "
+                                               f"features, not a multiple of it")
+                br[level] = dynamic_branch(base, bits, low_group)
             elif bits == ab:
                 br[level] = base
             elif base.kind == "attn":
@@ -308,7 +317,7 @@ def build_mixa_spec(prepared: nn.Module, qsim: QuantSim, recipe: Recipe, calib_x
             progress(f"mixa: {l.module} calibrated")
     spec.layers = layers
     spec.info = {"calib_ratios": {k: round(v, 4) for k, v in cr.items()}, "calib_images": int(len(x)),
-                 "low_quant": low_quant}
+                 "low_quant": low_quant, **({"low_group": int(low_group)} if low_group else {})}
     return spec
 
 

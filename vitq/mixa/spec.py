@@ -138,6 +138,14 @@ class MixaSpec:
                 return "dynamic"
         return "static"
 
+    @property
+    def low_group(self) -> int:
+        """The group size of the dynamic low branch's Linear inputs (0: per token, or no dynamic low branch)."""
+        for l in self.layers:
+            if l.low is not None and l.low.input is not None and l.low.input.dynamic and l.low.input.group:
+                return int(l.low.input.group)
+        return 0
+
     def block(self, name: str) -> MixaBlock | None:
         for b in self.blocks:
             if b.block == name:

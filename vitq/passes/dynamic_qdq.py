@@ -9,7 +9,9 @@ The function is :func:`vitq.quant.functional.fake_quant_dynamic` over the featur
     y  = DequantizeLinear(QuantizeLinear(x, s, z, axis, block_size = dim), s, z, axis, block_size = dim)
 
 Blocked quantization (one block = the whole feature axis) is how ONNX expresses a scale per token: ``s`` and ``z``
-have ``x``'s shape with the feature axis reduced to 1. ONNX Runtime 1.31 runs it on CPU (uint4 and uint8), exactly
+have ``x``'s shape with the feature axis reduced to 1. With a ``group`` size g (feature axis last), the reductions
+run on ``Reshape(x, [..., dim / g, g])`` over its last axis without keepdims, so ``s`` and ``z`` have ``x``'s shape
+with the feature axis reduced to ``dim / g``, and the Q/DQ pair uses ``block_size = g``. ONNX Runtime 1.31 runs it on CPU (uint4 and uint8), exactly
 equal to the torch arithmetic. TensorRT has no blocked activation quantizer: for it, ``lower_trt`` turns a 4-bit
 chain feeding a linear layer into a ``QuantLinearA4`` plugin node in its dynamic per-row mode, and
 ``dynamic_qdq_float`` rewrites the rest (attention operands, 8-bit chains) into exact float arithmetic
@@ -39,15 +41,19 @@ def _utype(bits: int) -> ir.DataType:
 
 
 def dynamic_qdq_nodes(g: ir.Graph, nm: Namer, x: ir.Value, bits: int, axis: int, base: str,
-                      meta: dict[str, str]) -> tuple[list[ir.Node], ir.Value]:
-    """The nodes (in order, not yet inserted) of a dynamic per-token Q/DQ of ``x`` over ``axis``, and its output.
-    ``x``'s size along ``axis`` must be static (the block size)."""
+                      meta: dict[str, str], group: int = 0) -> tuple[list[ir.Node], ir.Value]:
+    """The nodes (in order, not yet inserted) of a dynamic per-token Q/DQ of ``x`` over ``axis`` (per ``group``
+    consecutive features when ``group`` > 0: ``axis`` must then be the last), and its output. ``x``'s size along
+    ``axis`` must be static (the block size)."""
     qt = _utype(bits)
     shape = x.shape
     if shape is None or not isinstance(shape[axis], int):
         raise GraphPassError(f"{base}: dynamic quantization needs a static size along axis {axis} of {x.name} "
                              f"(shape {shape})")
     block = int(shape[axis])
+    if group and (axis not in (-1, len(shape) - 1) or block % group):
+        raise GraphPassError(f"{base}: grouped dynamic quantization needs the feature axis last and its size "
+                             f"({block}) a multiple of the group size {group}")
     meta = {**meta, META_DYNAMIC: "token"}
     nodes: list[ir.Node] = []
 
@@ -62,8 +68,14 @@ def dynamic_qdq_nodes(g: ir.Graph, nm: Namer, x: ir.Value, bits: int, axis: int,
 
     axes = c("dyn_axes", np.array([axis], np.int64))
     zero = c("dyn_zero", np.array(0.0, np.float32))
-    lo = op("Min", [op("ReduceMin", [x, axes], "dyn_min", keepdims=1), zero], "dyn_lo")
-    hi = op("Max", [op("ReduceMax", [x, axes], "dyn_max", keepdims=1), zero], "dyn_hi")
+    red, keep = x, 1
+    if group:
+        red = op("Reshape", [x, c("dyn_group_shape", np.array([0] * (len(shape) - 1) + [block // group, group],
+                                                               np.int64))], "dyn_groups")
+        red.shape = ir.Shape([*list(shape)[:-1], block // group, group])
+        keep, block = 0, group
+    lo = op("Min", [op("ReduceMin", [red, axes], "dyn_min", keepdims=keep), zero], "dyn_lo")
+    hi = op("Max", [op("ReduceMax", [red, axes], "dyn_max", keepdims=keep), zero], "dyn_hi")
     rng = op("Div", [op("Sub", [hi, lo], "dyn_range"), c("dyn_levels", np.array((1 << bits) - 1, np.float32))],
              "dyn_scale0")
     s = op("Max", [rng, c("dyn_eps", np.array(DYN_EPS, np.float32))], "dyn_scale")
@@ -121,6 +133,12 @@ def float_dynamic_qdq(g: ir.Graph) -> int:
                 or any(d.op_type != "DequantizeLinear" or d.inputs[1] is not s or d.inputs[2] is not z
                        for d in dqs)):
             raise GraphPassError(f"{q.name}: not a dynamic quantizer built by dynamic_qdq_nodes")
+        if x.shape is not None and q.attributes.get("block_size") is not None and isinstance(
+                x.shape[q.attributes["axis"].as_int()], int) and \
+                q.attributes["block_size"].as_int() != x.shape[q.attributes["axis"].as_int()]:
+            raise GraphPassError(f"{q.name}: a grouped dynamic quantizer (block_size "
+                                 f"{q.attributes['block_size'].as_int()}) has no float form yet; TensorRT targets "
+                                 f"take per-token dynamic quantizers only")
         zf = cast.inputs[0]
         meta = {**q.metadata_props, "vitq.lowered": "dynamic_float"}
         base = q.name or "dyn"

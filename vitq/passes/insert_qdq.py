@@ -83,10 +83,11 @@ class InsertQDQ(GraphPass):
         per-token specs: :func:`vitq.passes.dynamic_qdq.dynamic_qdq_nodes` over the feature axis (``-2`` for the
         attention's ``k`` operand, which the graph feeds transposed)."""
         if spec.dynamic:
-            key = (id(x), spec.bits, "dynamic")
+            key = (id(x), spec.bits, "dynamic", spec.group)
             if key not in self._cache:
                 nodes, y = dynamic_qdq_nodes(self._graph, self._namer, x, spec.bits, -2 if role == "k" else -1,
-                                             f"{module}.{role}", self._meta(before, role, module, spec.bits))
+                                             f"{module}.{role}", self._meta(before, role, module, spec.bits),
+                                             group=spec.group)
                 self._graph.insert_before(before, nodes)
                 self._cache[key] = y
                 self.stats["qdq_pairs"] += 1

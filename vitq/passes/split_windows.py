@@ -401,7 +401,8 @@ class SplitWindowsAttn(GraphPass):
         meta = {**b.meta, META_ROLE: role, META_MODULE: module, META_BITS: str(spec.bits)}
         base = f"{module}.{role}"
         if spec.dynamic:  # per token; the k operand is k^T in the graph (features on axis -2)
-            nodes, y = dynamic_qdq_nodes(b.g, b.nm, x, spec.bits, -2 if role == "k" else -1, base, meta)
+            nodes, y = dynamic_qdq_nodes(b.g, b.nm, x, spec.bits, -2 if role == "k" else -1, base, meta,
+                                         group=spec.group)
             b.g.insert_before(b.before, nodes)
             return y
         scale = b.const(f"{base}.scale", np.array(spec.scale[0], np.float32))

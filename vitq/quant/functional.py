@@ -19,6 +19,9 @@ zero point computed in the graph from ``ReduceMin``/``ReduceMax``:
 
     lo = min(min_axis x, 0), hi = max(max_axis x, 0), s = max((hi - lo) / (2^bits - 1), DYN_EPS)
     z = round_half_even(-lo / s), q = clamp(round_half_even(x / s) + z, 0, 2^bits - 1), y = (q - z) * s
+
+With a ``group`` size g (recipe ``"group": g``), each token's features are split into consecutive groups of g along
+the last axis and each group gets its own grid (ONNX: the same chain with ``block_size = g``).
 """
 
 from __future__ import annotations
@@ -28,8 +31,15 @@ import torch
 from ..recipe.schema import DYN_EPS
 
 
-def fake_quant_dynamic(x: torch.Tensor, bits: int, axis: int = -1) -> torch.Tensor:
-    """Per-token dynamic asymmetric quantize-dequantize over ``axis`` (see the module docstring)."""
+def fake_quant_dynamic(x: torch.Tensor, bits: int, axis: int = -1, group: int = 0) -> torch.Tensor:
+    """Per-token dynamic asymmetric quantize-dequantize over ``axis`` (see the module docstring); with ``group``, per
+    group of ``group`` consecutive features along the last axis."""
+    if group:
+        k = x.shape[-1]
+        if axis not in (-1, x.dim() - 1) or k % group:
+            raise ValueError(f"grouped dynamic quantization: the last axis (size {k}) must be a multiple of the "
+                             f"group size {group}, and axis must be -1 (got {axis})")
+        return fake_quant_dynamic(x.reshape(*x.shape[:-1], k // group, group), bits).reshape(x.shape)
     n = float((1 << bits) - 1)
     lo = torch.clamp(x.amin(axis, keepdim=True), max=0.0)
     hi = torch.clamp(x.amax(axis, keepdim=True), min=0.0)

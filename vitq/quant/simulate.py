@@ -34,6 +34,7 @@ def _t(scale) -> torch.Tensor:
 class _InputQuant:
     def __init__(self, spec: LayerSpec):
         self.dyn = spec.input.bits if spec.input is not None and spec.input.dynamic else None
+        self.group = spec.input.group if self.dyn else 0
         self.plain = (_t(spec.input.scale), spec.input.bits, spec.input.shift) \
             if spec.input is not None and not self.dyn else None
         r = spec.input_regions
@@ -42,7 +43,7 @@ class _InputQuant:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.dyn is not None:
-            return fake_quant_dynamic(x, self.dyn)
+            return fake_quant_dynamic(x, self.dyn, group=self.group)
         if self.plain is not None:
             return fake_quant(x, *self.plain)
         if self.regions is not None:

@@ -95,6 +95,7 @@ class QuantSpec:
     method: str = "minmax"
     shift: int = 0  # grid shift in steps (per-tensor activations only): x^ = (q + shift) * scale
     dynamic: str | None = None  # "token": per-token asymmetric scale and zero point computed at run time (no scale)
+    group: int = 0  # dynamic only: one scale / zero point per `group` consecutive features of a token (0: per token)
 
     @property
     def offset(self) -> float:
@@ -110,12 +111,15 @@ class QuantSpec:
         return (1 << (self.bits - 1)) - 1
 
     @classmethod
-    def dynamic_token(cls, bits: int) -> "QuantSpec":
-        return cls(bits, [], None, "dynamic", 0, "token")
+    def dynamic_token(cls, bits: int, group: int = 0) -> "QuantSpec":
+        return cls(bits, [], None, "dynamic", 0, "token", group)
 
     def to_dict(self) -> dict:
         if self.dynamic:
-            return {"bits": self.bits, "dynamic": self.dynamic, "method": "dynamic"}
+            d = {"bits": self.bits, "dynamic": self.dynamic, "method": "dynamic"}
+            if self.group:
+                d["group"] = int(self.group)
+            return d
         d: dict[str, Any] = {"bits": self.bits, "scale": [float(s) for s in self.scale], "method": self.method}
         if self.axis is not None:
             d["axis"] = self.axis
@@ -126,7 +130,7 @@ class QuantSpec:
     @classmethod
     def from_dict(cls, d: Any, where: str) -> "QuantSpec":
         _require_obj(d, where)
-        _only_keys(d, where, {"bits", "scale", "axis", "method", "shift", "dynamic"})
+        _only_keys(d, where, {"bits", "scale", "axis", "method", "shift", "dynamic", "group"})
         bits = d.get("bits")
         if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 8:
             raise RecipeError(f"{where}.bits: expected an integer in 2..8, got {bits!r}")
@@ -142,7 +146,12 @@ class QuantSpec:
                                   f"{', '.join(repr(k) for k in extra)}")
             if d.get("method", "dynamic") != "dynamic":
                 raise RecipeError(f"{where}.method: a dynamic quantizer's method is 'dynamic', got {d['method']!r}")
-            return cls.dynamic_token(bits)
+            group = d.get("group", 0)
+            if not isinstance(group, int) or isinstance(group, bool) or group < 0 or group == 1:
+                raise RecipeError(f"{where}.group: expected 0 (per token) or a group size >= 2, got {group!r}")
+            return cls.dynamic_token(bits, group)
+        if d.get("group") not in (None, 0):
+            raise RecipeError(f"{where}.group: only dynamic quantizers have groups")
         scale = d.get("scale")
         if isinstance(scale, (int, float)) and not isinstance(scale, bool):
             scale = [scale]
