@@ -3,6 +3,8 @@ input perturbations.
 
     python bench/realizations.py --recipes w4a8,PATH.json,... [--base w4a8] [--noise 1e-4] [--seeds 4]
                                  [--images union|dev650] [--out bench/results/realizations.json]
+                                 [--base-from EARLIER.json]
+    python bench/realizations.py --report RESULTS.json [--base w4a8 --base-from EARLIER.json]
 
 A quantized network is a discontinuous function: a perturbation far below anything a camera or a float
 reordering could tell apart flips rounding decisions, and the flips cascade. ``bench/qdq_agreement.py`` shows
@@ -70,9 +72,68 @@ def summarize(vals: list[float]) -> dict:
             "min": min(vals), "max": max(vals)}
 
 
+def with_base_from(res: dict, base: str, path: Path, images: str, n: int, noise: float) -> dict:
+    """``res`` plus recipe ``base`` taken from an earlier run's JSON (same images, count and noise: its seed k is
+    the same perturbation as this run's seed k), listed first."""
+    old = json.loads(path.read_text())
+    if (old.get("images"), old.get("n"), old.get("noise")) != (images, n, noise):
+        raise SystemExit(f"--base-from {path}: images/n/noise {old.get('images')}/{old.get('n')}/{old.get('noise')} "
+                         f"differ from this run's {images}/{n}/{noise}")
+    if base not in old.get("recipes", {}):
+        raise SystemExit(f"--base-from {path}: no recipe {base!r} in it")
+    return {base: {**old["recipes"][base], "from": str(path)}, **{k: v for k, v in res.items() if k != base}}
+
+
+def compare(res: dict, base: str) -> None:
+    """Per candidate, ``vs_base``: top-1 drop and agreement change per realization, paired by seed (the seeds both
+    ran), with mean, min and max."""
+    b = res.get(base)
+    if b is None:
+        return
+    by_seed = {r["seed"]: r for r in b["realizations"]}
+    for name, r in res.items():
+        if name == base:
+            continue
+        pairs = [(by_seed[c["seed"]], c) for c in r["realizations"] if c["seed"] in by_seed]
+        drops = [p["top1"] - c["top1"] for p, c in pairs]
+        agrs = [c["agreement_fp32"] - p["agreement_fp32"] for p, c in pairs]
+        r["vs_base"] = {"base": base, "seeds": [c["seed"] for _, c in pairs], "drop": summarize(drops),
+                        "agree_change": summarize(agrs)}
+
+
+def table(res: dict) -> str:
+    lines = ["| recipe | top-1 mean ± std [min, max] | agreement mean ± std | KL mean | drop vs base mean [min, max] | "
+             "agreement change mean [min, max] |", "|---|---|---|---|---|---|"]
+    for name, r in res.items():
+        vb = r.get("vs_base")
+        lines.append(
+            f"| {name} | {r['top1']['mean']:.2f} ± {r['top1']['std']:.2f} [{r['top1']['min']:.2f}, "
+            f"{r['top1']['max']:.2f}] | {r['agreement_fp32']['mean']:.2f} ± {r['agreement_fp32']['std']:.2f} | "
+            f"{r['kl_fp32']['mean']:.4f} | "
+            + (f"{vb['drop']['mean']:.2f} [{vb['drop']['min']:.2f}, {vb['drop']['max']:.2f}] | "
+               f"{vb['agree_change']['mean']:+.2f} [{vb['agree_change']['min']:+.2f}, "
+               f"{vb['agree_change']['max']:+.2f}] |" if vb else "- | - |"))
+    return "\n".join(lines)
+
+
+def report(path: Path, base: str, base_from: Path | None) -> int:
+    """Re-print (and, with ``base_from``, re-compare) a results file without recomputing."""
+    d = json.loads(path.read_text())
+    res = d["recipes"]
+    if base_from is not None:
+        res = with_base_from(res, base, base_from, d["images"], d["n"], d["noise"])
+    compare(res, base)
+    print(f"{d['n']} images, noise {d['noise']:g}")
+    print(table(res))
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--recipes", required=True, help="comma list: names in --recipe-dir or .json paths")
+    ap.add_argument("--recipes", help="comma list: names in --recipe-dir or .json paths")
+    ap.add_argument("--base-from", metavar="JSON", help="take --base's realizations from an earlier run's results "
+                    "(same --images and --noise) instead of recomputing them")
+    ap.add_argument("--report", metavar="JSON", help="only print (and compare) an earlier run's results")
     ap.add_argument("--recipe-dir", default=str(REPO / "bench" / "results" / "recipes"))
     ap.add_argument("--base", default="w4a8", help="the recipe (stem) the others are compared with")
     ap.add_argument("--noise", type=float, default=1e-4)
@@ -80,6 +141,10 @@ def main(argv=None) -> int:
     ap.add_argument("--images", choices=("dev650", "union"), default="union")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "realizations.json"))
     args = ap.parse_args(argv)
+    if args.report:
+        return report(Path(args.report), args.base, Path(args.base_from) if args.base_from else None)
+    if not args.recipes:
+        ap.error("--recipes is required (or --report)")
     lm = load_model("deit_tiny_patch16_224", SHARED / "weights" / "deit_tiny_patch16_224.wvfunc_matdump.pth")
     cfg = PreprocessConfig.from_dict(data_config(lm.model))
     x, y = load_array(open_image_set(SHARED / "imagenet-val-dev650"), cfg)
@@ -118,26 +183,11 @@ def main(argv=None) -> int:
                      f"{r['top1_agreement_vs_seed0']:.2f}%" if s else ""), flush=True)
         res[path.stem] = {"path": str(path), "realizations": rows,
                           **{k: summarize([r[k] for r in rows]) for k in ("top1", "agreement_fp32", "kl_fp32")}}
-    base = res.get(args.base)
-    if base is not None:
-        for name, r in res.items():
-            if name == args.base:
-                continue
-            drops = [b["top1"] - c["top1"] for b, c in zip(base["realizations"], r["realizations"])]
-            agrs = [c["agreement_fp32"] - b["agreement_fp32"] for b, c in zip(base["realizations"], r["realizations"])]
-            r["vs_base"] = {"base": args.base, "drop": summarize(drops), "agree_change": summarize(agrs)}
+    if args.base_from:
+        res = with_base_from(res, args.base, Path(args.base_from), args.images, int(len(x)), args.noise)
+    compare(res, args.base)
     print(f"\n{len(x)} images, noise {args.noise:g}, realizations: unperturbed + {args.seeds}")
-    print("| recipe | top-1 mean ± std [min, max] | agreement mean ± std | KL mean | drop vs base mean [min, max] | "
-          "agreement change mean [min, max] |")
-    print("|---|---|---|---|---|---|")
-    for name, r in res.items():
-        vb = r.get("vs_base")
-        print(f"| {name} | {r['top1']['mean']:.2f} ± {r['top1']['std']:.2f} [{r['top1']['min']:.2f}, "
-              f"{r['top1']['max']:.2f}] | {r['agreement_fp32']['mean']:.2f} ± {r['agreement_fp32']['std']:.2f} | "
-              f"{r['kl_fp32']['mean']:.4f} | "
-              + (f"{vb['drop']['mean']:.2f} [{vb['drop']['min']:.2f}, {vb['drop']['max']:.2f}] | "
-                 f"{vb['agree_change']['mean']:+.2f} [{vb['agree_change']['min']:+.2f}, "
-                 f"{vb['agree_change']['max']:+.2f}] |" if vb else "- | - |"))
+    print(table(res))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 _spec = importlib.util.spec_from_file_location("paired_ci", Path(__file__).resolve().parents[1] / "bench" /
                                                "paired_ci.py")
@@ -88,3 +89,29 @@ def test_realizations_perturbation_and_scores():
     assert s["top1"] == 75.0 and s["agreement_fp32"] == 100.0 and abs(s["kl_fp32"]) < 1e-12
     m = rz.summarize([1.0, 3.0])
     assert m == {"mean": 2.0, "std": 2 ** 0.5, "min": 1.0, "max": 3.0}
+
+
+def test_realizations_base_from_an_earlier_run(tmp_path, capsys):
+    """--base-from pairs a candidate with an earlier run's base by seed; mismatched images refuse."""
+    import json
+
+    def run(top1s, agrs):
+        rows = [{"seed": s, "top1": t, "agreement_fp32": a, "kl_fp32": 0.1} for s, (t, a) in enumerate(zip(top1s, agrs))]
+        return {"realizations": rows, **{k: rz.summarize([r[k] for r in rows])
+                                        for k in ("top1", "agreement_fp32", "kl_fp32")}}
+    old = {"images": "union", "n": 10, "noise": 1e-4, "seeds": 3, "recipes": {"w4a8": run([80, 81, 82, 83],
+                                                                                            [90, 90, 91, 91])}}
+    new = {"images": "union", "n": 10, "noise": 1e-4, "seeds": 4,
+           "recipes": {"cand": run([79, 81, 81.5, 83, 70], [89, 90.5, 91, 90, 50])}}
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    (tmp_path / "new.json").write_text(json.dumps(new))
+    assert rz.main(["--report", str(tmp_path / "new.json"), "--base", "w4a8",
+                    "--base-from", str(tmp_path / "old.json")]) == 0
+    out = capsys.readouterr().out
+    # seeds 0-3 pair up (seed 4 has no base): drops 1, 0, 0.5, 0 -> mean 0.375; agreement -1, +0.5, 0, -1
+    assert "| cand |" in out and "0.38 [0.00, 1.00]" in out and "-0.38 [-1.00, +0.50]" in out
+    res = rz.with_base_from(new["recipes"], "w4a8", tmp_path / "old.json", "union", 10, 1e-4)
+    rz.compare(res, "w4a8")
+    assert res["cand"]["vs_base"]["seeds"] == [0, 1, 2, 3]
+    with pytest.raises(SystemExit, match="differ"):
+        rz.with_base_from(new["recipes"], "w4a8", tmp_path / "old.json", "dev650", 10, 1e-4)
