@@ -329,3 +329,23 @@ def test_bench_group_variant(tmp_path, vit_setup):
     assert d0["layers"] == d1["layers"]  # the base (high branch) is untouched
     with pytest.raises(SystemExit, match="no mixa section"):
         mod.group_variant({"layers": []}, 16)
+
+
+def test_bench_lowquant_sweep_variants():
+    """bench/mixa_lowquant_sweep.py's what-if quantizers: clip 1.0 and group = the real ones; grouping reaches Linear
+    inputs only (the simulator passes ``group`` for those), clipping saturates."""
+    import importlib.util
+    from pathlib import Path
+
+    sp = importlib.util.spec_from_file_location(
+        "mixa_lowquant_sweep", Path(__file__).resolve().parents[1] / "bench" / "mixa_lowquant_sweep.py")
+    mod = importlib.util.module_from_spec(sp)
+    sp.loader.exec_module(mod)
+    x = torch.randn(3, 4, 32, generator=torch.Generator().manual_seed(5)) * 3
+    assert torch.equal(mod.clipped_dynamic(1.0)(x, 4), fake_quant_dynamic(x, 4))
+    assert torch.equal(mod.clipped_dynamic(0.5)(x, 8), fake_quant_dynamic(x, 8))  # 8-bit untouched
+    c = mod.clipped_dynamic(0.5)(x, 4)
+    assert float(c.abs().max()) < float(x.abs().max()) * 0.6
+    gq = mod.grouped_dynamic(8)
+    assert torch.equal(gq(x, 4, group=0), fake_quant_dynamic(x, 4, group=8))  # a Linear input
+    assert torch.equal(gq(x, 4), fake_quant_dynamic(x, 4))  # an attention operand
