@@ -59,7 +59,7 @@ def main():
     ap.add_argument("--prune", default="0.1,0.2,0.3")
     ap.add_argument("--low-quant", default="static", help="comma list of the low branch's activation quantizers: "
                     "static (calibrated on the branch's tokens) and/or dynamic (per token), dynamic:G (per G "
-                    "features of a token)")
+                    "features of a token), dynamic[:G]:log (post-softmax operand on the log-sqrt(2) grid)")
     ap.add_argument("--calib", type=int, default=32, help="images for the low-branch calibration")
     ap.add_argument("--calib-ratio", type=float, default=0.6)
     ap.add_argument("--search-batch", type=int, default=16)
@@ -177,12 +177,15 @@ def main():
         gh, gw = (int(v) for v in grp.split("x"))
         for routed_s, lq in [(r, q) for r in args.routed.split(",") if r for q in args.low_quant.split(",") if q]:
             routed = tuple(routed_s.split("+"))
-            lq, _, lg = lq.partition(":")
-            tag = routed_s + ("" if lq == "static" else f" {lq}") + (f" g{lg}" if lg else "")
+            lq, *mods = lq.split(":")
+            lg = next((m for m in mods if m.isdigit()), "")
+            lsm = "log" if "log" in mods else "uniform"
+            tag = routed_s + ("" if lq == "static" else f" {lq}") + (f" g{lg}" if lg else "") + \
+                (" logsm" if lsm == "log" else "")
             t = time.time()
             spec = build_mixa_spec(base_prep, base_sim, base_rec, xc[:args.calib], group=(gh, gw), low_bits=4,
                                    routed=routed, ratios=0.0, calib_ratios=args.calib_ratio, low_quant=lq,
-                                   low_group=int(lg or 0))
+                                   low_group=int(lg or 0), low_softmax=lsm)
             msim = MixaSim(base_sim, spec)
             tcal = time.time() - t
             try:
@@ -201,7 +204,8 @@ def main():
                 bo = mixa_bitops(base_rec, s2)
                 out = predict(msim, xd)
                 add("mixa", f"{grp} {tag} @{tg}x", out, bo["total"] / 1e9, group=grp, routed=list(routed),
-                    target=tg, low_quant=lq, low_group=int(lg or 0), ratios=ratios, predicted_kl=pt["predicted_kl"],
+                    target=tg, low_quant=lq, low_group=int(lg or 0), low_softmax=lsm, ratios=ratios,
+                    predicted_kl=pt["predicted_kl"],
                     calib_s=round(tcal, 1), search_s=info["total_s"])
                 if args.save_recipes:
                     d = Path(args.save_recipes)

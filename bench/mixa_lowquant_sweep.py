@@ -22,7 +22,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,15 +29,12 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 import vitq.quant.simulate as simulate  # noqa: E402
-from realizations import SHARED, scores  # noqa: E402
-from vitq.data import load_array, open_image_set  # noqa: E402
-from vitq.exporter.models import data_config, load_model  # noqa: E402
+from realizations import dev650_scoring  # noqa: E402
 from vitq.mixa.sim import MixaSim  # noqa: E402
 from vitq.mixa.spec import MixaSpec  # noqa: E402
 from vitq.quant.functional import fake_quant_dynamic  # noqa: E402
 from vitq.quant.pipeline import apply_recipe  # noqa: E402
 from vitq.recipe.schema import DYN_EPS, Recipe  # noqa: E402
-from vitq.runtime.preprocess import PreprocessConfig  # noqa: E402
 
 
 def clipped_dynamic(c: float):
@@ -84,22 +80,10 @@ def main(argv=None) -> int:
     ap.add_argument("--base", default="w4a8", help="base recipe in bench/results/recipes ('' to skip)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "mixa_lowquant_sweep.json"))
     args = ap.parse_args(argv)
-    lm = load_model("deit_tiny_patch16_224", SHARED / "weights" / "deit_tiny_patch16_224.wvfunc_matdump.pth")
-    cfg = PreprocessConfig.from_dict(data_config(lm.model))
-    x, y = load_array(open_image_set(SHARED / "imagenet-val-dev650"), cfg)
-    x = torch.from_numpy(x)
-    with torch.no_grad():
-        fref = torch.cat([lm.model(x[i:i + 50]) for i in range(0, len(x), 50)]).double().numpy()
-
-    def score(sim):
-        with torch.no_grad():
-            return scores(sim.predict(x, batch_size=50).numpy().astype(np.float64), fref, y)
-
+    lm, score, base_row = dev650_scoring(args.base)
     rows = []
-    if args.base:
-        _, bsim = apply_recipe(lm.model, lm.family, Recipe.load(REPO / "bench" / "results" / "recipes" /
-                                                                 f"{args.base}.json"))
-        rows.append({"variant": f"base {args.base}", **score(bsim)})
+    if base_row:
+        rows.append(base_row)
         print(rows[-1], flush=True)
     rec = Recipe.load(args.recipe)
     _, sim = apply_recipe(lm.model, lm.family, rec)

@@ -67,6 +67,29 @@ def scores(logits: np.ndarray, fref: np.ndarray, y: np.ndarray) -> dict:
             "kl_fp32": float((p.exp() * (p - q)).sum(-1).mean())}
 
 
+def dev650_scoring(base: str | None):
+    """DeiT-Tiny (real weights) and dev650 for the simulation what-if benches: ``(lm, score, base_row)`` with
+    ``score(sim) -> scores(...)`` on dev650 and ``base_row`` the base recipe's (``bench/results/recipes/{base}``;
+    None when ``base`` is empty)."""
+    lm = load_model("deit_tiny_patch16_224", SHARED / "weights" / "deit_tiny_patch16_224.wvfunc_matdump.pth")
+    cfg = PreprocessConfig.from_dict(data_config(lm.model))
+    x, y = load_array(open_image_set(SHARED / "imagenet-val-dev650"), cfg)
+    x = torch.from_numpy(x)
+    with torch.no_grad():
+        fref = torch.cat([lm.model(x[i:i + 50]) for i in range(0, len(x), 50)]).double().numpy()
+
+    def score(sim):
+        with torch.no_grad():
+            return scores(sim.predict(x, batch_size=50).numpy().astype(np.float64), fref, y)
+
+    row = None
+    if base:
+        _, bsim = apply_recipe(lm.model, lm.family, Recipe.load(REPO / "bench" / "results" / "recipes" /
+                                                                 f"{base}.json"))
+        row = {"variant": f"base {base}", **score(bsim)}
+    return lm, score, row
+
+
 def summarize(vals: list[float]) -> dict:
     return {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
             "min": min(vals), "max": max(vals)}

@@ -57,6 +57,7 @@ def test_mixa_needs_calibration_images(tmp_path, capsys):
     (["--mixa", "1.2x", "--mixa-low-quant", "dynamic", "--mixa-low-group", "1"], "group size >= 2"),
     (["--mixa", "1.2x", "--mixa-low-quant", "dynamic", "--mixa-low-group", "32", "--target", "trt"],
      "not supported with --target trt"),
+    (["--mixa", "1.2x", "--mixa-low-softmax", "log"], "--mixa-low-softmax needs --mixa-low-quant dynamic"),
 ])
 def test_mixa_low_quant_errors(tmp_path, capsys, args, msg):
     calib = make_image_folder(tmp_path / "calib", n=2, size=(32, 32))

@@ -57,22 +57,30 @@ def test_fake_quant_dynamic_is_per_token_asymmetric(bits):
     assert torch.equal(fake_quant_dynamic(x.transpose(-2, -1), bits, axis=-2), y.transpose(-2, -1))
 
 
-@pytest.mark.parametrize("bits,axis", [(4, -1), (8, -1), (4, -2)])
-def test_onnx_dynamic_qdq_equals_torch(bits, axis):
+def _chain_model(shape, build):
+    """A checked one-input model ``x`` (float, ``shape``) -> ``build(g, namer, x)`` -> ``(nodes, y)``; returns
+    ``(model, graph, x)`` (the graph to build more chains on, e.g. for error checks)."""
     import onnx_ir as ir
 
-    from vitq.passes.dynamic_qdq import dynamic_qdq_nodes
     from vitq.passes.irutil import Namer
 
-    shape = [None, 5, 12] if axis == -1 else [None, 12, 5]
     x = ir.Value(name="x", shape=ir.Shape(shape), type=ir.TensorType(ir.DataType.FLOAT))
     g = ir.Graph([x], [], nodes=[], opset_imports={"": 21}, name="g")
-    nodes, y = dynamic_qdq_nodes(g, Namer(g), x, bits, axis, "t", {})
+    nodes, y = build(g, Namer(g), x)
     g.extend(nodes)
     g.outputs.append(y)
     y.dtype = ir.DataType.FLOAT
     model = ir.serde.serialize_model(ir.Model(g, ir_version=10))
     onnx.checker.check_model(model, full_check=True)
+    return model, g, x
+
+
+@pytest.mark.parametrize("bits,axis", [(4, -1), (8, -1), (4, -2)])
+def test_onnx_dynamic_qdq_equals_torch(bits, axis):
+    from vitq.passes.dynamic_qdq import dynamic_qdq_nodes
+
+    shape = [None, 5, 12] if axis == -1 else [None, 12, 5]
+    model, _, _ = _chain_model(shape, lambda g, nm, x: dynamic_qdq_nodes(g, nm, x, bits, axis, "t", {}))
     ops = [n.op_type for n in model.graph.node]
     assert ops.count("QuantizeLinear") == 1 and "ReduceMax" in ops and "ReduceMin" in ops
     q = next(n for n in model.graph.node if n.op_type == "QuantizeLinear")
@@ -226,14 +234,8 @@ def test_onnx_grouped_dynamic_qdq_equals_torch(bits, group):
     from vitq.passes.infra import GraphPassError
     from vitq.passes.irutil import Namer
 
-    x = ir.Value(name="x", shape=ir.Shape([None, 5, 12]), type=ir.TensorType(ir.DataType.FLOAT))
-    g = ir.Graph([x], [], nodes=[], opset_imports={"": 21}, name="g")
-    nodes, y = dynamic_qdq_nodes(g, Namer(g), x, bits, -1, "t", {}, group=group)
-    g.extend(nodes)
-    g.outputs.append(y)
-    y.dtype = ir.DataType.FLOAT
-    model = ir.serde.serialize_model(ir.Model(g, ir_version=10))
-    onnx.checker.check_model(model, full_check=True)
+    model, g, x = _chain_model([None, 5, 12],
+                               lambda g, nm, x: dynamic_qdq_nodes(g, nm, x, bits, -1, "t", {}, group=group))
     q = next(n for n in model.graph.node if n.op_type == "QuantizeLinear")
     assert {a.name: a.i for a in q.attribute} == {"axis": -1, "block_size": group}
     assert [n.op_type for n in model.graph.node].count("Reshape") == 1
@@ -329,6 +331,42 @@ def test_bench_group_variant(tmp_path, vit_setup):
     assert d0["layers"] == d1["layers"]  # the base (high branch) is untouched
     with pytest.raises(SystemExit, match="no mixa section"):
         mod.group_variant({"layers": []}, 16)
+    out2 = tmp_path / "out" / "l.json"
+    assert mod.main([str(src / "m.json"), "--group", "0", "--softmax", "log", "--out", str(out2)]) == 0
+    ms2 = MixaSpec.from_dict(Recipe.load(out2).mixa, layers=rec.layers)
+    assert ms2.low_softmax == "log" and ms2.low_group == 0 and ms.low_softmax == "uniform"
+    assert [l.low.attn.dynamic for l in ms2.layers if l.low.kind == "attn"] == \
+        ["log_sqrt2"] * sum(1 for l in spec.layers if l.low.kind == "attn")
+    with pytest.raises(SystemExit, match="nothing to change"):
+        mod.main([str(src / "m.json"), "--group", "0"])
+
+
+def test_bench_low_ablation_raises_one_role(vit_setup):
+    """bench/mixa_low_ablation.py: each variant raises exactly its role's low-branch quantizers to 8 bits."""
+    import importlib.util
+    from pathlib import Path
+
+    from vitq.mixa.bitops import mixa_bitops
+
+    res, _, _, x = vit_setup
+    spec = build_mixa_spec(res.model, res.sim, res.recipe, x, group=(2, 2), low_bits=4, routed=("linear", "attn"),
+                           ratios=0.5, low_quant="dynamic")
+    sp = importlib.util.spec_from_file_location(
+        "mixa_low_ablation", Path(__file__).resolve().parents[1] / "bench" / "mixa_low_ablation.py")
+    mod = importlib.util.module_from_spec(sp)
+    sp.loader.exec_module(mod)
+    red0 = mixa_bitops(res.recipe, spec)["reduction"]
+    for role in [*mod.LINEAR_ROLES, *mod.ATTN_ROLES]:
+        s = mod.raised(spec, role)
+        for l0, l1 in zip(spec.layers, s.layers):
+            for r, q in l1.low.quantizers().items():
+                q0 = l0.low.quantizers()[r]
+                hit = (l0.low.kind == "linear" and r == "input"
+                       and l0.module.endswith(mod.LINEAR_ROLES.get(role, "-"))) \
+                    or (l0.low.kind == "attn" and r in mod.ATTN_ROLES.get(role, ()))
+                assert q.bits == (8 if hit else q0.bits), (role, l0.module, r)
+        assert mixa_bitops(res.recipe, s)["reduction"] < red0  # raising a role costs reduction
+    assert spec.layers[0].low.input.bits == 4  # the input spec is not mutated
 
 
 def test_bench_lowquant_sweep_variants():
@@ -349,3 +387,111 @@ def test_bench_lowquant_sweep_variants():
     gq = mod.grouped_dynamic(8)
     assert torch.equal(gq(x, 4, group=0), fake_quant_dynamic(x, 4, group=8))  # a Linear input
     assert torch.equal(gq(x, 4), fake_quant_dynamic(x, 4))  # an attention operand
+
+
+# ---- log-sqrt(2) post-softmax grid (--mixa-low-softmax log) ----
+
+def test_fake_quant_log_sqrt2_grid():
+    from vitq.quant.functional import fake_quant_log_sqrt2
+    from vitq.recipe.schema import log_sqrt2_grid
+
+    th, lv = log_sqrt2_grid(4)
+    assert th.dtype == lv.dtype == np.float32 and len(th) == 15 and len(lv) == 16 and lv[0] == 1 and lv[-1] == 0
+    assert np.all(np.diff(lv[:-1]) < 0) and np.all((th < lv[:-1]) & (th > lv[1:]))  # thresholds between levels
+    g = torch.Generator().manual_seed(4)
+    p = torch.softmax(torch.randn(3, 4, 50, generator=g) * 3, -1)
+    y = fake_quant_log_sqrt2(p, 4)
+    m = p.amax(-1, keepdim=True)
+    assert torch.equal(y.amax(-1, keepdim=True), m)  # the row max is exact
+    codes = torch.round(-2 * torch.log2(p / m).double())  # round to nearest in the log domain
+    ref = torch.where(codes > 14, torch.zeros_like(p), m * torch.exp2(-codes / 2).float())
+    near_tie = ((-2 * torch.log2(p / m).double()) % 1 - 0.5).abs() < 1e-5
+    assert torch.allclose(y[~near_tie], ref[~near_tie], rtol=1e-6, atol=0)
+    assert ((y == 0) == (codes > 14) | near_tie & (codes == 15)).all()
+    # relative error of the nonzero levels: at most 2^(1/4) - 1 (half a step in the log domain)
+    nz = y > 0
+    assert float(((y[nz] - p[nz]).abs() / p[nz]).max()) <= 2 ** 0.25 - 1 + 1e-6
+    # far better than a uniform 4-bit grid per row on small probabilities (uniform: 0 or m / 15 there)
+    yu = fake_quant_dynamic(p, 4)
+    small = (p >= m / 128) & (p < m / 30)
+    assert float((y - p)[small].abs().sum()) < 0.2 * float((yu - p)[small].abs().sum())
+    assert torch.equal(fake_quant_log_sqrt2(torch.zeros(2, 5), 4), torch.zeros(2, 5))  # all-zero row: zeros
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_onnx_log_sqrt2_equals_torch(bits):
+    from vitq.passes.dynamic_qdq import log_sqrt2_nodes
+    from vitq.passes.infra import GraphPassError
+    from vitq.passes.irutil import Namer
+    from vitq.quant.functional import fake_quant_log_sqrt2
+
+    model, g, x = _chain_model([None, 3, 7, 40], lambda g, nm, x: log_sqrt2_nodes(g, nm, x, bits, "t", {}))
+    ops = [n.op_type for n in model.graph.node]
+    assert "QuantizeLinear" not in ops and {"ReduceMax", "Less", "Gather"} <= set(ops)
+    assert all(p.key == "vitq.dynamic" and p.value == "log_sqrt2" for n in model.graph.node
+               for p in n.metadata_props)
+    rng = np.random.default_rng(5)
+    xs = torch.softmax(torch.from_numpy(rng.standard_normal((2, 3, 7, 40)).astype(np.float32) * 4), -1).numpy()
+    xs[0, 0, 0] = 0  # an all-zero row
+    th, _ = __import__("vitq.recipe.schema", fromlist=["x"]).log_sqrt2_grid(bits)
+    xs[1, 0, 0, :3] = xs[1, 0, 0].max() * th[:3]  # exactly on thresholds
+    got = ort_run(model, {"x": xs})[0]
+    ref = fake_quant_log_sqrt2(torch.from_numpy(xs), bits).numpy()
+    assert np.array_equal(got, ref)
+    with pytest.raises(GraphPassError, match="4 or 8 bits"):
+        log_sqrt2_nodes(g, Namer(g), x, 6, "t2", {})
+
+
+def test_schema_log_sqrt2_round_trip_and_errors():
+    q = QuantSpec.from_dict({"bits": 4, "dynamic": "log_sqrt2"}, "x")
+    assert q.dynamic == "log_sqrt2" and q.to_dict() == {"bits": 4, "dynamic": "log_sqrt2", "method": "dynamic"}
+    assert QuantSpec.from_dict(q.to_dict(), "x") == q
+    lay = LayerSpec.from_dict({"module": "a", "kind": "attn", "attn": q.to_dict(),
+                               "q": {"bits": 4, "dynamic": "token"}}, "layers[0]")
+    assert lay.attn.dynamic == "log_sqrt2"
+    with pytest.raises(RecipeError, match="per row"):
+        QuantSpec.from_dict({"bits": 4, "dynamic": "log_sqrt2", "group": 8}, "x")
+    with pytest.raises(RecipeError, match=r"layers\[0\]\.k: the log_sqrt2 grid is for .* 'attn' operand only"):
+        LayerSpec.from_dict({"module": "a", "kind": "attn", "k": q.to_dict()}, "layers[0]")
+    with pytest.raises(RecipeError, match=r"layers\[0\]\.input: the log_sqrt2"):
+        LayerSpec.from_dict({"module": "m", "kind": "linear", "input": q.to_dict()}, "layers[0]")
+
+
+@pytest.mark.parametrize("which", ["vit", "swin"])
+def test_log_softmax_low_branch_graph_matches_simulation(which, vit_setup, swin_setup):
+    """``--mixa-low-softmax log``: the low branch's post-softmax operand on the log-sqrt(2) grid (the other
+    operands per token); the ORT graph (ort and trt targets) equals the simulation, which differs from the uniform
+    grid's."""
+    res, rec0, path, x = vit_setup if which == "vit" else swin_setup
+    kw = dict(group=(2, 2) if which == "vit" else None, low_bits=4, routed=("linear", "attn"), ratios=0.5,
+              low_quant="dynamic")
+    spec = build_mixa_spec(res.model, res.sim, res.recipe, x, low_softmax="log", **kw)
+    assert spec.low_softmax == "log" and spec.info["low_softmax"] == "log"
+    for l in spec.layers:
+        if l.low.kind == "attn":
+            assert l.low.attn.dynamic == "log_sqrt2" and l.low.q.dynamic == l.low.v.dynamic == "token"
+            assert l.high.attn.dynamic is None
+    rec = attach(res.recipe, spec)
+    assert MixaSpec.from_dict(rec.mixa, layers=rec.layers).low_softmax == "log"
+    n_att = sum(1 for l in spec.layers if l.low.kind == "attn" and spec.block_of(l.module).n_low)
+    sim = MixaSim(res.sim, spec)
+    uniform = MixaSim(res.sim, build_mixa_spec(res.model, res.sim, res.recipe, x, **kw))
+    for target in ("ort", "trt"):
+        proto, rep = build_deployable(path, rec, target, sample_inputs=x[:2].numpy())
+        less = [n for n in proto.graph.node if n.op_type == "Less"
+                and any(p.key == "vitq.dynamic" and p.value == "log_sqrt2" for p in n.metadata_props)]
+        assert len(less) == n_att > 0
+        if target == "trt":
+            assert not rep["trt_check"]["errors"], rep["trt_check"]["errors"]
+            assert [i["code"] for i in rep["trt_check"]["warnings"]].count("LOG_ACT_FLOAT") == n_att
+        for b in (1, 3):
+            xb = x[:b].numpy()
+            got = ort_run(proto, {"input": xb})[0]
+            ref = sim(torch.from_numpy(xb)).numpy()
+            other = uniform(torch.from_numpy(xb)).numpy()
+            assert _rel(other, ref) > 1e-4
+            assert _rel(got, ref) < 0.05 * _rel(other, ref), (target, _rel(got, ref), _rel(other, ref))
+            assert (got.argmax(1) == ref.argmax(1)).all()
+    with pytest.raises(Exception, match="softmax grid needs the dynamic low branch"):
+        build_mixa_spec(res.model, res.sim, res.recipe, x, group=kw["group"], low_bits=4,
+                        routed=("linear", "attn"), ratios=0.5, low_softmax="log")

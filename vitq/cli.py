@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--mixa-low-group", metavar="G", type=_positive_int,
                    help="with --mixa-low-quant dynamic: one grid per G consecutive features of a token instead of "
                         "one per token (e.g. 32: lower error at the same bits; ONNX Runtime target only for now)")
+    c.add_argument("--mixa-low-softmax", choices=("uniform", "log"),
+                   help="with --mixa-low-quant dynamic: the low branch's post-softmax grid per query row, uniform "
+                        "(default) or log-sqrt(2) relative to the row max (same bits, lower error at 4 bits)")
     c.add_argument("--reconstruct", metavar="STEPS", type=_positive_int, nargs="?", const=200,
                    help="block-wise reconstruction after calibration: weight rounding and activation scales "
                         "fitted per transformer block, STEPS steps each (default 200; 5-15 minutes for "
@@ -147,6 +150,7 @@ def cmd_compile(args) -> int:
                           skip_bad=args.skip_bad, tolerance=args.tolerance, mixa=args.mixa,
                           mixa_bits=args.mixa_bits, mixa_group=args.mixa_group, mixa_routed=args.mixa_routed,
                           mixa_low_quant=args.mixa_low_quant, mixa_low_group=args.mixa_low_group,
+                          mixa_low_softmax=args.mixa_low_softmax,
                           reconstruct=args.reconstruct)
     if args.target != "ort":
         from .trt.common import TrtBuildOptions

@@ -50,6 +50,7 @@ class CompileOptions:
     mixa_routed: str | None = None  # "linear+attn" (default) | "linear"
     mixa_low_quant: str | None = None  # "static" (default) | "dynamic" (per-token low-branch activations)
     mixa_low_group: int | None = None  # dynamic low branch: one grid per this many features of a token (None: per token)
+    mixa_low_softmax: str | None = None  # dynamic low branch's post-softmax grid: "uniform" (default) | "log"
     reconstruct: int | None = None  # block reconstruction iterations per stage (vitq/quant/reconstruct.py); None: off
 
 
@@ -118,6 +119,12 @@ def compile_model(opts: CompileOptions, echo: Callable[[str], None] = print) -> 
         if opts.target != "ort":
             raise InputError(f"--mixa-low-group is not supported with --target {opts.target} yet: the TensorRT "
                              f"lowering takes per-token dynamic quantizers only (drop --mixa-low-group)")
+    if opts.mixa_low_softmax is not None:
+        if opts.mixa_low_softmax not in ("uniform", "log"):
+            raise InputError(f"--mixa-low-softmax {opts.mixa_low_softmax!r}: expected uniform or log")
+        if opts.mixa_low_quant != "dynamic":
+            raise InputError("--mixa-low-softmax needs --mixa-low-quant dynamic (the grid is per query row, "
+                             "computed at run time)")
     trt_opts = None
     if opts.target != "ort":
         from .trt.common import TrtBuildOptions

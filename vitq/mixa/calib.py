@@ -244,16 +244,23 @@ def _calib_attn(base: LayerSpec, st: dict, level: int, bits: int) -> LayerSpec:
 LOW_QUANT = ("static", "dynamic")
 
 
-def dynamic_branch(base: LayerSpec, bits: int, group: int = 0) -> LayerSpec:
+LOW_SOFTMAX = ("uniform", "log")
+
+
+def dynamic_branch(base: LayerSpec, bits: int, group: int = 0, softmax: str = "uniform") -> LayerSpec:
     """``base`` with every activation quantizer dynamic per token at ``bits`` (weights kept: shared); a Linear's
-    input per ``group`` features when ``group`` > 0 (attention operands stay per token)."""
+    input per ``group`` features when ``group`` > 0 (attention operands stay per token); the post-softmax operand
+    on the log-sqrt(2) grid per query row with ``softmax="log"``."""
     if bits not in (4, 8):
         raise UnsupportedError(f"dynamic per-token activations are 4 or 8 bits, not {bits}")
+    if softmax not in LOW_SOFTMAX:
+        raise UnsupportedError(f"low-branch softmax grid {softmax!r} is not one of {', '.join(LOW_SOFTMAX)}")
     s = copy.copy(base)
     if base.kind == "attn":
         for r in ATTN_OPERANDS:
             if getattr(base, r) is not None:
-                setattr(s, r, QuantSpec.dynamic_token(bits))
+                setattr(s, r, QuantSpec.dynamic_log(bits) if r == "attn" and softmax == "log"
+                        else QuantSpec.dynamic_token(bits))
     else:
         s.input, s.input_regions = QuantSpec.dynamic_token(bits, group), None
     return s
@@ -262,16 +269,19 @@ def dynamic_branch(base: LayerSpec, bits: int, group: int = 0) -> LayerSpec:
 def build_mixa_spec(prepared: nn.Module, qsim: QuantSim, recipe: Recipe, calib_x, *, group=None,
                     high_bits: int | None = None, low_bits: int = 4, routed=("linear",),
                     ratios: float | dict = 0.5, calib_ratios: float | dict | None = None,
-                    low_quant: str = "static", low_group: int = 0, progress=None) -> MixaSpec:
+                    low_quant: str = "static", low_group: int = 0, low_softmax: str = "uniform",
+                    progress=None) -> MixaSpec:
     """The full ``mixa`` section: skeleton at ``ratios``, branch quantizers calibrated at ``calib_ratios``
     (default: ``ratios``; where that is 0 for a block, 0.5, so every block's low branch sees tokens), or, for the
     low branch with ``low_quant="dynamic"``, dynamic per token (a Linear's input per ``low_group`` features when
-    ``low_group`` > 0)."""
+    ``low_group`` > 0; the post-softmax operand on the log-sqrt(2) grid per query row with ``low_softmax="log"``)."""
     if low_quant not in LOW_QUANT:
         raise UnsupportedError(f"low_quant {low_quant!r} is not one of {', '.join(LOW_QUANT)}")
     dyn_low = low_quant == "dynamic" and low_bits != FLOAT_BITS
     if low_group and not dyn_low:
         raise UnsupportedError("a low-branch group size needs the dynamic low branch (low_quant='dynamic')")
+    if low_softmax != "uniform" and not dyn_low:
+        raise UnsupportedError("a low-branch softmax grid needs the dynamic low branch (low_quant='dynamic')")
     if dyn_low and low_bits not in (4, 8):
         raise UnsupportedError(f"a dynamic low branch is 4 or 8 bits, not {low_bits}")
     family = qsim.family
@@ -304,7 +314,7 @@ def build_mixa_spec(prepared: nn.Module, qsim: QuantSim, recipe: Recipe, calib_x
                     if k % low_group:
                         raise UnsupportedError(f"low-branch group size {low_group}: {l.module} has {k} input "
                                                f"features, not a multiple of it")
-                br[level] = dynamic_branch(base, bits, low_group)
+                br[level] = dynamic_branch(base, bits, low_group, low_softmax)
             elif bits == ab:
                 br[level] = base
             elif base.kind == "attn":
@@ -317,7 +327,8 @@ def build_mixa_spec(prepared: nn.Module, qsim: QuantSim, recipe: Recipe, calib_x
             progress(f"mixa: {l.module} calibrated")
     spec.layers = layers
     spec.info = {"calib_ratios": {k: round(v, 4) for k, v in cr.items()}, "calib_images": int(len(x)),
-                 "low_quant": low_quant, **({"low_group": int(low_group)} if low_group else {})}
+                 "low_quant": low_quant, **({"low_group": int(low_group)} if low_group else {}),
+                 **({"low_softmax": low_softmax} if low_softmax != "uniform" else {})}
     return spec
 
 

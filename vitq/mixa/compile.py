@@ -128,7 +128,8 @@ def apply_mixa(opts, rec, prepared, sim, lm, calib, cfg, report: dict, log, echo
             spec = build_mixa_spec(prepared, sim, rec, x[:CALIB_IMAGES], group=group, high_bits=hi, low_bits=lo,
                                    routed=routed, ratios=0.0, calib_ratios=0.6,
                                    low_quant=low_quant or "static",
-                                   low_group=getattr(opts, "mixa_low_group", None) or 0)
+                                   low_group=getattr(opts, "mixa_low_group", None) or 0,
+                                   low_softmax=getattr(opts, "mixa_low_softmax", None) or "uniform")
             msim = MixaSim(sim, spec)
         if kind == "target":
             with log.step(f"MixA-Q: ratio search for {val:g}x fewer bit-operations"):
@@ -141,7 +142,8 @@ def apply_mixa(opts, rec, prepared, sim, lm, calib, cfg, report: dict, log, echo
     report["mixa"] = {
         "scheme": spec.scheme, "group": list(spec.group), "high_bits": spec.high_bits, "low_bits": spec.low_bits,
         "routed": list(spec.routed), "base": spec.base,
-        "low_quant": spec.low_quant, "low_group": spec.low_group, "bitops_reduction": float(bo["reduction"]),
+        "low_quant": spec.low_quant, "low_group": spec.low_group, "low_softmax": spec.low_softmax,
+        "bitops_reduction": float(bo["reduction"]),
         "bitops": {"base_total": bo["base_total"], "total": bo["total"]},
         "ratios": {unit_name(u): spec.block(u[0]).ratio for u in units},
         "groups": {b.block: {"stage": b.stage, "groups": b.groups, "n_high": b.n_high, "n_low": b.n_low}
@@ -151,6 +153,7 @@ def apply_mixa(opts, rec, prepared, sim, lm, calib, cfg, report: dict, log, echo
     echo(f"[vitq] MixA-Q: {bo['reduction']:.3f}x fewer bit-operations than uniform {spec.base} "
          f"(high a{spec.high_bits} / low a{spec.low_bits}"
          f"{' dynamic per token' if report['mixa']['low_quant'] == 'dynamic' else ''}"
-         f"{f' per {spec.low_group} features' if spec.low_group else ''}, {spec.scheme})")
+         f"{f' per {spec.low_group} features' if spec.low_group else ''}"
+         f"{', log-sqrt2 softmax' if spec.low_softmax == 'log' else ''}, {spec.scheme})")
     return rec, msim
 

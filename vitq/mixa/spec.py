@@ -146,6 +146,15 @@ class MixaSpec:
                 return int(l.low.input.group)
         return 0
 
+    @property
+    def low_softmax(self) -> str:
+        """``log`` when the low branch's post-softmax operand is on the log-sqrt(2) grid, else ``uniform``."""
+        for l in self.layers:
+            if l.low is not None and l.low.kind == "attn" and l.low.attn is not None and \
+                    l.low.attn.dynamic == "log_sqrt2":
+                return "log"
+        return "uniform"
+
     def block(self, name: str) -> MixaBlock | None:
         for b in self.blocks:
             if b.block == name:

@@ -16,6 +16,12 @@ equal to the torch arithmetic. TensorRT has no blocked activation quantizer: for
 chain feeding a linear layer into a ``QuantLinearA4`` plugin node in its dynamic per-row mode, and
 ``dynamic_qdq_float`` rewrites the rest (attention operands, 8-bit chains) into exact float arithmetic
 (:func:`float_dynamic_qdq`).
+
+The log-sqrt(2) grid (recipe ``"dynamic": "log_sqrt2"``, the post-softmax operand) is not affine, so it has no
+Q/DQ pair: :func:`log_sqrt2_nodes` builds :func:`vitq.quant.functional.fake_quant_log_sqrt2` from standard float
+ops (``ReduceMax``, ``Div``, ``Less`` against float32 thresholds, ``ReduceSum``, ``Gather`` of the levels,
+``Mul``). Every step is exact in float32 or a comparison, so it equals the torch function bit for bit, and
+TensorRT runs it as is (element-wise ops before a float matmul).
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from ..recipe.schema import DYN_EPS
+from ..recipe.schema import DYN_EPS, log_sqrt2_grid
 from .infra import GraphPassError
 from .irutil import Namer, add_initializer
 
@@ -38,6 +44,23 @@ def _utype(bits: int) -> ir.DataType:
     if bits == 8:
         return ir.DataType.UINT8
     raise GraphPassError(f"dynamic activation quantizers are 4 or 8 bits, not {bits}")
+
+
+class _Emit:
+    """Appends nodes (with ``meta``) and initializers named under ``base`` for one quantizer's chain."""
+
+    def __init__(self, g: ir.Graph, nm: Namer, base: str, meta: dict[str, str]):
+        self.g, self.nm, self.base, self.meta = g, nm, base, meta
+        self.nodes: list[ir.Node] = []
+
+    def c(self, name: str, arr) -> ir.Value:
+        return add_initializer(self.g, self.nm, f"{self.base}.{name}", np.asarray(arr))
+
+    def op(self, op_type: str, inputs, name: str, dtype=F32, **attrs) -> ir.Value:
+        out = ir.Value(name=self.nm(f"{self.base}.{name}"), type=ir.TensorType(dtype))
+        self.nodes.append(ir.node(op_type, list(inputs), attributes=attrs or None, outputs=[out],
+                                  name=self.nm(f"{self.base}/{op_type}"), metadata_props=dict(self.meta)))
+        return out
 
 
 def dynamic_qdq_nodes(g: ir.Graph, nm: Namer, x: ir.Value, bits: int, axis: int, base: str,
@@ -54,18 +77,8 @@ def dynamic_qdq_nodes(g: ir.Graph, nm: Namer, x: ir.Value, bits: int, axis: int,
     if group and (axis not in (-1, len(shape) - 1) or block % group):
         raise GraphPassError(f"{base}: grouped dynamic quantization needs the feature axis last and its size "
                              f"({block}) a multiple of the group size {group}")
-    meta = {**meta, META_DYNAMIC: "token"}
-    nodes: list[ir.Node] = []
-
-    def c(name, arr):
-        return add_initializer(g, nm, f"{base}.{name}", np.asarray(arr))
-
-    def op(op_type, inputs, name, dtype=F32, **attrs):
-        out = ir.Value(name=nm(f"{base}.{name}"), type=ir.TensorType(dtype))
-        nodes.append(ir.node(op_type, list(inputs), attributes=attrs or None, outputs=[out],
-                             name=nm(f"{base}/{op_type}"), metadata_props=dict(meta)))
-        return out
-
+    e = _Emit(g, nm, base, {**meta, META_DYNAMIC: "token"})
+    c, op, nodes = e.c, e.op, e.nodes
     axes = c("dyn_axes", np.array([axis], np.int64))
     zero = c("dyn_zero", np.array(0.0, np.float32))
     red, keep = x, 1
@@ -84,6 +97,28 @@ def dynamic_qdq_nodes(g: ir.Graph, nm: Namer, x: ir.Value, bits: int, axis: int,
     q = op("QuantizeLinear", [x, s, z], "dyn_q", dtype=qt, axis=axis, block_size=block)
     y = op("DequantizeLinear", [q, s, z], "dyn_dq", axis=axis, block_size=block)
     y.shape = shape
+    return nodes, y
+
+
+def log_sqrt2_nodes(g: ir.Graph, nm: Namer, x: ir.Value, bits: int, base: str, meta: dict[str, str]
+                    ) -> tuple[list[ir.Node], ir.Value]:
+    """The nodes (in order, not yet inserted) of a per-row (last axis) log-sqrt(2) quantize-dequantize of ``x``
+    relative to the row max (see the module docstring), and its output."""
+    if bits not in (4, 8):
+        raise GraphPassError(f"{base}: log_sqrt2 activation quantizers are 4 or 8 bits, not {bits}")
+    th, lv = log_sqrt2_grid(bits)
+    e = _Emit(g, nm, base, {**meta, META_DYNAMIC: "log_sqrt2"})
+    c, op, nodes = e.c, e.op, e.nodes
+    last = c("log_axes", np.array([-1], np.int64))
+    m = op("Max", [op("ReduceMax", [x, last], "log_rowmax", keepdims=1), c("log_eps", np.array(DYN_EPS, np.float32))],
+           "log_m")
+    r = op("Div", [x, m], "log_ratio")
+    below = op("Less", [op("Unsqueeze", [r, last], "log_ratio_u"), c("log_thresholds", th)], "log_below",
+               dtype=ir.DataType.BOOL)
+    code = op("Cast", [op("ReduceSum", [op("Cast", [below], "log_below_f", to=F32), last], "log_code_f",
+                          keepdims=0)], "log_code", dtype=ir.DataType.INT64, to=ir.DataType.INT64)
+    y = op("Mul", [op("Gather", [c("log_levels", lv), code], "log_level", axis=0), m], "log_dq")
+    y.shape = x.shape
     return nodes, y
 
 

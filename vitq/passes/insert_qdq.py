@@ -37,7 +37,7 @@ import onnx_ir as ir
 from ..onnx_meta import NAME_SCOPES_KEY
 from ..recipe.schema import LayerSpec, QuantSpec, Recipe
 from .analysis import Site, find_sites, has_qdq, sites_by_module
-from .dynamic_qdq import dynamic_qdq_nodes
+from .dynamic_qdq import dynamic_qdq_nodes, log_sqrt2_nodes
 from .infra import GraphPass, GraphPassError
 from .irutil import META_BITS, META_MODULE, META_ROLE, META_SHIFT, Namer, add_initializer, const_array
 
@@ -83,11 +83,15 @@ class InsertQDQ(GraphPass):
         per-token specs: :func:`vitq.passes.dynamic_qdq.dynamic_qdq_nodes` over the feature axis (``-2`` for the
         attention's ``k`` operand, which the graph feeds transposed)."""
         if spec.dynamic:
-            key = (id(x), spec.bits, "dynamic", spec.group)
+            key = (id(x), spec.bits, spec.dynamic, spec.group)
             if key not in self._cache:
-                nodes, y = dynamic_qdq_nodes(self._graph, self._namer, x, spec.bits, -2 if role == "k" else -1,
-                                             f"{module}.{role}", self._meta(before, role, module, spec.bits),
-                                             group=spec.group)
+                if spec.dynamic == "log_sqrt2":
+                    nodes, y = log_sqrt2_nodes(self._graph, self._namer, x, spec.bits, f"{module}.{role}",
+                                               self._meta(before, role, module, spec.bits))
+                else:
+                    nodes, y = dynamic_qdq_nodes(self._graph, self._namer, x, spec.bits,
+                                                 -2 if role == "k" else -1, f"{module}.{role}",
+                                                 self._meta(before, role, module, spec.bits), group=spec.group)
                 self._graph.insert_before(before, nodes)
                 self._cache[key] = y
                 self.stats["qdq_pairs"] += 1

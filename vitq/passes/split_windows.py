@@ -35,7 +35,7 @@ import onnx_ir as ir
 from ..onnx_meta import NAME_SCOPES_KEY
 from ..recipe.schema import QuantSpec, Recipe
 from .analysis import find_sites, sites_by_module
-from .dynamic_qdq import dynamic_qdq_nodes
+from .dynamic_qdq import dynamic_qdq_nodes, log_sqrt2_nodes
 from .infra import GraphPass, GraphPassError
 from .irutil import META_BITS, META_MODULE, META_ROLE, META_SHIFT, Namer, add_initializer, module_of
 
@@ -400,6 +400,10 @@ class SplitWindowsAttn(GraphPass):
         qt = _qtype(spec.bits)
         meta = {**b.meta, META_ROLE: role, META_MODULE: module, META_BITS: str(spec.bits)}
         base = f"{module}.{role}"
+        if spec.dynamic == "log_sqrt2":  # the post-softmax operand: per query row
+            nodes, y = log_sqrt2_nodes(b.g, b.nm, x, spec.bits, base, meta)
+            b.g.insert_before(b.before, nodes)
+            return y
         if spec.dynamic:  # per token; the k operand is k^T in the graph (features on axis -2)
             nodes, y = dynamic_qdq_nodes(b.g, b.nm, x, spec.bits, -2 if role == "k" else -1, base, meta,
                                          group=spec.group)

@@ -25,6 +25,8 @@ warnings
                              exact, runs as an int8 GEMM (no sub-8-bit speed)
   ``DYNAMIC_ACT_FLOAT``      a dynamic per-token quantizer lowered to float arithmetic (``dynamic_qdq_float``):
                              exact, its matmul runs in float
+  ``LOG_ACT_FLOAT``          a log-sqrt(2) post-softmax quantizer (float element-wise ops by construction): exact,
+                             its ``attn @ v`` matmul runs in float
   ``DECOMPOSED_LAYERNORM``   ReduceMean/Sub/Pow/.../Div LayerNorm: slower, fp16-overflow prone; export at opset
                              >= 17 to keep LayerNormalization
   ``OPSET``                  opset outside the range this list was written for
@@ -184,6 +186,10 @@ def check(model: onnx.ModelProto | ir.Model | str) -> TrtReport:
                                                       f"TensorRT): an extra reformat, no int8 kernel", n)
         if n.op_type == "ReduceMean":
             _check_decomposed_ln(n, add)
+        if n.op_type == "Less" and n.metadata_props.get(META_DYNAMIC) == "log_sqrt2":
+            add("warning", "LOG_ACT_FLOAT", f"log-sqrt(2) {n.metadata_props.get(META_BITS, '?')}-bit post-softmax "
+                                            f"activation as float element-wise ops (exact; its matmul runs in "
+                                            f"float)", n)
         if n.op_type == "Round" and n.metadata_props.get("vitq.lowered") == "dynamic_float":
             add("warning", "DYNAMIC_ACT_FLOAT", f"dynamic per-token {n.metadata_props.get(META_BITS, '?')}-bit "
                                                 f"activation as float element-wise ops (exact; its matmul runs in "

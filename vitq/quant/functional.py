@@ -22,13 +22,18 @@ zero point computed in the graph from ``ReduceMin``/``ReduceMax``:
 
 With a ``group`` size g (recipe ``"group": g``), each token's features are split into consecutive groups of g along
 the last axis and each group gets its own grid (ONNX: the same chain with ``block_size = g``).
+
+**Dynamic log-sqrt(2)** (recipe ``"dynamic": "log_sqrt2"``, :func:`fake_quant_log_sqrt2`; the post-softmax operand
+only): per row (last axis) with ``m = max(max x, DYN_EPS)``, code ``c = #{t : x / m < t}`` over the thresholds of
+:func:`vitq.recipe.schema.log_sqrt2_grid` and ``y = m * level[c]`` (``level[c] = 2^(-c/2)``, the last code 0). In
+ONNX: ``ReduceMax``, ``Div``, ``Less`` against the thresholds, ``ReduceSum``, ``Gather`` from the levels, ``Mul``.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..recipe.schema import DYN_EPS
+from ..recipe.schema import DYN_EPS, log_sqrt2_grid
 
 
 def fake_quant_dynamic(x: torch.Tensor, bits: int, axis: int = -1, group: int = 0) -> torch.Tensor:
@@ -46,6 +51,17 @@ def fake_quant_dynamic(x: torch.Tensor, bits: int, axis: int = -1, group: int = 
     s = torch.clamp((hi - lo) / n, min=DYN_EPS)
     z = torch.round(-lo / s)
     return (torch.clamp(torch.round(x / s) + z, 0.0, n) - z) * s
+
+
+def fake_quant_log_sqrt2(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Per-row (last axis) dynamic log-sqrt(2) quantize-dequantize relative to the row max (module docstring)."""
+    th, lv = (torch.from_numpy(a).to(x.dtype) for a in log_sqrt2_grid(bits))
+    m = torch.clamp(x.amax(-1, keepdim=True), min=DYN_EPS)
+    r = x / m
+    c = torch.zeros(x.shape, dtype=torch.int64, device=x.device)
+    for t in th:  # one comparison per threshold (no [..., n] intermediate)
+        c += r < t
+    return lv.to(x.device)[c] * m
 
 
 def qrange(bits: int) -> tuple[int, int]:

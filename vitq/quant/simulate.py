@@ -21,7 +21,7 @@ from torch import nn
 
 from ..exporter.models import SUPPORTED_FAMILIES
 from ..recipe.schema import LayerSpec, Recipe
-from .functional import fake_quant, fake_quant_dynamic
+from .functional import fake_quant, fake_quant_dynamic, fake_quant_log_sqrt2
 from .observers import fake_quant_weight
 from .optm import region_fq
 from .prepare import AttnHook, model_chain, set_submodule
@@ -96,11 +96,14 @@ class _AttnQ:
         self.spec = spec
         qs = {r: getattr(spec, r) for r in ("q", "k", "attn", "v") if getattr(spec, r) is not None}
         self.ops = {r: (_t(q.scale), q.bits, q.shift) for r, q in qs.items() if not q.dynamic}
-        self.dyn = {r: q.bits for r, q in qs.items() if q.dynamic}
+        self.dyn = {r: q.bits for r, q in qs.items() if q.dynamic == "token"}
+        self.log = {r: q.bits for r, q in qs.items() if q.dynamic == "log_sqrt2"}
 
     def __call__(self, role: str, t: torch.Tensor) -> torch.Tensor:
         if role in self.dyn:  # per token (q, k, v: over head channels) / per query row (attn: over keys)
             return fake_quant_dynamic(t, self.dyn[role])
+        if role in self.log:  # per query row over keys, relative to the row max
+            return fake_quant_log_sqrt2(t, self.log[role])
         op = self.ops.get(role)
         return t if op is None else fake_quant(t, *op)
 

@@ -51,6 +51,10 @@ Field meanings:
   post-softmax probabilities and OPT-m's positive region (``shift = 2^(bits-1)``: the grid ``0..(2^bits-1)*scale``),
   OPT-m's negative region (``shift = -(2^(bits-1)-1)``), and asymmetric Linear inputs. Zero stays exactly
   representable when ``|shift| <= 2^(bits-1)``. Recipes without it are unchanged.
+* ``dynamic`` (activations only; MixA-Q's dynamic low branch): no ``scale``, computed at run time.
+  ``"token"``: per token, asymmetric (``group``: per ``group`` consecutive features of a Linear input);
+  ``"log_sqrt2"``: the post-softmax ``attn`` operand only, per query row on the grid ``m * 2^(-c/2)`` relative to
+  the row max ``m`` (:func:`log_sqrt2_grid`). See :mod:`vitq.quant.functional`.
 * ``macs``: multiply-accumulates per image for this layer (bit-operations = macs * w_bits * a_bits).
 * ``weights`` (optional, top level; GPTQ): ``{"file": "<stem>.weights.safetensors", "sha256": ..., "method":
   "gptq", "layers": [module, ...]}``. GPTQ changes the integer weights, so the listed layers' (post-``smooth``)
@@ -74,8 +78,24 @@ SCHEMA = "vitq.recipe/1"
 KINDS = ("linear", "conv", "attn")
 ATTN_OPERANDS = ("q", "k", "attn", "v")
 METHODS = ("minmax", "percentile", "mse", "fixed", "search", "recon", "dynamic")
-DYNAMIC = ("token",)
+DYNAMIC = ("token", "log_sqrt2")
 DYN_EPS = 1e-8  # floor of a dynamic scale (an all-zero token): vitq.quant.functional.fake_quant_dynamic
+
+
+def log_sqrt2_grid(bits: int):
+    """The ``"dynamic": "log_sqrt2"`` grid (per row, relative to the row's max ``m``), as float32 numpy arrays
+    ``(thresholds [n], levels [n + 1])`` with ``n = 2^bits - 1``: code ``c < n`` dequantizes to
+    ``m * 2^(-c/2)``, code ``n`` to 0; a value ``x`` gets the code ``c = #{t in thresholds : x / m < t}``
+    (thresholds ``2^(-(c + 1/2)/2)``: round to nearest in the log domain). Comparisons against fixed float32
+    thresholds, so torch (:func:`vitq.quant.functional.fake_quant_log_sqrt2`) and the graph
+    (:func:`vitq.passes.dynamic_qdq.log_sqrt2_nodes`) compute it bit for bit alike. Used for the non-negative
+    post-softmax operand, where a uniform 4-bit grid rounds most probabilities to 0."""
+    import numpy as np
+
+    n = (1 << bits) - 1
+    c = np.arange(n, dtype=np.float64)
+    return (np.exp2(-(c + 0.5) / 2).astype(np.float32),
+            np.concatenate([np.exp2(-c / 2), [0.0]]).astype(np.float32))
 
 
 def _f32(v: float) -> float:
@@ -94,7 +114,8 @@ class QuantSpec:
     axis: int | None = None
     method: str = "minmax"
     shift: int = 0  # grid shift in steps (per-tensor activations only): x^ = (q + shift) * scale
-    dynamic: str | None = None  # "token": per-token asymmetric scale and zero point computed at run time (no scale)
+    dynamic: str | None = None  # "token": per-token asymmetric scale and zero point computed at run time (no scale);
+    # "log_sqrt2": per row, log-sqrt(2) grid relative to the row's max (the attention's post-softmax operand only)
     group: int = 0  # dynamic only: one scale / zero point per `group` consecutive features of a token (0: per token)
 
     @property
@@ -113,6 +134,10 @@ class QuantSpec:
     @classmethod
     def dynamic_token(cls, bits: int, group: int = 0) -> "QuantSpec":
         return cls(bits, [], None, "dynamic", 0, "token", group)
+
+    @classmethod
+    def dynamic_log(cls, bits: int) -> "QuantSpec":
+        return cls(bits, [], None, "dynamic", 0, "log_sqrt2")
 
     def to_dict(self) -> dict:
         if self.dynamic:
@@ -149,6 +174,10 @@ class QuantSpec:
             group = d.get("group", 0)
             if not isinstance(group, int) or isinstance(group, bool) or group < 0 or group == 1:
                 raise RecipeError(f"{where}.group: expected 0 (per token) or a group size >= 2, got {group!r}")
+            if dyn == "log_sqrt2":
+                if group:
+                    raise RecipeError(f"{where}.group: a log_sqrt2 quantizer is per row (no groups)")
+                return cls.dynamic_log(bits)
             return cls.dynamic_token(bits, group)
         if d.get("group") not in (None, 0):
             raise RecipeError(f"{where}.group: only dynamic quantizers have groups")
@@ -310,11 +339,19 @@ class LayerSpec:
         spec = cls(module, kind, macs, weight=opt("weight", QuantSpec), input=opt("input", QuantSpec),
                    input_regions=opt("input_regions", RegionSpec), smooth=opt("smooth", SmoothSpec),
                    **{r: opt(r, QuantSpec) for r in ATTN_OPERANDS})
+        if spec.input is not None and spec.input.dynamic == "log_sqrt2":
+            raise RecipeError(f"{where}.input: the log_sqrt2 grid is for the non-negative post-softmax 'attn' "
+                              f"operand only")
         if spec.weight is not None and spec.weight.dynamic:
             raise RecipeError(f"{where}.weight: weights are quantized statically (dynamic is for activations)")
         if kind == "attn":
             if spec.weight or spec.input or spec.input_regions or spec.smooth:
                 raise RecipeError(f"{where}: an 'attn' layer has only q, k, attn, v quantizers")
+            for r in ("q", "k", "v"):
+                q = getattr(spec, r)
+                if q is not None and q.dynamic == "log_sqrt2":
+                    raise RecipeError(f"{where}.{r}: the log_sqrt2 grid is for the non-negative post-softmax "
+                                      f"'attn' operand only")
         else:
             if any(getattr(spec, r) for r in ATTN_OPERANDS):
                 raise RecipeError(f"{where}: q/k/attn/v quantizers belong to 'attn' layers, not {kind!r}")
