@@ -154,11 +154,11 @@ def load_library(path: Path):
     p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     lib.vitq_pack_int4.argtypes = [p, p, i, i, p]
     lib.vitq_prepared_weight_bytes.argtypes = [i, i, i]
-    lib.vitq_act_workspace_bytes.argtypes = [i, i, i, i]
+    lib.vitq_act_workspace_bytes.argtypes = [i, i, i, i, i]
     lib.vitq_prepared_weight_bytes.restype = lib.vitq_act_workspace_bytes.restype = ctypes.c_size_t
     lib.vitq_resolve_path.argtypes = [i, i, i]
     lib.vitq_prepare_weights.argtypes = [p, i, i, i, i, p, p]
-    lib.vitq_quant_linear_a4_prepared.argtypes = [p, p, p, p, p, i, i, i, i, f, i, i, p, p]
+    lib.vitq_quant_linear_a4_prepared.argtypes = [p, p, p, p, p, i, i, i, i, f, i, i, i, p, p]
     lib.vitq_window_route.argtypes = [p, p, p, p, p, p, i, i, i, i, i, p]
     lib.vitq_window_merge.argtypes = [p, p, p, p, p, i, i, i, i, i, p]
     for fn in (lib.vitq_pack_int4, lib.vitq_resolve_path, lib.vitq_prepare_weights, lib.vitq_quant_linear_a4_prepared,
@@ -238,7 +238,7 @@ def run_gpu(iters: int, batch: int, seed: int, quick: bool = False, force_s4: bo
         return torch.from_numpy(np.ascontiguousarray(a)).to(dev)
 
     cases = [LinearShape("random", f"r{i}", int(m), int(k), int(n)) for i, (m, k, n) in
-             enumerate(((1, 8, 1), (63, 64, 65), (130, 136, 72), (257, 520, 200)))]
+             enumerate(((1, 8, 1), (63, 64, 65), (130, 136, 72), (257, 520, 200), (33, 96, 40), (70, 256, 48)))]
     if not quick:  # + DeiT-T at batch 1 (M = 197): the edge-latency case
         cases += linear_shapes(batch) + [LinearShape("deit_tiny_b1", sh.layer, sh.M, sh.K, sh.N)
                                          for sh in linear_shapes(1) if sh.model == "deit_tiny"]
@@ -256,8 +256,11 @@ def run_gpu(iters: int, batch: int, seed: int, quick: bool = False, force_s4: bo
                 wbuf, fmt = packed, W_INT4_PACKED
             else:
                 wbuf, fmt = wt, W_INT8
-            ref_d = quant_linear_a4_ref(x, w, ws, b, weight_bits=wbits, act_dynamic=1)
-            rs_ref, rz_ref = dynamic_row_params_ref(x)
+            # dynamic modes: per row (group 0), and per group of 32 / 64 features where K allows (--mixa-low-group)
+            groups = [gs for gs in (0, 32, 64) if gs == 0 or sh.K % gs == 0]
+            ref_d = {gs: quant_linear_a4_ref(x, w, ws, b, weight_bits=wbits, act_dynamic=1, act_group=gs)
+                     for gs in groups}
+            params_ref = {gs: dynamic_row_params_ref(x, group=gs) for gs in groups}
             # weights prepared once, then per call: activations quantized once per row, pipelined GEMM; static and
             # dynamic per-row mode (row scale / zero point bit-exact), both GEMM paths where the device has them
             for path in paths if wbits == 4 else [PATH_S8]:
@@ -273,26 +276,31 @@ def run_gpu(iters: int, batch: int, seed: int, quick: bool = False, force_s4: bo
                     results["pack"].append({**asdict(sh), "check": "prepare int8 == prepare packed", "path": path,
                                             "rc": rc8, "ok": rc8 == 0 and bool(torch.equal(wq8, wq))})
                 prep_us = _time(prep, iters) if sh.model != "random" else None
-                for dyn in (0, 1) if path == PATH_S8 else (0,):
-                    wsb = lib.vitq_act_workspace_bytes(sh.M, sh.K, path, dyn)
+                modes = [(0, 0)] + ([(1, gs) for gs in groups] if path == PATH_S8 else [])
+                for dyn, gs in modes:
+                    ng = sh.K // gs if gs else 1
+                    wsb = lib.vitq_act_workspace_bytes(sh.M, sh.K, path, dyn, gs)
                     work = torch.full((wsb,), 0xFF, dtype=torch.uint8, device=dev)  # poisoned (NaN row params)
                     for out_dt in (OUT_F32, OUT_F16):
                         y = torch.full((sh.M, sh.N), float("nan"), device=dev,
                                        dtype=torch.float32 if out_dt == OUT_F32 else torch.float16)
                         launch = lambda: lib.vitq_quant_linear_a4_prepared(  # noqa: E731
                             xt.data_ptr(), wq.data_ptr(), wst.data_ptr(), bt.data_ptr(), y.data_ptr(), out_dt,
-                            sh.M, sh.N, sh.K, ctypes.c_float(s), dyn, path, work.data_ptr(), stream)
+                            sh.M, sh.N, sh.K, ctypes.c_float(s), dyn, gs, path, work.data_ptr(), stream)
                         rc = rc_prep or launch()
                         torch.cuda.synchronize()
-                        name = {PATH_S4: "s4_mma", PATH_S8: "s8_mma"}[path] + ("_dynamic" if dyn else "")
+                        name = {PATH_S4: "s4_mma", PATH_S8: "s8_mma"}[path] + ("_dynamic" if dyn else "") + (
+                            f"_g{gs}" if gs else "")
                         row = {**asdict(sh), "weight_bits": wbits, "path": name,
                                "out": "f32" if out_dt == OUT_F32 else "f16", "rc": rc}
-                        row.update(check_linear(y.cpu().numpy(), ref_d if dyn else ref, out_dt == OUT_F16)
+                        row.update(check_linear(y.cpu().numpy(), ref_d[gs] if dyn else ref, out_dt == OUT_F16)
                                    if rc == 0 else {"ok": False})
                         if dyn and rc == 0:
-                            pr = work[wsb - 8 * sh.M:].cpu().numpy().view(np.float32)
-                            row["row_params_exact"] = bool(np.array_equal(pr[:sh.M], rs_ref.reshape(-1))
-                                                           and np.array_equal(pr[sh.M:], rz_ref.reshape(-1)))
+                            mg = sh.M * ng
+                            pr = work[wsb - 8 * mg:].cpu().numpy().view(np.float32)
+                            rs_ref, rz_ref = params_ref[gs]
+                            row["row_params_exact"] = bool(np.array_equal(pr[:mg], rs_ref.reshape(-1))
+                                                           and np.array_equal(pr[mg:], rz_ref.reshape(-1)))
                             row["ok"] = row["ok"] and row["row_params_exact"]
                         if rc == 0 and sh.model != "random" and out_dt == OUT_F16:
                             row["us"] = _time(launch, iters)
@@ -315,16 +323,18 @@ def run_gpu(iters: int, batch: int, seed: int, quick: bool = False, force_s4: bo
     # argument checks of the C API: each call must be refused with the documented status and launch nothing
     x = T(np.ones((8, 64), np.float32))
     wq = torch.zeros(lib.vitq_prepared_weight_bytes(8, 64, PATH_S8), dtype=torch.uint8, device=dev)
-    work = torch.zeros(lib.vitq_act_workspace_bytes(8, 64, PATH_S8, 1), dtype=torch.uint8, device=dev)
+    work = torch.zeros(lib.vitq_act_workspace_bytes(8, 64, PATH_S8, 1, 32), dtype=torch.uint8, device=dev)
     ones = T(np.ones(8, np.float32))
     y = torch.full((8, 8), float("nan"), device=dev)
 
-    def call(xp=x.data_ptr(), k=64, scale=1.0, dyn=0, path=PATH_S8):
+    def call(xp=x.data_ptr(), k=64, scale=1.0, dyn=0, path=PATH_S8, group=0):
         return lib.vitq_quant_linear_a4_prepared(xp, wq.data_ptr(), ones.data_ptr(), None, y.data_ptr(), OUT_F32, 8,
-                                                 8, k, ctypes.c_float(scale), dyn, path, work.data_ptr(), stream)
+                                                 8, k, ctypes.c_float(scale), dyn, group, path, work.data_ptr(), stream)
     expect = {"x not 16-byte aligned": (call(xp=x.data_ptr() + 4), 3), "K % 8 != 0": (call(k=60), 1),
               "static act_scale 0": (call(scale=0.0), 3), "static act_scale inf": (call(scale=float("inf")), 3),
               "dynamic on the S4 path": (call(dyn=1, path=PATH_S4), 3), "path AUTO unresolved": (call(path=0), 3),
+              "group without dynamic": (call(group=32), 3), "group 48": (call(dyn=1, group=48), 3),
+              "K % group != 0": (call(dyn=1, k=64 + 32, group=64), 1),
               "S4 path on sm_90+": (lib.vitq_resolve_path(PATH_S4, W_INT4_PACKED, 0), -2 if cc >= 90 else PATH_S4),
               "AUTO, dynamic": (lib.vitq_resolve_path(0, W_INT4_PACKED, 1), PATH_S8),
               "AUTO, int8 weights": (lib.vitq_resolve_path(0, W_INT8, 0), PATH_S8)}

@@ -32,7 +32,8 @@ def main(argv=None) -> int:
     ap.add_argument("--calls", type=int, default=20)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--only", default="", help="comma-separated layers (e.g. swin_tiny.s1.proj), for ncu runs")
-    ap.add_argument("--dynamic", default="0,1", help="which modes: 0 (static), 1 (dynamic), or both")
+    ap.add_argument("--dynamic", default="0,1,g32", help="which modes: 0 (static), 1 (dynamic per row), gG "
+                    "(dynamic per G features, e.g. g32)")
     args = ap.parse_args(argv)
     major, minor = torch.cuda.get_device_capability()
     lib = pg.load_library(pg.build_library(Path(tempfile.mkdtemp(prefix="vitq_kernels_")), f"sm_{major}{minor}"))
@@ -46,18 +47,21 @@ def main(argv=None) -> int:
         x, w, ws, b, s = pg.random_linear_case(rng, sh.M, sh.K, sh.N, 4)
         xt, wst, bt = (torch.from_numpy(a).to(dev) for a in (x, ws, b))
         packed = torch.from_numpy(pg.pack_int4_ref(w)).to(dev)
-        for dyn in (int(d) for d in args.dynamic.split(",")):
+        for mode in args.dynamic.split(","):
+            dyn, gs = (1, int(mode[1:])) if mode.startswith("g") else (int(mode), 0)
+            if gs and sh.K % gs:
+                continue
             path = pg.PATH_S8
             wq = torch.empty(lib.vitq_prepared_weight_bytes(sh.N, sh.K, path), dtype=torch.uint8, device=dev)
             assert lib.vitq_prepare_weights(packed.data_ptr(), pg.W_INT4_PACKED, sh.N, sh.K, path, wq.data_ptr(),
                                             stream) == 0
-            work = torch.empty(lib.vitq_act_workspace_bytes(sh.M, sh.K, path, dyn), dtype=torch.uint8, device=dev)
+            work = torch.empty(lib.vitq_act_workspace_bytes(sh.M, sh.K, path, dyn, gs), dtype=torch.uint8, device=dev)
             y = torch.empty((sh.M, sh.N), dtype=torch.float16, device=dev)
 
             def call():
                 rc = lib.vitq_quant_linear_a4_prepared(xt.data_ptr(), wq.data_ptr(), wst.data_ptr(), bt.data_ptr(),
                                                        y.data_ptr(), pg.OUT_F16, sh.M, sh.N, sh.K, ctypes.c_float(s),
-                                                       dyn, path, work.data_ptr(), stream)
+                                                       dyn, gs, path, work.data_ptr(), stream)
                 assert rc == 0, rc
 
             for _ in range(3):
@@ -70,9 +74,10 @@ def main(argv=None) -> int:
             per = collections.defaultdict(list)
             for ev in prof.events():
                 if ev.device_type == torch.autograd.DeviceType.CUDA:
-                    name = "quantize_rows" if "quantize_rows" in ev.name else "qgemm" if "qgemm" in ev.name else ev.name
+                    name = ("quantize_rows" if "quantize_rows" in ev.name or "quantize_groups" in ev.name
+                            else "qgemm" if "qgemm" in ev.name else ev.name)
                     per[name].append(ev.device_time)
-            row = {"layer": f"{sh.model}.{sh.layer}", "M": sh.M, "K": sh.K, "N": sh.N, "dynamic": dyn,
+            row = {"layer": f"{sh.model}.{sh.layer}", "M": sh.M, "K": sh.K, "N": sh.N, "dynamic": mode,
                    **{k: float(np.median(v)) for k, v in per.items()}}
             rows.append(row)
             print(row, flush=True)

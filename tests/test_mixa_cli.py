@@ -55,8 +55,8 @@ def test_mixa_needs_calibration_images(tmp_path, capsys):
     (["--mixa-low-quant", "dynamic"], "needs --mixa"),
     (["--mixa", "1.2x", "--mixa-low-group", "32"], "needs --mixa-low-quant dynamic"),
     (["--mixa", "1.2x", "--mixa-low-quant", "dynamic", "--mixa-low-group", "1"], "group size >= 2"),
-    (["--mixa", "1.2x", "--mixa-low-quant", "dynamic", "--mixa-low-group", "32", "--target", "trt"],
-     "not supported with --target trt"),
+    (["--mixa", "1.2x", "--mixa-low-quant", "dynamic", "--mixa-low-group", "16", "--target", "trt"],
+     "takes groups of 32, 64, 128, 256"),
     (["--mixa", "1.2x", "--mixa-low-softmax", "log"], "--mixa-low-softmax needs --mixa-low-quant dynamic"),
 ])
 def test_mixa_low_quant_errors(tmp_path, capsys, args, msg):

@@ -302,6 +302,51 @@ def test_grouped_dynamic_low_branch_graph_matches_simulation(which, vit_setup, s
                         ratios=0.5, low_group=gs)
 
 
+@pytest.fixture(scope="module")
+def vit64_setup(tmp_path_factory):
+    """A tiny ViT with 64 features (the plugin's groups are 32..256; the shared tiny ViT has 48)."""
+    pytest.importorskip("timm")
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4, depth=2,
+                              embed_dim=64, num_heads=2, num_classes=10).eval()
+    from conftest import _mixa_setup
+
+    return _mixa_setup(model, "vit", 32, (2, 2), tmp_path_factory.mktemp("mixa_vit64"), {})
+
+
+def test_grouped_dynamic_low_branch_trt_target(vit64_setup):
+    """--target trt with --mixa-low-group 32: each low-branch linear's grouped chain becomes one QuantLinearA4 node
+    with act_group=32 (checked exact on ORT by the pass manager through its expansion), the attention operands
+    float; the graph computes the grouped simulation, which differs from the per-token one."""
+    res, _, path, x = vit64_setup
+    kw = dict(group=(2, 2), low_bits=4, routed=("linear", "attn"), ratios=0.5, low_quant="dynamic")
+    spec = build_mixa_spec(res.model, res.sim, res.recipe, x, low_group=32, **kw)
+    rec = attach(res.recipe, spec)
+    proto, rep = build_deployable(path, rec, "trt", sample_inputs=x[:2].numpy())
+    n_lin = sum(1 for l in spec.layers if l.low.kind == "linear" and spec.block_of(l.module).n_low)
+    grouped = [n for n in proto.graph.node if n.op_type == "QuantLinearA4"
+               and {a.name: a.i for a in n.attribute if a.name in ("act_dynamic", "act_group")} ==
+               {"act_dynamic": 1, "act_group": 32}]
+    assert len(grouped) == n_lin > 0
+    assert not [n for n in proto.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+                and any(p.key == "vitq.dynamic" for p in n.metadata_props)]
+    assert not rep["trt_check"]["errors"], rep["trt_check"]["errors"]
+    ort_proto, _ = build_deployable(path, rec, "ort")
+    sim = MixaSim(res.sim, spec)
+    per_token = MixaSim(res.sim, build_mixa_spec(res.model, res.sim, res.recipe, x, **kw))
+    for b in (1, 3):
+        xb = x[:b].numpy()
+        got = ort_run(proto, {"input": xb})[0]  # plugin nodes expanded to standard ONNX
+        assert _rel(got, ort_run(ort_proto, {"input": xb})[0]) < 1e-5  # the lowering is exact
+        ref = sim(torch.from_numpy(xb)).numpy()
+        other = per_token(torch.from_numpy(xb)).numpy()
+        # graph vs simulation: float summation order may flip a rounding (one image of three here: 0.3%)
+        assert _rel(got, ref) < 0.25 * _rel(other, ref), (_rel(got, ref), _rel(other, ref))
+        assert (got.argmax(1) == ref.argmax(1)).all()
+
+
 def test_bench_group_variant(tmp_path, vit_setup):
     """bench/mixa_group_variant.py: same ratios and weights, low-branch Linear inputs grouped; loads as a recipe."""
     import importlib.util

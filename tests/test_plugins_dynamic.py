@@ -194,3 +194,135 @@ def test_float_dynamic_qdq_is_exact():
         x = rand_x(seed)
         for a, b in zip(run_ort(ref_proto, x), run_ort(proto, x)):
             np.testing.assert_array_equal(a, b)
+
+
+# --- the grouped dynamic mode (act_group: one grid per G features of a row, --mixa-low-group) ---
+
+KG, G = 96, 32  # three groups of 32 (96 is not a multiple of 64: the kernel's zero-padded tail group)
+XG_SHAPE = (2, 5, KG)
+
+
+def rand_xg(seed=1):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(XG_SHAPE) * rng.random((*XG_SHAPE[:-1], KG // G)).repeat(G, -1) * 3).astype(np.float32)
+    x[0, 0] = 0.0
+    x[0, 1, :G] = np.abs(x[0, 1, :G])  # a group with no negative value
+    x[1, 2, G:2 * G] = 0.0  # an all-zero group: scale eps
+    return x
+
+
+def make_grouped_linear(form="matmul_bias", w_bits=4, group=G, seed=0):
+    """x [2, 5, 96] -> the builder's grouped dynamic chain -> MatMul|Gemm(., DQ(W)) [-> Add(b)] -> y."""
+    rng = np.random.default_rng(seed)
+    lo, hi = (-8, 7) if w_bits == 4 else (-128, 127)
+    w_nk = rng.integers(lo, hi + 1, (N, KG)).astype(np.int8)
+    w_scale = (rng.random(N) * 0.05 + 0.01).astype(np.float32)
+    bias = rng.standard_normal(N).astype(np.float32)
+    gemm = form == "gemm_t_bias"
+    nodes, inits, xd = dynamic_qdq_protos("x2" if gemm else "x", KG, 4, "act", {"x", "x2", "y"}, group=group,
+                                          rank=2 if gemm else 3)
+    w_np = ml_dtypes.int4 if w_bits == 4 else np.int8
+    inits = list(inits) + [nh.from_array(np.ascontiguousarray(w_nk if gemm else w_nk.T).astype(w_np), "w"),
+                           nh.from_array(w_scale, "ws"), nh.from_array(np.zeros(N, w_np), "wzp"),
+                           nh.from_array(bias, "b")]
+    nodes = list(nodes) + [h.make_node("DequantizeLinear", ["w", "ws", "wzp"], ["wd"], axis=0 if gemm else 1)]
+    if form == "matmul_bias":
+        nodes += [h.make_node("MatMul", [xd, "wd"], ["mm"]), h.make_node("Add", ["mm", "b"], ["y"])]
+    else:
+        nodes = [h.make_node("Reshape", ["x", "shp"], ["x2"])] + nodes
+        nodes += [h.make_node("Gemm", [xd, "wd", "b"], ["y2"], transB=1),
+                  h.make_node("Reshape", ["y2", "shp_out"], ["y"])]
+        inits += [nh.from_array(np.array([-1, KG], np.int64), "shp"),
+                  nh.from_array(np.array([*XG_SHAPE[:-1], N], np.int64), "shp_out")]
+    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, list(XG_SHAPE))],
+                     [h.make_tensor_value_info("y", T.FLOAT, [*XG_SHAPE[:-1], N])], inits)
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 21)], ir_version=10)
+    onnx.checker.check_model(m, full_check=True)
+    return m, (w_nk, w_scale, bias)
+
+
+def test_grouped_reference_matches_torch_and_ort():
+    x = rand_xg()
+    d, s, z = quantize_act_dynamic_ref(x, group=G)
+    assert s.shape == (*XG_SHAPE[:-1], KG // G) and d.shape == XG_SHAPE
+    deq = (d.reshape(*XG_SHAPE[:-1], KG // G, G).astype(np.float32) * s[..., None]).reshape(XG_SHAPE)
+    np.testing.assert_array_equal(deq, fake_quant_dynamic(torch.from_numpy(x), 4, group=G).numpy())
+    assert s[1, 2, 1] == np.float32(DYN_EPS) and z[0, 1, 0] == 0.0
+    m, (w_nk, w_scale, bias) = make_grouped_linear()
+    ref = quant_linear_a4_ref(x, w_nk, w_scale, bias, act_dynamic=1, act_group=G)
+    np.testing.assert_allclose(ref, run_ort(m, x)[0], atol=3e-5, rtol=0)
+    # one group spanning the row is the per-row mode, bit for bit
+    np.testing.assert_array_equal(quant_linear_a4_ref(x, w_nk[:, :], w_scale, bias, act_dynamic=1, act_group=0),
+                                  quant_linear_a4_ref(x, w_nk, w_scale, bias, act_dynamic=1))
+    with pytest.raises(InputError, match="act_group"):
+        quant_linear_a4_ref(x, w_nk, w_scale, bias, act_dynamic=1, act_group=48)
+    with pytest.raises(InputError, match="act_group"):
+        quant_linear_a4_ref(x, w_nk, w_scale, bias, act_scale=0.1, act_group=32)  # static mode
+    with pytest.raises(InputError, match="multiple"):
+        quant_linear_a4_ref(x, w_nk, w_scale, bias, act_dynamic=1, act_group=64)  # 96 % 64
+
+
+@pytest.mark.parametrize("form", ["matmul_bias", "gemm_t_bias"])
+@pytest.mark.parametrize("w_bits", [4, 8])
+def test_grouped_chain_lowers_and_expands(form, w_bits):
+    m, (w_nk, w_scale, bias) = make_grouped_linear(form, w_bits=w_bits)
+    low, n = lower_trt(m)
+    assert n == 1
+    (a,) = plugin_attrs(low)
+    assert a["act_dynamic"] == 1 and a["act_group"] == G and a["weight_bits"] == w_bits
+    ops = {x.op_type for x in low.graph.node}
+    assert not ops & {"QuantizeLinear", "DequantizeLinear", "ReduceMin", "ReduceMax", "Round", "Cast"}, ops
+    assert sum(nd.op_type == "Reshape" for nd in low.graph.node) == (2 if form == "gemm_t_bias" else 0)
+    x = rand_xg()
+    y0 = run_ort(m, x)[0]
+    exp, k = expand_plugins(low)
+    assert k == 1 and not plugin_attrs(exp)
+    onnx.checker.check_model(exp, full_check=True)
+    q = [nd for nd in exp.graph.node if nd.op_type == "QuantizeLinear"]
+    assert len(q) == 1 and {at.name: h.get_attribute_value(at) for at in q[0].attribute}["block_size"] == G
+    y1 = run_ort(exp, x)[0]
+    if form == "gemm_t_bias":
+        np.testing.assert_allclose(y1, y0, atol=3e-5 * (1 if w_bits == 4 else 16), rtol=0)
+    else:
+        np.testing.assert_array_equal(y1, y0)
+    ref = quant_linear_a4_ref(x, w_nk, w_scale, bias, act_dynamic=1, act_group=G, weight_bits=w_bits)
+    np.testing.assert_allclose(y1, ref, atol=3e-5 * (1 if w_bits == 4 else 16), rtol=0)
+    emu, _ = expand_plugins(low, int4="emulate")  # grouped float form, bit-identical
+    assert not any(nd.op_type in ("QuantizeLinear", "DequantizeLinear") for nd in emu.graph.node)
+    np.testing.assert_array_equal(run_ort(emu, x)[0], y1)
+
+
+def test_grouped_chain_with_unsupported_group_not_lowered():
+    m, _ = make_grouped_linear(group=16)  # the kernel takes 32, 64, 128, 256
+    assert lower_trt(m)[1] == 0
+
+
+def test_expand_grouped_needs_rank():
+    m, _ = make_grouped_linear()
+    low, _ = lower_trt(m)
+    del low.graph.input[0].type.tensor_type.shape.dim[:]  # x of unknown rank
+    low.graph.input[0].type.tensor_type.ClearField("shape")
+    with pytest.raises(InputError, match="rank"):
+        expand_plugins(low)
+
+
+def test_float_dynamic_qdq_grouped_is_exact():
+    x = ir.Value(name="x", shape=ir.Shape(list(XG_SHAPE)), type=ir.TensorType(ir.DataType.FLOAT))
+    g = ir.Graph([x], [], nodes=[], opset_imports={"": 21}, name="g")
+    nm = Namer(g)
+    for i, (bits, group) in enumerate([(4, 32), (8, 32), (4, 48)]):
+        nodes, y = dynamic_qdq_nodes(g, nm, x, bits, -1, f"q{i}", {"vitq.bits": str(bits)}, group=group)
+        g.extend(nodes)
+        y.name = f"y{i}"
+        g.outputs.append(y)
+    model = ir.Model(g, ir_version=10)
+    ref_proto = ir.serde.serialize_model(model)
+    assert float_dynamic_qdq(model.graph) == 3
+    proto = ir.serde.serialize_model(model)
+    onnx.checker.check_model(proto, full_check=True)
+    ops = [nd.op_type for nd in proto.graph.node]
+    assert "QuantizeLinear" not in ops and "DequantizeLinear" not in ops
+    for seed in range(3):
+        xv = rand_xg(seed)
+        for a, b in zip(run_ort(ref_proto, xv), run_ort(proto, xv)):
+            np.testing.assert_array_equal(a, b)

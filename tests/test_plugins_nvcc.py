@@ -59,9 +59,11 @@ def test_s4_mma_is_emitted_for_sm87(tmp_path):
     entries = [ln.split()[-1] for ln in text.splitlines() if ln.startswith(".visible .entry") or ".entry " in ln]
     assert "shfl.sync.bfly" in text  # the dynamic mode's row min/max warp reduction
     # row quantizer (static and dynamic, int8 and packed int4 operands), weight preparation, and the cp.async /
-    # ldmatrix GEMM on the S4 and S8 paths, with the dynamic per-row epilogue
+    # ldmatrix GEMM on the S4 and S8 paths, with the dynamic per-row epilogue, and the grouped dynamic mode's
+    # quantizer and GEMM (per-group float accumulation)
     for name in ("quantize_rows_kernelILb0ELb0E", "quantize_rows_kernelILb0ELb1E", "quantize_rows_kernelILb1ELb0E",
-                 "qgemm_kernelILb1ELb0ELb0E", "qgemm_kernelILb0ELb1ELb1E", "prepare_weights_kernelILb1E"):
+                 "qgemm_kernelILb1ELb0ELb0ELb0E", "qgemm_kernelILb0ELb1ELb1ELb0E", "prepare_weights_kernelILb1E",
+                 "quantize_groups_kernel", "qgemm_kernelILb0ELb0ELb1ELb1E", "qgemm_kernelILb0ELb1ELb1ELb1E"):
         assert any(name in e for e in entries), (name, entries)
     assert "cp.async.cg.shared.global" in text and "cp.async.wait_group" in text
     assert "ldmatrix.sync.aligned.m8n8.x4.shared.b16" in text

@@ -26,9 +26,9 @@ def _run(nodes, inputs, outputs, inits, feeds):
 def test_spec_registry():
     q = SPECS["QuantLinearA4"]
     assert (q.namespace, q.version, q.shipped) == ("vitq", "1", True)
-    assert [a.name for a in q.attrs] == ["act_scale", "act_bits", "weight_bits", "act_dynamic"]
+    assert [a.name for a in q.attrs] == ["act_scale", "act_bits", "weight_bits", "act_dynamic", "act_group"]
     assert q.resolve_attrs({"act_scale": 0.5}) == {"act_scale": 0.5, "act_bits": 4, "weight_bits": 4,
-                                                   "act_dynamic": 0}
+                                                   "act_dynamic": 0, "act_group": 0}
     assert q.resolve_attrs({"act_dynamic": 1})["act_scale"] == 0.0  # the dynamic mode has no static scale
     for bad in ({}, {"act_scale": -1.0}, {"act_dynamic": 2}, {"act_scale": 0.5, "act_bits": 8}):
         with pytest.raises(InputError):

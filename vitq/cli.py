@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "the QuantLinearA4 plugin's per-row mode)")
     c.add_argument("--mixa-low-group", metavar="G", type=_positive_int,
                    help="with --mixa-low-quant dynamic: one grid per G consecutive features of a token instead of "
-                        "one per token (e.g. 32: lower error at the same bits; ONNX Runtime target only for now)")
+                        "one per token (e.g. 32: lower error at the same bits; TensorRT targets: 32, 64, 128 or 256)")
     c.add_argument("--mixa-low-softmax", choices=("uniform", "log"),
                    help="with --mixa-low-quant dynamic: the low branch's post-softmax grid per query row, uniform "
                         "(default) or log-sqrt(2) relative to the row max (same bits, lower error at 4 bits)")

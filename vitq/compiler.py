@@ -22,6 +22,7 @@ import numpy as np
 from . import __version__
 from .artifacts import atomic_output_dir, check_writable_parent, sha256_file, write_json_atomic
 from .errors import InputError, UnsupportedError
+from .plugins.specs import ACT_GROUPS
 from .recipe import RecipeRequest, parse_recipe_arg
 from .runtime.engine import ARTIFACT_FP32, ARTIFACT_MODEL, ARTIFACT_REPORT, META_TARGET
 from .runtime.preprocess import PreprocessConfig
@@ -116,9 +117,9 @@ def compile_model(opts: CompileOptions, echo: Callable[[str], None] = print) -> 
             raise InputError("--mixa-low-group needs --mixa-low-quant dynamic (groups split a token's dynamic grid)")
         if opts.mixa_low_group < 2:
             raise InputError(f"--mixa-low-group {opts.mixa_low_group}: expected a group size >= 2 (e.g. 32)")
-        if opts.target != "ort":
-            raise InputError(f"--mixa-low-group is not supported with --target {opts.target} yet: the TensorRT "
-                             f"lowering takes per-token dynamic quantizers only (drop --mixa-low-group)")
+        if opts.target != "ort" and opts.mixa_low_group not in ACT_GROUPS:
+            raise InputError(f"--mixa-low-group {opts.mixa_low_group} with --target {opts.target}: the TensorRT "
+                             f"plugin (QuantLinearA4) takes groups of {', '.join(map(str, ACT_GROUPS[1:]))}")
     if opts.mixa_low_softmax is not None:
         if opts.mixa_low_softmax not in ("uniform", "log"):
             raise InputError(f"--mixa-low-softmax {opts.mixa_low_softmax!r}: expected uniform or log")

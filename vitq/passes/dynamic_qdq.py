@@ -122,16 +122,20 @@ def log_sqrt2_nodes(g: ir.Graph, nm: Namer, x: ir.Value, bits: int, base: str, m
     return nodes, y
 
 
-def dynamic_qdq_protos(x_name: str, k: int, bits: int, base: str, used: set[str]
+def dynamic_qdq_protos(x_name: str, k: int, bits: int, base: str, used: set[str], group: int = 0, rank: int = 0
                        ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], str]:
     """:func:`dynamic_qdq_nodes` over the last axis (of static size ``k``) of the tensor named ``x_name``, as protos
     for proto-level rewrites (:func:`vitq.plugins.lowering.expand_plugins`): (nodes, initializers, output name).
-    New names avoid ``used``, which is updated."""
+    With ``group`` > 0 the tensor's ``rank`` (>= 2) must be given (the chain reshapes it). New names avoid ``used``,
+    which is updated."""
+    if group and rank < 2:
+        raise GraphPassError(f"{base}: a grouped dynamic chain needs the rank (>= 2) of {x_name}, got {rank}")
     g = ir.Graph([], [], nodes=[])
     nm = Namer(g)
     nm.used |= set(used) | {x_name}
-    x = ir.Value(name=x_name, shape=ir.Shape([k]), type=ir.TensorType(F32))
-    nodes, y = dynamic_qdq_nodes(g, nm, x, bits, -1, base, {})
+    dims = [None] * (rank - 1) + [k] if group else [k]
+    x = ir.Value(name=x_name, shape=ir.Shape(dims), type=ir.TensorType(F32))
+    nodes, y = dynamic_qdq_nodes(g, nm, x, bits, -1, base, {}, group=group)
     out = ([ir.serde.serialize_node(n) for n in nodes],
            [ir.serde.serialize_tensor(v.const_value) for v in g.initializers.values()], y.name)
     used |= nm.used
@@ -145,6 +149,27 @@ def _levels(cast: ir.Node | None) -> int | None:
     return {ir.DataType.UINT4: 15, ir.DataType.UINT8: 255}.get(ir.DataType(cast.attributes["to"].as_int()))
 
 
+def _grouped_input(q: ir.Node, x: ir.Value, s: ir.Value) -> ir.Value | None:
+    """For a grouped quantizer built by :func:`dynamic_qdq_nodes`, the ``Reshape`` of ``x`` (to [..., dim / g, g])
+    its reductions read; None for a per-token one (the reductions read ``x``). Found from the chain itself, so no
+    shape need be known. Raises if the chain is not the builder's."""
+
+    def prod(v, op):
+        n = v.producer() if v is not None else None
+        if n is None or n.op_type != op:
+            raise GraphPassError(f"{q.name}: a dynamic quantizer not built by dynamic_qdq_nodes "
+                                 f"(expected {op} before {v.name if v is not None else '?'})")
+        return n
+
+    sub = prod(prod(prod(s, "Max").inputs[0], "Div").inputs[0], "Sub")
+    red = prod(prod(sub.inputs[0], "Max").inputs[0], "ReduceMax").inputs[0]
+    if red is x:
+        return None
+    if prod(red, "Reshape").inputs[0] is not x:
+        raise GraphPassError(f"{q.name}: the dynamic quantizer's reductions read neither {x.name} nor a Reshape of it")
+    return red
+
+
 def float_dynamic_qdq(g: ir.Graph) -> int:
     """Rewrite every dynamic quantizer's ``QuantizeLinear -> DequantizeLinear`` pair (as built by
     :func:`dynamic_qdq_nodes`) into float arithmetic on the same scale ``s`` and the float zero point ``zf`` (the
@@ -152,7 +177,8 @@ def float_dynamic_qdq(g: ir.Graph) -> int:
 
         y = Mul(Sub(Clip(Add(Round(Div(x, s)), zf), 0, 2^bits - 1), zf), s)
 
-    Exact: ``x / s`` is the same float32 division QuantizeLinear does, everything up to the ``Mul`` is integer-valued
+    (grouped: the same on the chain's ``Reshape(x, [..., dim / g, g])`` with ``s`` and ``zf`` unsqueezed over the
+    group, reshaped back to ``x``'s shape.) Exact: ``x / s`` is the same float32 division QuantizeLinear does, everything up to the ``Mul`` is integer-valued
     and small, and the ``Mul`` is DequantizeLinear's ``(q - z) * s``. For runtimes without blocked (per-token) Q/DQ,
     e.g. TensorRT, which runs these as float element-wise ops. Returns the number of quantizers rewritten."""
     from .irutil import consumers
@@ -168,28 +194,34 @@ def float_dynamic_qdq(g: ir.Graph) -> int:
                 or any(d.op_type != "DequantizeLinear" or d.inputs[1] is not s or d.inputs[2] is not z
                        for d in dqs)):
             raise GraphPassError(f"{q.name}: not a dynamic quantizer built by dynamic_qdq_nodes")
-        if x.shape is not None and q.attributes.get("block_size") is not None and isinstance(
-                x.shape[q.attributes["axis"].as_int()], int) and \
-                q.attributes["block_size"].as_int() != x.shape[q.attributes["axis"].as_int()]:
-            raise GraphPassError(f"{q.name}: a grouped dynamic quantizer (block_size "
-                                 f"{q.attributes['block_size'].as_int()}) has no float form yet; TensorRT targets "
-                                 f"take per-token dynamic quantizers only")
         zf = cast.inputs[0]
         meta = {**q.metadata_props, "vitq.lowered": "dynamic_float"}
         base = q.name or "dyn"
         lo = add_initializer(g, nm, f"{base}.clip_lo", np.array(0.0, np.float32))
         hi = add_initializer(g, nm, f"{base}.clip_hi", np.array(float(levels), np.float32))
         new: list[ir.Node] = []
+        red = _grouped_input(q, x, s)  # grouped: the chain's Reshape(x, [..., dim / g, g]); else None
 
-        def op(op_type, inputs, name):
-            out = ir.Value(name=nm(f"{base}.{name}"), type=ir.TensorType(F32), shape=x.shape)
+        def op(op_type, inputs, name, shape="x", dtype=F32):  # shape "x": x's shape; None: unknown
+            out = ir.Value(name=nm(f"{base}.{name}"), type=ir.TensorType(dtype), shape=x.shape if shape == "x" else shape)
             new.append(ir.node(op_type, inputs, outputs=[out], name=nm(f"{base}/{op_type}F"),
                                metadata_props=dict(meta)))
             return out
 
-        t = op("Round", [op("Div", [x, s], "steps")], "rounded")
-        t = op("Clip", [op("Add", [t, zf], "shifted"), lo, hi], "clipped")
-        y = op("Mul", [op("Sub", [t, zf], "centered"), s], "dq")
+        if red is None:
+            t = op("Round", [op("Div", [x, s], "steps")], "rounded")
+            t = op("Clip", [op("Add", [t, zf], "shifted"), lo, hi], "clipped")
+            y = op("Mul", [op("Sub", [t, zf], "centered"), s], "dq")
+        else:  # the same on the grouped view, scale / zero point broadcast over each group, then x's shape again
+            rsh = red.shape
+            last = add_initializer(g, nm, f"{base}.last_axis", np.array([-1], np.int64))
+            sg = op("Unsqueeze", [s, last], "scale_g", shape=None)
+            zg = op("Unsqueeze", [zf, last], "zf_g", shape=None)
+            t = op("Round", [op("Div", [red, sg], "steps", rsh)], "rounded", rsh)
+            t = op("Clip", [op("Add", [t, zg], "shifted", rsh), lo, hi], "clipped", rsh)
+            yg = op("Mul", [op("Sub", [t, zg], "centered", rsh), sg], "dq_g", rsh)
+            y = op("Reshape", [yg, op("Shape", [x], "x_shape", ir.Shape([len(x.shape)]) if x.shape else None,
+                                      ir.DataType.INT64)], "dq")
         g.insert_before(q, new)
         keep_name = None
         for d in dqs:

@@ -36,7 +36,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import InputError
 from ..passes.dynamic_qdq import dynamic_qdq_protos
-from .specs import DOMAIN, DYN_EPS, DYN_LEVELS, NAMESPACE, QUANT_LINEAR_A4, VERSION, qrange
+from .specs import ACT_GROUPS, DOMAIN, DYN_EPS, DYN_LEVELS, NAMESPACE, QUANT_LINEAR_A4, VERSION, qrange
 
 _INT_TYPES = {TensorProto.INT4: 4, TensorProto.INT8: 8}
 
@@ -103,6 +103,7 @@ class _Match:
     maybe_dead: list  # Q, DQ, weight DQ: removed if nothing else uses them
     name: str
     dynamic: bool = False  # per-row dynamic activation quantizer (act_dynamic=1)
+    group: int = 0  # with dynamic: one grid per this many features of a row (act_group)
 
 
 def _match_act_int4(ix: _Index, name: str) -> tuple[str, float, list] | None:
@@ -178,18 +179,23 @@ def _bias_const(ix: _Index, name: str, n: int) -> np.ndarray | None:
     return b[0].reshape(n).astype(np.float32)
 
 
-def _match_act_dynamic(ix: _Index, name: str, k: int) -> tuple[str, list] | None:
+def _match_act_dynamic(ix: _Index, name: str, k: int) -> tuple[str, int, list] | None:
     """``name`` = the dynamic per-token uint4 Q/DQ chain of :func:`vitq.passes.dynamic_qdq.dynamic_qdq_nodes` over
-    the last axis (block size ``k``), every node and constant checked: (x, [its 13 nodes])."""
+    the last axis (block size ``k``), or its grouped form (block size G, reductions over ``Reshape(x, [0, ..., 0,
+    k / G, G])`` without keepdims), every node and constant checked: (x, G or 0, [its nodes])."""
     dq = ix.producer.get(name)
     if not _is_std(dq, "DequantizeLinear") or len(dq.input) < 3:
         return None
     q = ix.producer.get(dq.input[0])
     if not _is_std(q, "QuantizeLinear") or list(q.input[1:3]) != list(dq.input[1:3]):
         return None
+    block = _attrs(q).get("block_size", 0)
+    group = 0 if block == k else block
+    if group and (group not in ACT_GROUPS or k % group):
+        return None
     for n in (q, dq):
         a = _attrs(n)
-        if a.get("axis", 1) != -1 or a.get("block_size", 0) != k:
+        if a.get("axis", 1) != -1 or a.get("block_size", 0) != block:
             return None
     x, s_name, z_name = q.input[0], q.input[1], q.input[2]
 
@@ -219,16 +225,31 @@ def _match_act_dynamic(ix: _Index, name: str, k: int) -> tuple[str, list] | None
     if sub is None or sub.input[1] != div_lo.input[0]:
         return None
     chain = [q, dq, cast, rnd, neg, div_lo, smax, div_r, sub]
+    reduced = None  # what the reductions read: x, or (grouped) the Reshape of x
     for v, bound, red in ((sub.input[0], "Max", "ReduceMax"), (sub.input[1], "Min", "ReduceMin")):
         b = prod(v, bound, 2)
         r = prod(b.input[0], red, 2) if b else None
-        if r is None or r.input[0] != x or not is_const(b.input[1], 0.0) or _attrs(r).get("keepdims", 1) != 1:
+        if r is None or not is_const(b.input[1], 0.0) or _attrs(r).get("keepdims", 1) != (0 if group else 1):
+            return None
+        if reduced is None:
+            reduced = r.input[0]
+        if r.input[0] != reduced:
             return None
         axes = ix.const(r.input[1])
         if axes is None or axes[0].reshape(-1).tolist() != [-1]:
             return None
         chain += [b, r]
-    return x, chain
+    if not group:
+        return (x, 0, chain) if reduced == x else None
+    rs = prod(reduced, "Reshape", 2)
+    shape = ix.const(rs.input[1]) if rs else None
+    if (rs is None or rs.input[0] != x or _attrs(rs).get("allowzero", 0) or shape is None
+            or shape[1] != TensorProto.INT64):
+        return None
+    dims = shape[0].reshape(-1).tolist()
+    if len(dims) < 3 or any(d != 0 for d in dims[:-2]) or dims[-2:] != [k // group, group]:
+        return None
+    return x, group, chain + [rs]
 
 
 def _match(ix: _Index, node: onnx.NodeProto) -> _Match | None:
@@ -246,6 +267,7 @@ def _match(ix: _Index, node: onnx.NodeProto) -> _Match | None:
         return None
     w_nk, bits, w_scale, wdq = wt
     act = _match_act_int4(ix, node.input[0])
+    group = 0
     if act is not None:
         x, act_scale, act_nodes = act
         dynamic = False
@@ -253,7 +275,7 @@ def _match(ix: _Index, node: onnx.NodeProto) -> _Match | None:
         dyn = _match_act_dynamic(ix, node.input[0], w_nk.shape[1])
         if dyn is None:
             return None
-        (x, act_nodes), act_scale, dynamic = dyn, 0.0, True
+        (x, group, act_nodes), act_scale, dynamic = dyn, 0.0, True
     n = w_nk.shape[0]
     bias, out, remove = None, node.output[0], [node]
     if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]:
@@ -268,7 +290,7 @@ def _match(ix: _Index, node: onnx.NodeProto) -> _Match | None:
             if b is not None:
                 bias, out, remove = b, add.output[0], [node, add]
     return _Match(x, act_scale, w_nk, bits, w_scale, bias, out, remove, act_nodes + [wdq],
-                  node.name or f"{node.op_type}_{out}", dynamic)
+                  node.name or f"{node.op_type}_{out}", dynamic, group)
 
 
 class _Names:
@@ -341,7 +363,8 @@ def lower_trt(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
             b_name = names(f"{m.name}.vitq_bias")
             g.initializer.append(numpy_helper.from_array(m.bias, b_name))
             inputs.append(b_name)
-        act = {"act_dynamic": 1} if m.dynamic else {"act_scale": m.act_scale}
+        act = ({"act_dynamic": 1, **({"act_group": m.group} if m.group else {})} if m.dynamic
+               else {"act_scale": m.act_scale})
         node = helper.make_node(
             QUANT_LINEAR_A4.name, inputs, [m.output], name=names(f"{m.name}.vitq_qlinear_a4"), domain=DOMAIN,
             plugin_namespace=NAMESPACE, plugin_version=VERSION, act_bits=4, weight_bits=m.weight_bits, **act)
@@ -365,6 +388,27 @@ def has_plugins(model: onnx.ModelProto) -> bool:
     return any(_is_plugin(n) for n in model.graph.node)
 
 
+def _rank_of(model: onnx.ModelProto, name: str, ranks: dict[str, int]) -> int:
+    """Rank of tensor ``name`` from the model's inputs / value_info, after ONNX shape inference (once, into
+    ``ranks``). The grouped dynamic chain reshapes X to [..., K / G, G], which needs it."""
+    if not ranks:
+        try:
+            inferred = onnx.shape_inference.infer_shapes(model)
+        except Exception:  # noqa: BLE001 - fall back to what the model declares
+            inferred = model
+        g = inferred.graph
+        for vi in list(g.input) + list(g.value_info) + list(g.output):
+            t = vi.type.tensor_type
+            if t.HasField("shape"):
+                ranks[vi.name] = len(t.shape.dim)
+        ranks.setdefault("", -1)  # mark as filled
+    r = ranks.get(name, 0)
+    if r < 2:
+        raise InputError(f"QuantLinearA4 with act_group: the rank of its input {name!r} is unknown (needs >= 2)",
+                         hint="run ONNX shape inference on the model first, or give the graph input a shape")
+    return r
+
+
 def expand_plugins(model: onnx.ModelProto, int4: str = "native") -> tuple[onnx.ModelProto, int]:
     """Rewrite every vitq plugin node back to standard ONNX opset 21; returns (new model, rewrites).
 
@@ -383,6 +427,7 @@ def expand_plugins(model: onnx.ModelProto, int4: str = "native") -> tuple[onnx.M
     names = _Names(g)
     freed: set[str] = set()
     count = n_dynamic = 0
+    ranks: dict[str, int] = {}  # filled on first use by _rank_of (shape inference)
     default_opset = next((o.version for o in out.opset_import if o.domain in ("", "ai.onnx")), 0)
     for node in list(g.node):
         if not _is_plugin(node):
@@ -425,8 +470,15 @@ def expand_plugins(model: onnx.ModelProto, int4: str = "native") -> tuple[onnx.M
             # re-quantized* int8 MatMul, which changes the result by ~1e-3.)
             new_inits.append(numpy_helper.from_array(w_kn.astype(np.float32) * w_scale[None, :], wd))
         if a["act_dynamic"]:
-            # the per-row uint4 chain, from the one builder insert_qdq uses; emulate: made float below
-            nodes, inits, xd = dynamic_qdq_protos(node.input[0], w_nk.shape[1], 4, f"{base}.act", names.used)
+            # the per-row (per-group) uint4 chain, from the one builder insert_qdq uses; emulate: made float below
+            rank = 0
+            if a["act_group"]:
+                if w_nk.shape[1] % a["act_group"]:
+                    raise InputError(f"{node.name}: K={w_nk.shape[1]} is not a multiple of act_group="
+                                     f"{a['act_group']}")
+                rank = _rank_of(model, node.input[0], ranks)
+            nodes, inits, xd = dynamic_qdq_protos(node.input[0], w_nk.shape[1], 4, f"{base}.act", names.used,
+                                                  group=a["act_group"], rank=rank)
             new_inits += inits
             n_dynamic += 1
         else:

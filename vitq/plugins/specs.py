@@ -14,7 +14,8 @@ QuantLinearA4
 
     up to float rounding of the products and summation order (see :func:`quant_linear_a4_ref`). With
     ``act_dynamic=1`` the activation quantizer is instead the per-row (per-token) asymmetric uint4 one of MixA-Q's
-    dynamic low branch (``vitq.passes.dynamic_qdq``): scale and zero point from each row's own min/max at run time.
+    dynamic low branch (``vitq.passes.dynamic_qdq``): scale and zero point from each row's own min/max at run time;
+    with ``act_group=G`` too, one per G consecutive features of a row (``--mixa-low-group``).
 
 WindowRoute / WindowMerge
     Fused window importance + top-k + gather of windows into a "high" and a "low" group, and the exact scatter back.
@@ -128,35 +129,51 @@ DYN_LEVELS = {4: 15}  # uint4 grid of the dynamic per-row mode: 0..15
 DYN_EPS = 1e-8  # == vitq.recipe.schema.DYN_EPS (a test keeps them equal; the runtime imports neither torch nor this)
 
 
-def dynamic_row_params_ref(x: np.ndarray, act_bits: int = 4) -> tuple[np.ndarray, np.ndarray]:
+ACT_GROUPS = (0, 32, 64, 128, 256)  # act_group values the dynamic mode takes (0: one grid per row)
+
+
+def _grouped(x: np.ndarray, group: int) -> np.ndarray:
+    """x [..., K] as [..., K / group, group] (``group`` 0: [..., 1, K])."""
+    k = x.shape[-1]
+    g = group or k
+    if k % g:
+        raise InputError(f"QuantLinearA4: K={k} is not a multiple of act_group={group}")
+    return x.reshape(*x.shape[:-1], k // g, g)
+
+
+def dynamic_row_params_ref(x: np.ndarray, act_bits: int = 4, group: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Per-row (last axis) scale and zero point of the dynamic mode, in float32, op for op as the standard-ONNX chain
     of :func:`vitq.passes.dynamic_qdq.dynamic_qdq_nodes` computes them (and ``fake_quant_dynamic`` in torch)::
 
         lo = min(min_k x, 0); hi = max(max_k x, 0); s = max((hi - lo) / 15, 1e-8); z = rint(-(lo / s))
 
-    Returns (s, z) with shape ``x.shape[:-1] + (1,)``; z holds integers in [0, 15] as float32."""
+    Returns (s, z) with shape ``x.shape[:-1] + (1,)``; z holds integers in [0, 15] as float32. With ``group`` G > 0
+    the same per G consecutive features of a row (the chain's ``Reshape`` to [..., K / G, G]): shape
+    ``x.shape[:-1] + (K / G,)``."""
     if act_bits not in DYN_LEVELS:
         raise InputError(f"QuantLinearA4: the dynamic mode quantizes activations to 4 bits, not {act_bits}")
-    x = np.asarray(x, dtype=np.float32)
-    lo = np.minimum(x.min(axis=-1, keepdims=True), np.float32(0))
-    hi = np.maximum(x.max(axis=-1, keepdims=True), np.float32(0))
+    xg = _grouped(np.asarray(x, dtype=np.float32), group)
+    lo = np.minimum(xg.min(axis=-1), np.float32(0))
+    hi = np.maximum(xg.max(axis=-1), np.float32(0))
     s = np.maximum((hi - lo) / np.float32(DYN_LEVELS[act_bits]), np.float32(DYN_EPS)).astype(np.float32)
     z = np.rint(-(lo / s)).astype(np.float32)
     return s, z
 
 
-def quantize_act_dynamic_ref(x: np.ndarray, act_bits: int = 4) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-row asymmetric quantization of the dynamic mode: (q - z as int32 in [-15, 15], s, z).
-    ``q = clip(rint(x / s) + z, 0, 15)``: ONNX QuantizeLinear to uint4 with a per-row block."""
-    s, z = dynamic_row_params_ref(x, act_bits)
-    x = np.asarray(x, dtype=np.float32)
-    q = np.clip(np.rint(x / s) + z, 0, DYN_LEVELS[act_bits])
-    return (q - z).astype(np.int32), s, z
+def quantize_act_dynamic_ref(x: np.ndarray, act_bits: int = 4, group: int = 0
+                             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-row (per-group with ``group`` > 0) asymmetric quantization of the dynamic mode: (q - z as int32 in
+    [-15, 15], s, z). ``q = clip(rint(x / s) + z, 0, 15)``: ONNX QuantizeLinear to uint4 with one block per row
+    (per group)."""
+    s, z = dynamic_row_params_ref(x, act_bits, group)
+    xg = _grouped(np.asarray(x, dtype=np.float32), group)
+    q = np.clip(np.rint(xg / s[..., None]) + z[..., None], 0, DYN_LEVELS[act_bits])
+    return (q - z[..., None]).astype(np.int32).reshape(np.shape(x)), s, z
 
 
 def quant_linear_a4_ref(x: np.ndarray, w_q: np.ndarray, w_scale: np.ndarray, bias: np.ndarray | None = None, *,
                         act_scale: float = 0.0, act_bits: int = 4, weight_bits: int = 4,
-                        act_dynamic: int = 0) -> np.ndarray:
+                        act_dynamic: int = 0, act_group: int = 0) -> np.ndarray:
     """Reference QuantLinearA4 (float32 output).
 
     Static (``act_dynamic=0``): ``Y = ((float(xq @ W_q^T) * act_scale) * w_scale) + bias`` with
@@ -167,6 +184,13 @@ def quant_linear_a4_ref(x: np.ndarray, w_q: np.ndarray, w_scale: np.ndarray, bia
     ``Y = ((float(d @ W_q^T) * s_m) * w_scale) + bias``. This is what standard ONNX computes for the blocked uint4
     Q/DQ chain of ``vitq.passes.dynamic_qdq`` feeding the MatMul, up to float rounding of the products and the
     summation order.
+
+    Dynamic per group (``act_dynamic=1, act_group=G``): the same per G consecutive features of a row (scale
+    ``s_mg``, zero point ``z_mg``), one exact integer sum per group, then in float32, groups in order::
+
+        t = 0;  for g in 0 .. K/G - 1:  t = t + float(acc_g) * s_mg;   Y = (t * w_scale) + bias
+
+    (``acc_g = sum_{k in group g} d[m,k] W[n,k]``, exact; every product and sum rounded once, no FMA.)
 
     x: float32 [..., K]; w_q: int8 [N, K] holding values in the ``weight_bits`` range; w_scale: float32 [N];
     bias: float32 [N] or None.
@@ -194,15 +218,29 @@ def quant_linear_a4_ref(x: np.ndarray, w_q: np.ndarray, w_scale: np.ndarray, bia
         raise InputError(f"QuantLinearA4: w_scale must have shape [{n}], got {w_scale.shape}")
     if act_dynamic not in (0, 1):
         raise InputError(f"QuantLinearA4: act_dynamic must be 0 or 1, got {act_dynamic}")
-    if act_dynamic:
+    if act_group not in ACT_GROUPS or (act_group and not act_dynamic):
+        raise InputError(f"QuantLinearA4: act_group must be one of {ACT_GROUPS[1:]} with act_dynamic=1, or 0; got "
+                         f"{act_group}")
+    if act_group:
+        d, s, _ = quantize_act_dynamic_ref(x, act_bits, act_group)
+        ng = k // act_group
+        dg = d.reshape(-1, ng, act_group).astype(np.int64)
+        wg = w_q.astype(np.int64).reshape(n, ng, act_group)
+        sg = s.reshape(-1, ng)
+        y = np.zeros((dg.shape[0], n), np.float32)
+        for gi in range(ng):  # float32 steps in group order, as the kernel does
+            acc_g = (dg[:, gi, :] @ wg[:, gi, :].T).astype(np.float32)  # exact
+            y = (y + acc_g * sg[:, gi:gi + 1]).astype(np.float32)
+    elif act_dynamic:
         d, s, _ = quantize_act_dynamic_ref(x, act_bits)
         xq, row_scale = d.astype(np.int64), s.reshape(-1, 1)
     else:
         if not np.float32(act_scale) > 0:
             raise InputError(f"QuantLinearA4: act_scale must be > 0 in the static mode, got {act_scale}")
         xq, row_scale = quantize_act_ref(x, act_scale, act_bits).astype(np.int64), np.float32(act_scale)
-    acc = xq.reshape(-1, k) @ w_q.astype(np.int64).T  # exact
-    y = acc.astype(np.float32) * row_scale
+    if not act_group:
+        acc = xq.reshape(-1, k) @ w_q.astype(np.int64).T  # exact
+        y = acc.astype(np.float32) * row_scale
     y = y * w_scale[None, :]
     if bias is not None:
         y = y + np.asarray(bias, dtype=np.float32).reshape(1, n)
@@ -214,6 +252,9 @@ def _check_quant_linear(a: dict[str, Any]) -> None:
         raise InputError(f"QuantLinearA4: act_dynamic must be 0 or 1, got {a['act_dynamic']}")
     if a["act_bits"] != 4:
         raise InputError(f"QuantLinearA4: act_bits={a['act_bits']} unsupported (only 4)")
+    if a["act_group"] not in ACT_GROUPS or (a["act_group"] and not a["act_dynamic"]):
+        raise InputError(f"QuantLinearA4: act_group must be one of {ACT_GROUPS[1:]} with act_dynamic=1, or 0; got "
+                         f"{a['act_group']}")
     if not a["act_dynamic"] and not (a["act_scale"] > 0 and math.isfinite(a["act_scale"])):
         raise InputError(f"QuantLinearA4: the static mode (act_dynamic=0) needs act_scale > 0, got {a['act_scale']}")
 
@@ -226,6 +267,8 @@ QUANT_LINEAR_A4 = OpSpec(
         AttrSpec("weight_bits", "int", 4, "4 (W_q values in [-8, 7]) or 8 (values in [-128, 127])"),
         AttrSpec("act_dynamic", "int", 0, "0: static per-tensor act_scale; 1: per-row asymmetric uint4 scale and "
                                           "zero point from the row's min/max (MixA-Q's dynamic low branch)"),
+        AttrSpec("act_group", "int", 0, "with act_dynamic=1: one scale / zero point per this many consecutive "
+                                        "features of a row (32, 64, 128 or 256; K a multiple of it); 0: per row"),
     ),
     inputs=(
         TensorSpec("X", "float32", "[..., K]"),

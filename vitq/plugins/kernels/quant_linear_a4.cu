@@ -10,7 +10,11 @@
 //        the int4 values widened to int8, or on int8 weights (W8A4), or on the dynamic mode's [-15, 15] codes.
 //   Integer accumulation is exact in any order, and the epilogue is ((float(acc) * s) * w_scale) + bias without
 //   FMA contraction, so float32 output is bit-exact to the reference (bench/plugins_gpu.py, H100, session 11).
-//   prepared weights: bytes [N, Kb]    activations: bytes [M, Kb] (+ float row_scale[M], row_zp[M] if dynamic)
+//   Grouped dynamic mode (act_group = G in {32, 64, 128, 256}): one scale / zero point per G consecutive features
+//        of a row; the GEMM keeps one int32 sum per mma k-step (32 k), folds it into a float32 accumulator at every
+//        group boundary (t = t + float(acc_g) * s_mg, groups in order, no FMA) and the epilogue is (t * w_scale) + bias.
+//   prepared weights: bytes [N, Kb]    activations: bytes [M, Kb] (+ float row_scale[M * ng], row_zp[M * ng] if
+//   dynamic, ng = K / G groups per row, 1 without groups)
 //   S8: Kb = Kp = roundup(K, 64), int8 operands;  S4: Kp = roundup(K, 128), Kb = Kp / 2, packed int4 operands.
 //   The padding (k >= K) is zero in both operands, so it adds nothing to the integer sums.
 // Session 10's single kernel quantized X inside the GEMM (once per 64 output channels) without pipelining; it was
@@ -179,6 +183,62 @@ quantize_rows_kernel(const float* __restrict__ x, uint8_t* __restrict__ xq, floa
     }
 }
 
+// Grouped dynamic mode: one warp per row, G / 8 lanes per group (each lane holds 8 consecutive k). All 32 lanes run
+// every iteration (the shuffles need the full warp); k >= K holds zeros (K % G == 0: whole groups are in or out).
+// Per group the same arithmetic as the per-row mode on its G values (ONNX: Reshape -> ReduceMin/ReduceMax over the
+// group -> ...), scales / zero points stored [M, K / G].
+__global__ void __launch_bounds__(ROW_WARPS * 32)
+quantize_groups_kernel(const float* __restrict__ x, uint8_t* __restrict__ xq, float* __restrict__ g_scale,
+                       float* __restrict__ g_zp, int M, int K, int Kp, int G) {
+    const int lane = threadIdx.x & 31;
+    const int m = blockIdx.x * ROW_WARPS + (threadIdx.x >> 5);
+    if (m >= M) return;  // whole warps only: ROW_WARPS rows per block, one per warp
+    const float* xr = x + static_cast<size_t>(m) * K;
+    const int lanes = G / 8, ng = K / G;
+    for (int base = 0; base < Kp; base += 256) {
+        const int k = base + lane * 8;
+        float v[8];
+        float mn = 0.0f, mx = 0.0f;
+        if (k < K) {
+            const float4 v0 = *reinterpret_cast<const float4*>(xr + k);
+            const float4 v1 = *reinterpret_cast<const float4*>(xr + k + 4);
+            v[0] = v0.x; v[1] = v0.y; v[2] = v0.z; v[3] = v0.w; v[4] = v1.x; v[5] = v1.y; v[6] = v1.z; v[7] = v1.w;
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+                mn = fminf(mn, v[e]);
+                mx = fmaxf(mx, v[e]);
+            }
+        }
+        for (int off = lanes >> 1; off > 0; off >>= 1) {  // within aligned groups of `lanes` lanes
+            mn = fminf(mn, __shfl_xor_sync(0xffffffffu, mn, off));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+        }
+        if (k >= Kp) continue;
+        int q[8];
+        if (k < K) {
+            const float s = fmaxf(__fdiv_rn(__fsub_rn(mx, mn), 15.0f), 1e-8f);
+            const float z = rintf(-__fdiv_rn(mn, s));
+            const int gi = k / G;
+            if ((lane & (lanes - 1)) == 0 && gi < ng) {
+                g_scale[static_cast<size_t>(m) * ng + gi] = s;
+                g_zp[static_cast<size_t>(m) * ng + gi] = z;
+            }
+#pragma unroll
+            for (int e = 0; e < 8; ++e) q[e] = quant_u4_centered(v[e], s, z);
+        } else {
+#pragma unroll
+            for (int e = 0; e < 8; ++e) q[e] = 0;
+        }
+        uint2 w = make_uint2(0u, 0u);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            w.x |= (static_cast<uint32_t>(q[e]) & 0xFFu) << (8 * e);
+            w.y |= (static_cast<uint32_t>(q[e + 4]) & 0xFFu) << (8 * e);
+        }
+        *reinterpret_cast<uint2*>(xq + static_cast<size_t>(m) * Kp + k) = w;
+    }
+}
+
 // Prepared weights [N, Kb] from the plugin's format (zero padding for k >= K).
 template <bool S4>
 __global__ void prepare_weights_kernel(const uint8_t* __restrict__ w, bool packed_in, uint8_t* __restrict__ wq,
@@ -209,11 +269,12 @@ __global__ void prepare_weights_kernel(const uint8_t* __restrict__ w, bool packe
     }
 }
 
-template <bool S4, bool OUT_F16, bool DYN>
+template <bool S4, bool OUT_F16, bool DYN, bool GRP>
 __global__ void __launch_bounds__(THREADS)
 qgemm_kernel(const uint8_t* __restrict__ aq, const uint8_t* __restrict__ wq, const float* __restrict__ w_scale,
              const float* __restrict__ bias, void* __restrict__ y, int M, int N, int Kb, float act_scale,
-             const float* __restrict__ row_scale) {
+             const float* __restrict__ row_scale, int G, int ng) {
+    static_assert(!GRP || (DYN && !S4), "the grouped mode is dynamic and runs on the S8 path");
     __shared__ __align__(16) uint32_t As[STAGES][BM][SROW];
     __shared__ __align__(16) uint32_t Bs[STAGES][BN][SROW];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -241,6 +302,13 @@ qgemm_kernel(const uint8_t* __restrict__ aq, const uint8_t* __restrict__ wq, con
         for (int j = 0; j < 4; ++j)
 #pragma unroll
             for (int r = 0; r < 4; ++r) acc[i][j][r] = 0;
+    float facc[2][4][4];  // GRP: the float32 sum over finished groups
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) facc[i][j][r] = 0.0f;
 
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
@@ -280,6 +348,27 @@ qgemm_kernel(const uint8_t* __restrict__ aq, const uint8_t* __restrict__ wq, con
                     if (S4) mma_s4(acc[i][j], a[i], b[j]);
                     else mma_s8(acc[i][j], a[i], b[j]);
                 }
+            if (GRP) {  // S8: one mma k-step = 32 k; fold the integer sum in at the end of each group, in order
+                const int k_end = kt * BKB + (kk + 1) * 32;
+                const int gi = k_end / G - 1;
+                if (k_end % G == 0 && gi < ng) {  // groups past K (zero padding) hold 0: skipped
+#pragma unroll
+                    for (int i = 0; i < 2; ++i)
+#pragma unroll
+                        for (int h = 0; h < 2; ++h) {
+                            const int m = min(m0 + wm * 32 + i * 16 + g + 8 * h, M - 1);  // rows >= M never stored
+                            const float sg = __ldg(row_scale + static_cast<size_t>(m) * ng + gi);
+#pragma unroll
+                            for (int j = 0; j < 4; ++j)
+#pragma unroll
+                                for (int e = 0; e < 2; ++e) {
+                                    facc[i][j][2 * h + e] = __fadd_rn(
+                                        facc[i][j][2 * h + e], __fmul_rn(static_cast<float>(acc[i][j][2 * h + e]), sg));
+                                    acc[i][j][2 * h + e] = 0;
+                                }
+                        }
+                }
+            }
         }
     }
     cp_async_wait<0>();
@@ -300,7 +389,7 @@ qgemm_kernel(const uint8_t* __restrict__ aq, const uint8_t* __restrict__ wq, con
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             const int m = m0 + wm * 32 + i * 16 + g + 8 * h;
-            rsv[i][h] = DYN ? (m < M ? __ldg(row_scale + m) : 0.0f) : act_scale;
+            rsv[i][h] = GRP ? 1.0f : DYN ? (m < M ? __ldg(row_scale + m) : 0.0f) : act_scale;
         }
 #pragma unroll
     for (int i = 0; i < 2; ++i)
@@ -314,8 +403,9 @@ qgemm_kernel(const uint8_t* __restrict__ aq, const uint8_t* __restrict__ wq, con
                 if (n >= N) continue;  // n < N, n + 1 may be past the row's end (checked below)
                 float v[2];
 #pragma unroll
-                for (int e = 0; e < 2; ++e) {  // ((acc * s) * w_scale) + bias, no FMA contraction
-                    v[e] = __fmul_rn(__fmul_rn(static_cast<float>(acc[i][j][2 * h + e]), rsv[i][h]), wsc[j][e]);
+                for (int e = 0; e < 2; ++e) {  // ((acc * s) * w_scale) + bias (GRP: t * w_scale + bias), no FMA
+                    v[e] = GRP ? __fmul_rn(facc[i][j][2 * h + e], wsc[j][e])
+                               : __fmul_rn(__fmul_rn(static_cast<float>(acc[i][j][2 * h + e]), rsv[i][h]), wsc[j][e]);
                     if (bias) v[e] = __fadd_rn(v[e], bsv[j][e]);
                 }
                 const size_t o = static_cast<size_t>(m) * N + n;
@@ -359,10 +449,18 @@ extern "C" size_t vitq_prepared_weight_bytes(int N, int K, int path) {
     return static_cast<size_t>(N) * k_bytes(K, path == VITQ_PATH_S4_MMA);
 }
 
-extern "C" size_t vitq_act_workspace_bytes(int M, int K, int path, int act_dynamic) {
+bool group_ok(int act_group, int act_dynamic, int K, int path) {
+    if (act_group == 0) return true;
+    return (act_group == 32 || act_group == 64 || act_group == 128 || act_group == 256) && act_dynamic == 1 &&
+           path == VITQ_PATH_S8_MMA && K % act_group == 0;
+}
+
+extern "C" size_t vitq_act_workspace_bytes(int M, int K, int path, int act_dynamic, int act_group) {
     if (M < 1 || K < 8 || K % 8 != 0 || (path != VITQ_PATH_S4_MMA && path != VITQ_PATH_S8_MMA)) return 0;
+    if (!group_ok(act_group, act_dynamic, K, path)) return 0;
     const size_t q = (static_cast<size_t>(M) * k_bytes(K, path == VITQ_PATH_S4_MMA) + 255) / 256 * 256;
-    return q + (act_dynamic ? 2 * static_cast<size_t>(M) * sizeof(float) : 0);
+    const size_t ng = act_group ? static_cast<size_t>(K / act_group) : 1;
+    return q + (act_dynamic ? 2 * static_cast<size_t>(M) * ng * sizeof(float) : 0);
 }
 
 extern "C" int vitq_resolve_path(int path, int weight_format, int act_dynamic) {
@@ -389,7 +487,8 @@ extern "C" int vitq_prepare_weights(const void* w, int weight_format, int N, int
 
 extern "C" int vitq_quant_linear_a4_prepared(const float* x, const void* wq, const float* w_scale, const float* bias,
                                              void* y, int out_dtype, int M, int N, int K, float act_scale,
-                                             int act_dynamic, int path, void* workspace, cudaStream_t stream) {
+                                             int act_dynamic, int act_group, int path, void* workspace,
+                                             cudaStream_t stream) {
     if (!x || !wq || !w_scale || !y || !workspace) return VITQ_ERR_ARG;
     if (out_dtype != VITQ_OUT_F32 && out_dtype != VITQ_OUT_F16) return VITQ_ERR_ARG;
     if (act_dynamic != 0 && act_dynamic != 1) return VITQ_ERR_ARG;
@@ -398,6 +497,10 @@ extern "C" int vitq_quant_linear_a4_prepared(const float* x, const void* wq, con
     if (path == VITQ_PATH_S4_MMA && act_dynamic) return VITQ_ERR_ARG;
     if (M < 1 || N < 1 || K < 8 || K % 8 != 0) return VITQ_ERR_SHAPE;
     if ((M + BM - 1) / BM > 65535) return VITQ_ERR_SHAPE;
+    if (act_group != 0 && (act_dynamic != 1 || path != VITQ_PATH_S8_MMA ||
+                           (act_group != 32 && act_group != 64 && act_group != 128 && act_group != 256)))
+        return VITQ_ERR_ARG;
+    if (act_group != 0 && K % act_group != 0) return VITQ_ERR_SHAPE;
     // float4 loads of x rows and 16-byte cp.async of the operands need 16-byte aligned buffers
     if ((reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(wq) | reinterpret_cast<uintptr_t>(workspace)) & 15)
         return VITQ_ERR_ARG;
@@ -405,21 +508,25 @@ extern "C" int vitq_quant_linear_a4_prepared(const float* x, const void* wq, con
     const int Kp = padded_k(K, s4), Kb = k_bytes(K, s4);
     uint8_t* aq = static_cast<uint8_t*>(workspace);
     const size_t qbytes = (static_cast<size_t>(M) * Kb + 255) / 256 * 256;
+    const int ng = act_group ? K / act_group : 1;
     float* rs = act_dynamic ? reinterpret_cast<float*>(aq + qbytes) : nullptr;
-    float* rz = act_dynamic ? rs + M : nullptr;
+    float* rz = act_dynamic ? rs + static_cast<size_t>(M) * ng : nullptr;
     const int qblocks = (M + ROW_WARPS - 1) / ROW_WARPS;
-    if (s4) quantize_rows_kernel<true, false><<<qblocks, ROW_WARPS * 32, 0, stream>>>(x, aq, rs, rz, M, K, Kp, act_scale);
+    if (act_group) quantize_groups_kernel<<<qblocks, ROW_WARPS * 32, 0, stream>>>(x, aq, rs, rz, M, K, Kp, act_group);
+    else if (s4) quantize_rows_kernel<true, false><<<qblocks, ROW_WARPS * 32, 0, stream>>>(x, aq, rs, rz, M, K, Kp, act_scale);
     else if (act_dynamic) quantize_rows_kernel<false, true><<<qblocks, ROW_WARPS * 32, 0, stream>>>(x, aq, rs, rz, M, K, Kp, act_scale);
     else quantize_rows_kernel<false, false><<<qblocks, ROW_WARPS * 32, 0, stream>>>(x, aq, rs, rz, M, K, Kp, act_scale);
     if (cudaGetLastError() != cudaSuccess) return VITQ_ERR_CUDA;
     const dim3 grid((N + BN - 1) / BN, (M + BM - 1) / BM);
     const uint8_t* w8 = static_cast<const uint8_t*>(wq);
-#define VITQ_GEMM(S4_, F16_, DYN_) \
-    qgemm_kernel<S4_, F16_, DYN_><<<grid, THREADS, 0, stream>>>(aq, w8, w_scale, bias, y, M, N, Kb, act_scale, rs)
+#define VITQ_GEMM(S4_, F16_, DYN_, GRP_) \
+    qgemm_kernel<S4_, F16_, DYN_, GRP_><<<grid, THREADS, 0, stream>>>(aq, w8, w_scale, bias, y, M, N, Kb, act_scale, \
+                                                                      rs, act_group, ng)
     const bool f16 = out_dtype == VITQ_OUT_F16;
-    if (s4) { if (f16) VITQ_GEMM(true, true, false); else VITQ_GEMM(true, false, false); }
-    else if (act_dynamic) { if (f16) VITQ_GEMM(false, true, true); else VITQ_GEMM(false, false, true); }
-    else { if (f16) VITQ_GEMM(false, true, false); else VITQ_GEMM(false, false, false); }
+    if (act_group) { if (f16) VITQ_GEMM(false, true, true, true); else VITQ_GEMM(false, false, true, true); }
+    else if (s4) { if (f16) VITQ_GEMM(true, true, false, false); else VITQ_GEMM(true, false, false, false); }
+    else if (act_dynamic) { if (f16) VITQ_GEMM(false, true, true, false); else VITQ_GEMM(false, false, true, false); }
+    else { if (f16) VITQ_GEMM(false, true, false, false); else VITQ_GEMM(false, false, false, false); }
 #undef VITQ_GEMM
     return cudaGetLastError() == cudaSuccess ? VITQ_OK : VITQ_ERR_CUDA;
 }

@@ -52,6 +52,9 @@ int vitq_pack_int4(const int8_t* w, uint8_t* packed, int N, int K, cudaStream_t 
  *           lo = min(min_k x, 0), hi = max(max_k x, 0), s_m = max((hi - lo) / 15, 1e-8), z_m = rint(-(lo / s_m)),
  *           d = clamp(rint(X / s_m) + z_m, 0, 15) - z_m   (ONNX uint4 QuantizeLinear minus its zero point),
  *           Y[m, n] = ((float(sum_k d[m,k] * W[n,k]) * s_m) * w_scale[n]) + bias[n]
+ *   grouped dynamic (act_dynamic = 1, act_group = G in {32, 64, 128, 256}, K % G == 0, S8 path): s_mg, z_mg and d
+ *           as above over each group g of G consecutive k of row m; acc_g = sum_{k in g} d[m,k] * W[n,k] (exact), and
+ *           in float32, groups in order: t = 0; t = t + float(acc_g) * s_mg; Y[m, n] = (t * w_scale[n]) + bias[n]
  * x: float32 [M, K] row-major, 16-byte aligned; w_scale: float32 [N]; bias: float32 [N] or NULL; y: float32 or
  * float16 [M, N] row-major. Float32 output is bit-exact w.r.t. the reference while |acc| < 2^24 (always for
  * K <= 2^14 with int4 weights). Preconditions (else VITQ_ERR_SHAPE): M >= 1, N >= 1, K >= 8, K % 8 == 0.
@@ -63,20 +66,23 @@ int vitq_pack_int4(const int8_t* w, uint8_t* packed, int N, int K, cudaStream_t 
  *      rows zero-padded to a multiple of 64 bytes. Either weight format works for either path; VITQ_W_INT8 input
  *      for the S4 path must hold int4 values (-8..7, not checked), as the ONNX plugin node's int8 [N, K] does;
  *   2. per call: vitq_quant_linear_a4_prepared(..., act_scale, act_dynamic, path, workspace) with a 16-byte
- *      aligned workspace of vitq_act_workspace_bytes(M, K, path, act_dynamic) bytes (quantized rows, then for
- *      act_dynamic = 1 the row scales s_m and zero points z_m, M floats each, at the workspace's last 8 * M bytes).
+ *      aligned workspace of vitq_act_workspace_bytes(M, K, path, act_dynamic, act_group) bytes (quantized rows,
+ *      then for act_dynamic = 1 the scales s and zero points z, M * ng floats each ([M, ng] row-major; ng = K / G
+ *      with groups, else 1), at the workspace's last 8 * M * ng bytes).
  * path must be concrete (S4_MMA or S8_MMA): vitq_resolve_path(VITQ_PATH_AUTO, weight_format, act_dynamic) gives
  * the one AUTO means on the current device (S4 on sm_80..sm_89 for static int4 weights, else S8), or a negative
  * vitq_status. The dynamic mode runs on the S8 path only (its codes span [-15, 15]). act_scale is ignored when
- * act_dynamic = 1, else it must be finite and > 0 (VITQ_ERR_ARG). Size functions return 0 on bad arguments.
+ * act_dynamic = 1, else it must be finite and > 0 (VITQ_ERR_ARG). act_group must be 0, or with act_dynamic = 1 and
+ * the S8 path one of 32, 64, 128, 256 (else VITQ_ERR_ARG) dividing K (else VITQ_ERR_SHAPE). Size functions return 0
+ * on bad arguments.
  */
 size_t vitq_prepared_weight_bytes(int N, int K, int path);
-size_t vitq_act_workspace_bytes(int M, int K, int path, int act_dynamic);
+size_t vitq_act_workspace_bytes(int M, int K, int path, int act_dynamic, int act_group);
 int vitq_resolve_path(int path, int weight_format, int act_dynamic);
 int vitq_prepare_weights(const void* w, int weight_format, int N, int K, int path, void* wq, cudaStream_t stream);
 int vitq_quant_linear_a4_prepared(const float* x, const void* wq, const float* w_scale, const float* bias, void* y,
-                                  int out_dtype, int M, int N, int K, float act_scale, int act_dynamic, int path,
-                                  void* workspace, cudaStream_t stream);
+                                  int out_dtype, int M, int N, int K, float act_scale, int act_dynamic,
+                                  int act_group, int path, void* workspace, cudaStream_t stream);
 
 /*
  * Window routing. x: float32 [B, nW, T, C] contiguous. n_high in [0, nW].

@@ -40,11 +40,13 @@ int64_t leadingVolume(Dims const& d)
 }
 } // namespace
 
-QuantLinearA4Plugin::QuantLinearA4Plugin(float actScale, int32_t actBits, int32_t weightBits, int32_t actDynamic)
+QuantLinearA4Plugin::QuantLinearA4Plugin(
+    float actScale, int32_t actBits, int32_t weightBits, int32_t actDynamic, int32_t actGroup)
     : mActScale(actScale)
     , mActBits(actBits)
     , mWeightBits(weightBits)
     , mActDynamic(actDynamic)
+    , mActGroup(actGroup)
 {
     initFieldsToSerialize();
 }
@@ -56,6 +58,7 @@ void QuantLinearA4Plugin::initFieldsToSerialize()
     mDataToSerialize.emplace_back(PluginField("act_bits", &mActBits, PluginFieldType::kINT32, 1));
     mDataToSerialize.emplace_back(PluginField("weight_bits", &mWeightBits, PluginFieldType::kINT32, 1));
     mDataToSerialize.emplace_back(PluginField("act_dynamic", &mActDynamic, PluginFieldType::kINT32, 1));
+    mDataToSerialize.emplace_back(PluginField("act_group", &mActGroup, PluginFieldType::kINT32, 1));
     mFCToSerialize.nbFields = static_cast<int32_t>(mDataToSerialize.size());
     mFCToSerialize.fields = mDataToSerialize.data();
 }
@@ -183,7 +186,7 @@ size_t QuantLinearA4Plugin::getWorkspaceSize(DynamicPluginTensorDesc const* inpu
     int const k = static_cast<int>(w.d[1]);
     int const m = static_cast<int>(leadingVolume(inputs[0].max));
     return alignTo256(vitq_prepared_weight_bytes(n, k, VITQ_PATH_S8_MMA))
-        + vitq_act_workspace_bytes(m, k, VITQ_PATH_S8_MMA, mActDynamic);
+        + vitq_act_workspace_bytes(m, k, VITQ_PATH_S8_MMA, mActDynamic, mActGroup);
 }
 
 // ---- IPluginV3OneRuntime ----
@@ -232,7 +235,7 @@ int32_t QuantLinearA4Plugin::enqueue(PluginTensorDesc const* inputDesc, PluginTe
         return -rc;
     }
     rc = vitq_quant_linear_a4_prepared(x, ws, wScale, bias, outputs[0], VITQ_OUT_F32, static_cast<int>(m),
-        static_cast<int>(n), static_cast<int>(k), mActScale, mActDynamic, path, ws + wqBytes, stream);
+        static_cast<int>(n), static_cast<int>(k), mActScale, mActDynamic, mActGroup, path, ws + wqBytes, stream);
     return rc == VITQ_OK ? 0 : -rc;
 }
 
@@ -254,6 +257,7 @@ QuantLinearA4PluginCreator::QuantLinearA4PluginCreator()
     mPluginAttributes.emplace_back(PluginField("act_bits", nullptr, PluginFieldType::kINT32, 1));
     mPluginAttributes.emplace_back(PluginField("weight_bits", nullptr, PluginFieldType::kINT32, 1));
     mPluginAttributes.emplace_back(PluginField("act_dynamic", nullptr, PluginFieldType::kINT32, 1));
+    mPluginAttributes.emplace_back(PluginField("act_group", nullptr, PluginFieldType::kINT32, 1));
     mFC.nbFields = static_cast<int32_t>(mPluginAttributes.size());
     mFC.fields = mPluginAttributes.data();
 }
@@ -287,6 +291,7 @@ IPluginV3* QuantLinearA4PluginCreator::createPlugin(
         int32_t actBits{4};
         int32_t weightBits{4};
         int32_t actDynamic{0};
+        int32_t actGroup{0};
         for (int32_t i = 0; i < fc->nbFields; ++i)
         {
             PluginField const& f = fc->fields[i];
@@ -310,16 +315,24 @@ IPluginV3* QuantLinearA4PluginCreator::createPlugin(
             {
                 actDynamic = *static_cast<int32_t const*>(f.data);
             }
+            else if (std::strcmp(f.name, "act_group") == 0 && f.type == PluginFieldType::kINT32)
+            {
+                actGroup = *static_cast<int32_t const*>(f.data);
+            }
             // other fields (e.g. plugin_namespace / plugin_version forwarded by a parser) are ignored
         }
         bool const scaleOk = actDynamic == 1 || (actScale > 0.F && std::isfinite(actScale));
-        if (!scaleOk || actBits != 4 || (weightBits != 4 && weightBits != 8) || (actDynamic != 0 && actDynamic != 1))
+        bool const groupOk = actGroup == 0
+            || (actDynamic == 1 && (actGroup == 32 || actGroup == 64 || actGroup == 128 || actGroup == 256));
+        if (!scaleOk || !groupOk || actBits != 4 || (weightBits != 4 && weightBits != 8)
+            || (actDynamic != 0 && actDynamic != 1))
         {
-            logError("invalid attributes: need act_bits == 4, weight_bits in {4, 8}, act_dynamic in {0, 1}, and "
-                     "act_scale > 0 when act_dynamic == 0");
+            logError("invalid attributes: need act_bits == 4, weight_bits in {4, 8}, act_dynamic in {0, 1}, "
+                     "act_scale > 0 when act_dynamic == 0, and act_group in {0, 32, 64, 128, 256} (non-zero only "
+                     "with act_dynamic == 1)");
             return nullptr;
         }
-        return new QuantLinearA4Plugin(actDynamic ? 0.F : actScale, actBits, weightBits, actDynamic);
+        return new QuantLinearA4Plugin(actDynamic ? 0.F : actScale, actBits, weightBits, actDynamic, actGroup);
     }
     catch (std::exception const& e)
     {

@@ -33,7 +33,8 @@ class QuantLinearA4Plugin : public nvinfer1::IPluginV3,
                             public nvinfer1::IPluginV3OneRuntime
 {
 public:
-    QuantLinearA4Plugin(float actScale, int32_t actBits, int32_t weightBits, int32_t actDynamic = 0);
+    QuantLinearA4Plugin(
+        float actScale, int32_t actBits, int32_t weightBits, int32_t actDynamic = 0, int32_t actGroup = 0);
     QuantLinearA4Plugin(QuantLinearA4Plugin const& p) = default;
     ~QuantLinearA4Plugin() override = default;
 
@@ -75,6 +76,7 @@ private:
     int32_t mActBits{4};
     int32_t mWeightBits{4};
     int32_t mActDynamic{0}; // 1: per-row scale / zero point computed at run time (workspace: 2 * M floats)
+    int32_t mActGroup{0};   // > 0: one scale / zero point per this many features of a row (workspace: 2 * M * K / G floats)
     int32_t mNbInputs{3}; // 4 when the bias input is present
     std::vector<nvinfer1::PluginField> mDataToSerialize;
     nvinfer1::PluginFieldCollection mFCToSerialize{};
