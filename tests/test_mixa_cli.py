@@ -53,11 +53,13 @@ def test_mixa_needs_calibration_images(tmp_path, capsys):
 
 @pytest.mark.parametrize("args,msg", [
     (["--mixa-low-quant", "dynamic"], "needs --mixa"),
-    (["--mixa", "1.2x", "--mixa-low-group", "32"], "needs --mixa-low-quant dynamic"),
+    (["--mixa-low-softmax", "log"], "--mixa-low-softmax needs --mixa"),
+    (["--mixa", "1.2x", "--mixa-low-quant", "static", "--mixa-low-group", "32"], "needs the dynamic low branch"),
     (["--mixa", "1.2x", "--mixa-low-quant", "dynamic", "--mixa-low-group", "1"], "group size >= 2"),
     (["--mixa", "1.2x", "--mixa-low-quant", "dynamic", "--mixa-low-group", "16", "--target", "trt"],
      "takes groups of 32, 64, 128, 256"),
-    (["--mixa", "1.2x", "--mixa-low-softmax", "log"], "--mixa-low-softmax needs --mixa-low-quant dynamic"),
+    (["--mixa", "1.2x", "--mixa-low-quant", "static", "--mixa-low-softmax", "log"],
+     "--mixa-low-softmax needs the dynamic low branch"),
 ])
 def test_mixa_low_quant_errors(tmp_path, capsys, args, msg):
     calib = make_image_folder(tmp_path / "calib", n=2, size=(32, 32))
@@ -78,7 +80,8 @@ def test_compile_mixa_end_to_end(tmp_path):
     assert isinstance(mx["bitops_reduction"], float) and mx["bitops_reduction"] >= 1.2
     assert set(mx["ratios"]) == {f"blocks.{i}" for i in range(12)}
     assert all(g["groups"] == 49 for g in mx["groups"].values())
-    assert mx["low_quant"] == "static"
+    # the default low branch at 4 bits: dynamic, 32 features per grid (DeiT's 192 / 768 allow it), log softmax
+    assert (mx["low_quant"], mx["low_group"], mx["low_softmax"]) == ("dynamic", 32, "log")
     assert r["verification"]["qdq_vs_simulation"]["passed"]
     rec = Recipe.load(out / "recipe.json")
     assert rec.mixa is not None and rec.mixa["low_bits"] == 4 and rec.mixa["high_bits"] == 8
@@ -92,7 +95,8 @@ def test_compile_mixa_end_to_end(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("target", ["ort", "trt"])
 def test_compile_mixa_dynamic_low_branch(tmp_path, target):
-    """``--mixa-low-quant dynamic`` with explicit ratios: the recipe's low branch is dynamic per token, the graph
+    """``--mixa-low-quant dynamic`` per token (``--mixa-low-group 0``, uniform softmax) with explicit ratios: the
+    recipe's low branch is dynamic per token, the graph
     computes its scales (ReduceMax, blocked QuantizeLinear) and verifies against the simulation. ``--target trt``:
     the low-branch Linears are QuantLinearA4 plugin nodes in their per-row mode, the attention operands float."""
     calib = make_image_folder(tmp_path / "calib", n=4, size=(64, 48))
@@ -100,7 +104,8 @@ def test_compile_mixa_dynamic_low_branch(tmp_path, target):
     ratios.write_text(json.dumps({"default": 0.5, "blocks.0": 0.0}))
     out = tmp_path / "out"
     assert main(["compile", MODEL, "--calib", str(calib), "--recipe", "w4a8", "--mixa", str(ratios),
-                 "--mixa-low-quant", "dynamic", "--target", target, "--out", str(out), "-q"]) == 0
+                 "--mixa-low-quant", "dynamic", "--mixa-low-group", "0", "--mixa-low-softmax", "uniform",
+                 "--target", target, "--out", str(out), "-q"]) == 0
     r = json.loads((out / "report.json").read_text())
     assert r["mixa"]["low_quant"] == "dynamic" and r["mixa"]["ratios"]["blocks.0"] == 0.0
     assert r["verification"]["qdq_vs_simulation"]["passed"]
@@ -120,3 +125,32 @@ def test_compile_mixa_dynamic_low_branch(tmp_path, target):
         assert not dyn and len(plug) == 11 * 4  # blocks 1-11: 4 Linears each; attention operands as float
         chk = r["passes"]["trt_check"]
         assert chk["ok"] and [i["code"] for i in chk["warnings"]].count("DYNAMIC_ACT_FLOAT") == 11 * 4
+
+
+def test_low_branch_defaults():
+    """--mixa's low branch when not given: at 4 bits dynamic, groups of 32 on ort where every Linear allows it (per
+    token on TensorRT targets and otherwise), log softmax; at 8 bits static; explicit options win."""
+    from types import SimpleNamespace as NS
+
+    import torch
+
+    from vitq.mixa.compile import low_branch_defaults
+
+    class W:
+        def __init__(self, k):
+            self.float_weight = torch.zeros(4, k)
+
+    rec = NS(layer=lambda n: NS(kind="linear" if n.startswith("fc") else "attn"))
+    sim = NS(wrappers={"fc1": W(192), "fc2": W(768), "attn": object()})
+
+    def o(**kw):
+        return NS(**{"mixa_low_quant": None, "mixa_low_group": None, "mixa_low_softmax": None, "target": "ort", **kw})
+
+    assert low_branch_defaults(o(), 4, rec, sim) == ("dynamic", 32, "log")
+    assert low_branch_defaults(o(target="trt"), 4, rec, sim) == ("dynamic", 0, "log")
+    assert low_branch_defaults(o(target="jetson", mixa_low_group=64), 4, rec, sim) == ("dynamic", 64, "log")
+    assert low_branch_defaults(o(), 8, rec, sim) == ("static", 0, "uniform")
+    assert low_branch_defaults(o(mixa_low_quant="static"), 4, rec, sim) == ("static", 0, "uniform")
+    assert low_branch_defaults(o(mixa_low_group=0), 4, rec, sim) == ("dynamic", 0, "log")
+    assert low_branch_defaults(o(mixa_low_softmax="uniform"), 8, rec, sim) == ("dynamic", 32, "uniform")
+    assert low_branch_defaults(o(), 4, rec, NS(wrappers={"fc1": W(48), "fc2": W(192)})) == ("dynamic", 0, "log")

@@ -35,6 +35,16 @@ def _positive_int(s: str) -> int:
     return v
 
 
+def _nonneg_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {s!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {v}")
+    return v
+
+
 def _add_output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", metavar="PATH", type=Path, help="also write the result as JSON to PATH")
     p.add_argument("--format", choices=("table", "json"), default="table",
@@ -76,15 +86,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--mixa-routed", choices=("linear+attn", "linear"), help="MixA-Q: route the attention "
                    "operands too (default linear+attn)")
     c.add_argument("--mixa-low-quant", choices=("static", "dynamic"),
-                   help="MixA-Q low branch's activation quantizers: static scales calibrated on its own tokens "
-                        "(default, the paper's) or dynamic per-token scales (more accurate at 4 bits; on TensorRT "
-                        "the QuantLinearA4 plugin's per-row mode)")
-    c.add_argument("--mixa-low-group", metavar="G", type=_positive_int,
-                   help="with --mixa-low-quant dynamic: one grid per G consecutive features of a token instead of "
-                        "one per token (e.g. 32: lower error at the same bits; TensorRT targets: 32, 64, 128 or 256)")
+                   help="MixA-Q low branch's activation quantizers: dynamic scales per token computed at run time "
+                        "(default at 4 low bits: the accurate one; on TensorRT the QuantLinearA4 plugin's dynamic "
+                        "mode) or static scales calibrated on the branch's own tokens (the paper's; default at 8 "
+                        "low bits, which ONNX Runtime runs natively)")
+    c.add_argument("--mixa-low-group", metavar="G", type=_nonneg_int,
+                   help="dynamic low branch: one grid per G consecutive features of a token (0: one per token). "
+                        "Default 32 on --target ort where every Linear allows it, else per token (the TensorRT "
+                        "plugin takes 32, 64, 128 or 256; its grouped mode has not run on a GPU yet)")
     c.add_argument("--mixa-low-softmax", choices=("uniform", "log"),
-                   help="with --mixa-low-quant dynamic: the low branch's post-softmax grid per query row, uniform "
-                        "(default) or log-sqrt(2) relative to the row max (same bits, lower error at 4 bits)")
+                   help="dynamic low branch's post-softmax grid per query row: log-sqrt(2) relative to the row max "
+                        "(default at 4 bits: lower error, same bits) or uniform")
     c.add_argument("--reconstruct", metavar="STEPS", type=_positive_int, nargs="?", const=200,
                    help="block-wise reconstruction after calibration: weight rounding and activation scales "
                         "fitted per transformer block, STEPS steps each (default 200; 5-15 minutes for "

@@ -49,9 +49,10 @@ class CompileOptions:
     mixa_bits: str | None = None   # "8/4", "fp32/8"
     mixa_group: str | None = None  # ViT token group, "2x2"
     mixa_routed: str | None = None  # "linear+attn" (default) | "linear"
-    mixa_low_quant: str | None = None  # "static" (default) | "dynamic" (per-token low-branch activations)
-    mixa_low_group: int | None = None  # dynamic low branch: one grid per this many features of a token (None: per token)
-    mixa_low_softmax: str | None = None  # dynamic low branch's post-softmax grid: "uniform" (default) | "log"
+    # MixA-Q low branch; None: vitq.mixa.compile.low_branch_defaults (4 low bits: dynamic, groups of 32 on ort, log)
+    mixa_low_quant: str | None = None  # "static" (the paper's) | "dynamic" (per-token low-branch activations)
+    mixa_low_group: int | None = None  # dynamic low branch: one grid per this many features of a token (0: per token)
+    mixa_low_softmax: str | None = None  # dynamic low branch's post-softmax grid: "uniform" | "log"
     reconstruct: int | None = None  # block reconstruction iterations per stage (vitq/quant/reconstruct.py); None: off
 
 
@@ -110,22 +111,28 @@ def compile_model(opts: CompileOptions, echo: Callable[[str], None] = print) -> 
                          f"{'a recipe file (already calibrated)' if recipe.kind == 'file' else 'not quantized'}")
     if recipe.quantized and recipe.kind != "file" and opts.calib is None:
         raise InputError(f"recipe {recipe.name!r} needs calibration images: pass --calib DIR")
-    if opts.mixa_low_quant is not None and opts.mixa is None:
-        raise InputError("--mixa-low-quant needs --mixa (a recipe file's mixa section already fixes its quantizers)")
+    for flag, val in (("--mixa-low-quant", opts.mixa_low_quant), ("--mixa-low-group", opts.mixa_low_group),
+                      ("--mixa-low-softmax", opts.mixa_low_softmax)):
+        if val is not None and opts.mixa is None:
+            raise InputError(f"{flag} needs --mixa (a recipe file's mixa section already fixes its quantizers)")
+    if opts.mixa_low_quant is not None and opts.mixa_low_quant not in ("static", "dynamic"):
+        raise InputError(f"--mixa-low-quant {opts.mixa_low_quant!r}: expected static or dynamic")
     if opts.mixa_low_group is not None:
-        if opts.mixa_low_quant != "dynamic":
-            raise InputError("--mixa-low-group needs --mixa-low-quant dynamic (groups split a token's dynamic grid)")
-        if opts.mixa_low_group < 2:
-            raise InputError(f"--mixa-low-group {opts.mixa_low_group}: expected a group size >= 2 (e.g. 32)")
+        if opts.mixa_low_quant == "static":
+            raise InputError("--mixa-low-group needs the dynamic low branch (groups split a token's dynamic grid): "
+                             "drop --mixa-low-quant static")
+        if opts.mixa_low_group == 1 or opts.mixa_low_group < 0:
+            raise InputError(f"--mixa-low-group {opts.mixa_low_group}: expected a group size >= 2 (e.g. 32), or 0 "
+                             f"for one grid per token")
         if opts.target != "ort" and opts.mixa_low_group not in ACT_GROUPS:
             raise InputError(f"--mixa-low-group {opts.mixa_low_group} with --target {opts.target}: the TensorRT "
                              f"plugin (QuantLinearA4) takes groups of {', '.join(map(str, ACT_GROUPS[1:]))}")
     if opts.mixa_low_softmax is not None:
         if opts.mixa_low_softmax not in ("uniform", "log"):
             raise InputError(f"--mixa-low-softmax {opts.mixa_low_softmax!r}: expected uniform or log")
-        if opts.mixa_low_quant != "dynamic":
-            raise InputError("--mixa-low-softmax needs --mixa-low-quant dynamic (the grid is per query row, "
-                             "computed at run time)")
+        if opts.mixa_low_quant == "static":
+            raise InputError("--mixa-low-softmax needs the dynamic low branch (the grid is per query row, computed "
+                             "at run time): drop --mixa-low-quant static")
     trt_opts = None
     if opts.target != "ort":
         from .trt.common import TrtBuildOptions
