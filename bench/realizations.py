@@ -139,8 +139,9 @@ def table(res: dict) -> str:
     return "\n".join(lines)
 
 
-def report(path: Path, base: str, base_from: Path | None) -> int:
-    """Re-print (and, with ``base_from``, re-compare) a results file without recomputing."""
+def report(path: Path, base: str, base_from: Path | None, out: Path | None = None) -> int:
+    """Re-print (and, with ``base_from``, re-compare) a results file without recomputing; with ``out``, also write
+    the combined results there (e.g. a run's recipes with the base's realizations from another run)."""
     d = json.loads(path.read_text())
     res = d["recipes"]
     if base_from is not None:
@@ -148,7 +149,17 @@ def report(path: Path, base: str, base_from: Path | None) -> int:
     compare(res, base)
     print(f"{d['n']} images, noise {d['noise']:g}")
     print(table(res))
+    if out is not None:
+        _write(out, {**d, "recipes": res, "base_from": None if base_from is None else str(base_from)})
     return 0
+
+
+def _write(out: Path, d: dict) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(d, indent=1))
+    tmp.replace(out)
+    print(f"wrote {out}")
 
 
 def main(argv=None) -> int:
@@ -162,10 +173,13 @@ def main(argv=None) -> int:
     ap.add_argument("--noise", type=float, default=1e-4)
     ap.add_argument("--seeds", type=int, default=4, help="perturbed realizations besides the unperturbed one")
     ap.add_argument("--images", choices=("dev650", "union"), default="union")
-    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "realizations.json"))
+    ap.add_argument("--out", help="results JSON (default bench/results/realizations.json; with --report: written "
+                    "only when given)")
     args = ap.parse_args(argv)
     if args.report:
-        return report(Path(args.report), args.base, Path(args.base_from) if args.base_from else None)
+        return report(Path(args.report), args.base, Path(args.base_from) if args.base_from else None,
+                      Path(args.out) if args.out else None)
+    args.out = args.out or str(REPO / "bench" / "results" / "realizations.json")
     if not args.recipes:
         ap.error("--recipes is required (or --report)")
     lm = load_model("deit_tiny_patch16_224", SHARED / "weights" / "deit_tiny_patch16_224.wvfunc_matdump.pth")
@@ -211,13 +225,8 @@ def main(argv=None) -> int:
     compare(res, args.base)
     print(f"\n{len(x)} images, noise {args.noise:g}, realizations: unperturbed + {args.seeds}")
     print(table(res))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"images": args.images, "n": int(len(x)), "noise": args.noise, "seeds": args.seeds,
-                               "recipes": res}, indent=1))
-    tmp.replace(out)
-    print(f"wrote {out}")
+    _write(Path(args.out), {"images": args.images, "n": int(len(x)), "noise": args.noise, "seeds": args.seeds,
+                            "recipes": res})
     return 0
 
 

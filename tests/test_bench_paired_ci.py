@@ -110,6 +110,11 @@ def test_realizations_base_from_an_earlier_run(tmp_path, capsys):
     out = capsys.readouterr().out
     # seeds 0-3 pair up (seed 4 has no base): drops 1, 0, 0.5, 0 -> mean 0.375; agreement -1, +0.5, 0, -1
     assert "| cand |" in out and "0.38 [0.00, 1.00]" in out and "-0.38 [-1.00, +0.50]" in out
+    assert not list(tmp_path.glob("combined*"))  # --report writes nothing without --out
+    assert rz.main(["--report", str(tmp_path / "new.json"), "--base", "w4a8", "--base-from", str(tmp_path / "old.json"),
+                    "--out", str(tmp_path / "combined.json")]) == 0
+    comb = json.loads((tmp_path / "combined.json").read_text())
+    assert set(comb["recipes"]) == {"cand", "w4a8"} and comb["recipes"]["cand"]["vs_base"]["seeds"] == [0, 1, 2, 3]
     res = rz.with_base_from(new["recipes"], "w4a8", tmp_path / "old.json", "union", 10, 1e-4)
     rz.compare(res, "w4a8")
     assert res["cand"]["vs_base"]["seeds"] == [0, 1, 2, 3]
