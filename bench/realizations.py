@@ -124,6 +124,22 @@ def compare(res: dict, base: str) -> None:
                         "agree_change": summarize(agrs)}
 
 
+N_DEV650 = 650
+
+
+def dev650_view(res: dict, base: str) -> dict:
+    """The same results scored on dev650 alone (each realization's ``dev650`` scores), compared with ``base``;
+    empty when the realizations have none (a dev650-only run, or an older results file)."""
+    out = {}
+    for name, r in res.items():
+        rows = [{"seed": q["seed"], **q["dev650"]} for q in r["realizations"] if "dev650" in q]
+        if rows and len(rows) == len(r["realizations"]):
+            out[name] = {"realizations": rows, **{k: summarize([q[k] for q in rows])
+                                                  for k in ("top1", "agreement_fp32", "kl_fp32")}}
+    compare(out, base)
+    return out
+
+
 def table(res: dict) -> str:
     lines = ["| recipe | top-1 mean ± std [min, max] | agreement mean ± std | KL mean | drop vs base mean [min, max] | "
              "agreement change mean [min, max] |", "|---|---|---|---|---|---|"]
@@ -149,8 +165,13 @@ def report(path: Path, base: str, base_from: Path | None, out: Path | None = Non
     compare(res, base)
     print(f"{d['n']} images, noise {d['noise']:g}")
     print(table(res))
+    dev = dev650_view(res, base)
+    if dev:
+        print(f"\ndev650 alone (the first {N_DEV650} of the {d['n']})")
+        print(table(dev))
     if out is not None:
-        _write(out, {**d, "recipes": res, "base_from": None if base_from is None else str(base_from)})
+        _write(out, {**d, "recipes": res, "base_from": None if base_from is None else str(base_from),
+                     **({"recipes_dev650": dev} if dev else {})})
     return 0
 
 
@@ -207,6 +228,8 @@ def main(argv=None) -> int:
             with torch.no_grad():
                 logits = sim.predict(perturbed(x, args.noise, s), batch_size=50).numpy().astype(np.float64)
             r = {"seed": s, **scores(logits, fref, y), "s": round(time.time() - t, 1)}
+            if args.images == "union":  # the issue's set alone too: the union starts with dev650
+                r["dev650"] = scores(logits[:N_DEV650], fref[:N_DEV650], y[:N_DEV650])
             if ref0 is None:
                 ref0 = logits
             else:
@@ -225,8 +248,12 @@ def main(argv=None) -> int:
     compare(res, args.base)
     print(f"\n{len(x)} images, noise {args.noise:g}, realizations: unperturbed + {args.seeds}")
     print(table(res))
+    dev = dev650_view(res, args.base)
+    if dev:
+        print(f"\ndev650 alone (the first {N_DEV650} of the {len(x)})")
+        print(table(dev))
     _write(Path(args.out), {"images": args.images, "n": int(len(x)), "noise": args.noise, "seeds": args.seeds,
-                            "recipes": res})
+                            "recipes": res, **({"recipes_dev650": dev} if dev else {})})
     return 0
 
 

@@ -120,3 +120,16 @@ def test_realizations_base_from_an_earlier_run(tmp_path, capsys):
     assert res["cand"]["vs_base"]["seeds"] == [0, 1, 2, 3]
     with pytest.raises(SystemExit, match="differ"):
         rz.with_base_from(new["recipes"], "w4a8", tmp_path / "old.json", "dev650", 10, 1e-4)
+
+
+def test_realizations_dev650_view():
+    """Union runs also score each realization on dev650 alone (the first 650); the view pairs those by seed."""
+    def rows(top1s, dev_top1s):
+        return [{"seed": s, "top1": t, "agreement_fp32": 90.0, "kl_fp32": 0.1,
+                 "dev650": {"top1": d, "agreement_fp32": 92.0 - s, "kl_fp32": 0.05}}
+                for s, (t, d) in enumerate(zip(top1s, dev_top1s))]
+    res = {"w4a8": {"realizations": rows([80, 81], [79, 80])}, "cand": {"realizations": rows([79, 81], [80, 78])}}
+    dev = rz.dev650_view(res, "w4a8")
+    assert dev["cand"]["top1"]["mean"] == 79.0 and dev["cand"]["vs_base"]["drop"]["mean"] == 0.5  # drops -1, 2
+    assert dev["cand"]["vs_base"]["agree_change"]["mean"] == 0.0
+    assert rz.dev650_view({"x": {"realizations": [{"seed": 0, "top1": 1.0}]}}, "w4a8") == {}  # older files
