@@ -49,6 +49,24 @@ from vitq.runtime.preprocess import PreprocessConfig  # noqa: E402
 SHARED = Path(os.environ.get("VITQ_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
+def export_prepared(lm, qm, cfg, path: Path) -> Path:
+    """The prepared (calibrated, fake-quantized) model ``qm`` exported to ONNX at ``path``."""
+    export_onnx(qm, path, image_size=(cfg.height, cfg.width), metadata={"vitq.model": lm.name})
+    return path
+
+
+def deployed_graph(prepared: Path, rec: Recipe, target: str, path: Path) -> tuple[Path, dict]:
+    """What ``vitq compile --target TARGET`` deploys for ``rec`` (the graph passes on the exported ``prepared``
+    model), saved at ``path``: ``(path, pass report)``. Shared with bench/realizations.py (``--realization``)."""
+    import onnx
+
+    proto, rep = build_deployable(prepared, rec, target, validate=False)
+    tgt = proto.metadata_props.add()
+    tgt.key, tgt.value = "vitq.target", target
+    onnx.save(proto, path)
+    return path, rep
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--recipes", default="w8a8,w4a8,w4a4,mp5,w6a6", help="names in --recipe-dir, or .json paths")
@@ -115,16 +133,9 @@ def main():
         t_sim = time.time() - t
         ref64 = sim.astype(torch.float64).predict(x, batch_size=50).numpy() \
             if args.float64 and rec.mixa is None else None
-        prepared = tmp / f"{name}.prepared.onnx"
-        export_onnx(qm, prepared, image_size=(cfg.height, cfg.width), metadata={"vitq.model": lm.name})
+        prepared = export_prepared(lm, qm, cfg, tmp / f"{name}.prepared.onnx")
         for target in args.targets.split(","):
-            proto, rep = build_deployable(prepared, rec, target, validate=False)
-            tgt = proto.metadata_props.add()
-            tgt.key, tgt.value = "vitq.target", target
-            mpath = tmp / f"{name}.{target}.onnx"
-            import onnx
-
-            onnx.save(proto, mpath)
+            mpath, rep = deployed_graph(prepared, rec, target, tmp / f"{name}.{target}.onnx")
             for mode in args.int4_matmul.split(","):
                 eng = Engine.load(mpath, backend="ort", threads=args.threads, int4_matmul=mode)
                 t = time.time()

@@ -19,7 +19,11 @@ from a spread of realizations; this script measures the spread and scores each r
   the median relative logit change of each perturbed realization against realization 0;
 * per candidate, against ``--base``: the top-1 drop and agreement change per realization, their mean, min and max.
 
-MixA-Q recipes (a ``mixa`` section) run their two-branch simulation. Prints a table and writes JSON.
+MixA-Q recipes (a ``mixa`` section) run their two-branch simulation. ``--realization ort`` (or ``trt``) scores the
+deployed graph instead: what ``vitq compile --target ort`` writes, run on ONNX Runtime (the TensorRT graph runs
+there unoptimized, plugins expanded to their exact ONNX form), under the same perturbations; the graph is one more
+float32 implementation of the recipe, so its mean over realizations is the deployed recipe's score.
+Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -90,18 +95,41 @@ def dev650_scoring(base: str | None):
     return lm, score, row
 
 
+def graph_predictor(lm, qm, rec: Recipe, cfg, target: str, stem: Path, threads: int):
+    """``predict(x) -> logits`` of the graph ``vitq compile --target TARGET`` deploys for ``rec`` (``qm`` is its
+    prepared model), run on ONNX Runtime in batches of 50 (int4 MatMul exact)."""
+    from qdq_agreement import deployed_graph, export_prepared
+
+    from vitq.runtime import Engine
+
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    prepared = export_prepared(lm, qm, cfg, stem.with_suffix(".prepared.onnx"))
+    mpath, _ = deployed_graph(prepared, rec, target, stem.with_suffix(f".{target}.onnx"))
+    eng = Engine.load(mpath, backend="ort", threads=threads, int4_matmul="exact")
+
+    def predict(x: torch.Tensor) -> np.ndarray:
+        xs = x.numpy()
+        return np.concatenate([eng.run(xs[i:i + 50]) for i in range(0, len(xs), 50)])
+
+    return predict
+
+
 def summarize(vals: list[float]) -> dict:
     return {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
             "min": min(vals), "max": max(vals)}
 
 
-def with_base_from(res: dict, base: str, path: Path, images: str, n: int, noise: float) -> dict:
+def with_base_from(res: dict, base: str, path: Path, images: str, n: int, noise: float,
+                   realization: str = "sim") -> dict:
     """``res`` plus recipe ``base`` taken from an earlier run's JSON (same images, count and noise: its seed k is
     the same perturbation as this run's seed k), listed first."""
     old = json.loads(path.read_text())
-    if (old.get("images"), old.get("n"), old.get("noise")) != (images, n, noise):
+    if (old.get("images"), old.get("n"), old.get("noise")) != (images, n, noise):  # realization: checked by caller
         raise SystemExit(f"--base-from {path}: images/n/noise {old.get('images')}/{old.get('n')}/{old.get('noise')} "
                          f"differ from this run's {images}/{n}/{noise}")
+    if old.get("realization", "sim") != realization:
+        raise SystemExit(f"--base-from {path}: realization {old.get('realization', 'sim')!r} differs from this "
+                         f"run's {realization!r}")
     if base not in old.get("recipes", {}):
         raise SystemExit(f"--base-from {path}: no recipe {base!r} in it")
     return {base: {**old["recipes"][base], "from": str(path)}, **{k: v for k, v in res.items() if k != base}}
@@ -161,7 +189,7 @@ def report(path: Path, base: str, base_from: Path | None, out: Path | None = Non
     d = json.loads(path.read_text())
     res = d["recipes"]
     if base_from is not None:
-        res = with_base_from(res, base, base_from, d["images"], d["n"], d["noise"])
+        res = with_base_from(res, base, base_from, d["images"], d["n"], d["noise"], d.get("realization", "sim"))
     compare(res, base)
     print(f"{d['n']} images, noise {d['noise']:g}")
     print(table(res))
@@ -194,6 +222,10 @@ def main(argv=None) -> int:
     ap.add_argument("--noise", type=float, default=1e-4)
     ap.add_argument("--seeds", type=int, default=4, help="perturbed realizations besides the unperturbed one")
     ap.add_argument("--images", choices=("dev650", "union"), default="union")
+    ap.add_argument("--realization", choices=("sim", "ort", "trt"), default="sim",
+                    help="what is perturbed and scored: the torch simulation (float32), or the deployed graph for "
+                    "that target run on ONNX Runtime (bench/qdq_agreement.py's graphs)")
+    ap.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads (--realization ort|trt)")
     ap.add_argument("--out", help="results JSON (default bench/results/realizations.json; with --report: written "
                     "only when given)")
     args = ap.parse_args(argv)
@@ -216,17 +248,20 @@ def main(argv=None) -> int:
         fref = torch.cat([lm.model(x[i:i + 50]) for i in range(0, len(x), 50)]).double().numpy()
     seeds = list(range(args.seeds + 1))
     res: dict = {}
+    tmp = Path(tempfile.mkdtemp(prefix="vitq-real-")) if args.realization != "sim" else None
     for name in args.recipes.split(","):
         path = Path(name) if name.endswith(".json") else Path(args.recipe_dir) / f"{name}.json"
         rec = Recipe.load(path)
-        _, sim = apply_recipe(lm.model, lm.family, rec)
+        qm, sim = apply_recipe(lm.model, lm.family, rec)
         if rec.mixa is not None:
             sim = MixaSim(sim, MixaSpec.from_dict(rec.mixa, layers=rec.layers))
+        predict = graph_predictor(lm, qm, rec, cfg, args.realization, tmp / path.stem, args.threads) \
+            if tmp is not None else (lambda xs: sim.predict(xs, batch_size=50).numpy())
         rows, preds, ref0 = [], [], None
         for s in seeds:
             t = time.time()
             with torch.no_grad():
-                logits = sim.predict(perturbed(x, args.noise, s), batch_size=50).numpy().astype(np.float64)
+                logits = np.asarray(predict(perturbed(x, args.noise, s)), np.float64)
             r = {"seed": s, **scores(logits, fref, y), "s": round(time.time() - t, 1)}
             if args.images == "union":  # the issue's set alone too: the union starts with dev650
                 r["dev650"] = scores(logits[:N_DEV650], fref[:N_DEV650], y[:N_DEV650])
@@ -244,7 +279,8 @@ def main(argv=None) -> int:
         res[path.stem] = {"path": str(path), "realizations": rows,
                           **{k: summarize([r[k] for r in rows]) for k in ("top1", "agreement_fp32", "kl_fp32")}}
     if args.base_from:
-        res = with_base_from(res, args.base, Path(args.base_from), args.images, int(len(x)), args.noise)
+        res = with_base_from(res, args.base, Path(args.base_from), args.images, int(len(x)), args.noise,
+                             args.realization)
     compare(res, args.base)
     print(f"\n{len(x)} images, noise {args.noise:g}, realizations: unperturbed + {args.seeds}")
     print(table(res))
@@ -253,6 +289,7 @@ def main(argv=None) -> int:
         print(f"\ndev650 alone (the first {N_DEV650} of the {len(x)})")
         print(table(dev))
     _write(Path(args.out), {"images": args.images, "n": int(len(x)), "noise": args.noise, "seeds": args.seeds,
+                            "realization": args.realization,
                             "recipes": res, **({"recipes_dev650": dev} if dev else {})})
     return 0
 

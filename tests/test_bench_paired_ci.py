@@ -120,6 +120,8 @@ def test_realizations_base_from_an_earlier_run(tmp_path, capsys):
     assert res["cand"]["vs_base"]["seeds"] == [0, 1, 2, 3]
     with pytest.raises(SystemExit, match="differ"):
         rz.with_base_from(new["recipes"], "w4a8", tmp_path / "old.json", "dev650", 10, 1e-4)
+    with pytest.raises(SystemExit, match="realization 'sim' differs from this run's 'ort'"):
+        rz.with_base_from(new["recipes"], "w4a8", tmp_path / "old.json", "union", 10, 1e-4, "ort")
 
 
 def test_realizations_dev650_view():
