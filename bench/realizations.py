@@ -5,6 +5,7 @@ input perturbations.
                                  [--images union|dev650] [--out bench/results/realizations.json]
                                  [--base-from EARLIER.json]
     python bench/realizations.py --report RESULTS.json [--base w4a8 --base-from EARLIER.json]
+    python bench/realizations.py --report SIM.json,ORT.json [--out POOLED.json]   # pool the realizations
 
 A quantized network is a discontinuous function: a perturbation far below anything a camera or a float
 reordering could tell apart flips rounding decisions, and the flips cascade. ``bench/qdq_agreement.py`` shows
@@ -183,15 +184,45 @@ def table(res: dict) -> str:
     return "\n".join(lines)
 
 
-def report(path: Path, base: str, base_from: Path | None, out: Path | None = None) -> int:
+def pooled(paths: list[Path]) -> dict:
+    """Several runs' results as one: the recipes every run scored, each with all the runs' realizations, a
+    realization's ``seed`` becoming ``"{realization}:{seed}"`` (``sim:2``, ``ort:2``) so that a base and a candidate
+    still pair up within one implementation and one perturbation. The runs must share images, count and noise.
+    The simulation and a deployed graph are float32 implementations of one recipe that differ by as much as two
+    perturbations do, so their realizations are draws of the same kind (see the module docstring)."""
+    runs = [json.loads(p.read_text()) for p in paths]
+    key = {(r.get("images"), r.get("n"), r.get("noise")) for r in runs}
+    if len(key) != 1:
+        raise SystemExit(f"--report {','.join(map(str, paths))}: the runs differ in images/n/noise: {sorted(key)}")
+    reals = [r.get("realization", "sim") for r in runs]
+    if len(set(reals)) != len(reals):
+        raise SystemExit(f"--report: two runs of the same realization ({reals}); pool different implementations")
+    names = [n for n in runs[0]["recipes"] if all(n in r["recipes"] for r in runs)]
+    res = {}
+    for name in names:
+        rows = [{**q, "seed": f"{real}:{q['seed']}"} for real, r in zip(reals, runs)
+                for q in r["recipes"][name]["realizations"]]
+        res[name] = {"realizations": rows, **{k: summarize([q[k] for q in rows])
+                                              for k in ("top1", "agreement_fp32", "kl_fp32")}}
+    images, n, noise = next(iter(key))
+    return {"images": images, "n": n, "noise": noise, "realization": "+".join(reals),
+            "pooled": [str(p) for p in paths], "recipes": res}
+
+
+def report(path: Path | list[Path], base: str, base_from: Path | None, out: Path | None = None) -> int:
     """Re-print (and, with ``base_from``, re-compare) a results file without recomputing; with ``out``, also write
-    the combined results there (e.g. a run's recipes with the base's realizations from another run)."""
-    d = json.loads(path.read_text())
+    the combined results there (e.g. a run's recipes with the base's realizations from another run). A list of
+    files is pooled first (``pooled``)."""
+    if isinstance(path, list) and len(path) == 1:
+        path = path[0]
+    d = pooled(path) if isinstance(path, list) else json.loads(path.read_text())
+    if isinstance(path, list) and base_from is not None:
+        raise SystemExit("--base-from does not combine with pooled runs")
     res = d["recipes"]
     if base_from is not None:
         res = with_base_from(res, base, base_from, d["images"], d["n"], d["noise"], d.get("realization", "sim"))
     compare(res, base)
-    print(f"{d['n']} images, noise {d['noise']:g}")
+    print(f"{d['n']} images, noise {d['noise']:g}, realizations: {d.get('realization', 'sim')}")
     print(table(res))
     dev = dev650_view(res, base)
     if dev:
@@ -216,7 +247,8 @@ def main(argv=None) -> int:
     ap.add_argument("--recipes", help="comma list: names in --recipe-dir or .json paths")
     ap.add_argument("--base-from", metavar="JSON", help="take --base's realizations from an earlier run's results "
                     "(same --images and --noise) instead of recomputing them")
-    ap.add_argument("--report", metavar="JSON", help="only print (and compare) an earlier run's results")
+    ap.add_argument("--report", metavar="JSON", help="only print (and compare) an earlier run's results; a comma "
+                    "list pools the runs' realizations (e.g. the simulation's and the ORT graph's)")
     ap.add_argument("--recipe-dir", default=str(REPO / "bench" / "results" / "recipes"))
     ap.add_argument("--base", default="w4a8", help="the recipe (stem) the others are compared with")
     ap.add_argument("--noise", type=float, default=1e-4)
@@ -230,7 +262,7 @@ def main(argv=None) -> int:
                     "only when given)")
     args = ap.parse_args(argv)
     if args.report:
-        return report(Path(args.report), args.base, Path(args.base_from) if args.base_from else None,
+        return report([Path(p) for p in args.report.split(",")], args.base, Path(args.base_from) if args.base_from else None,
                       Path(args.out) if args.out else None)
     args.out = args.out or str(REPO / "bench" / "results" / "realizations.json")
     if not args.recipes:

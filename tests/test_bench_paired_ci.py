@@ -135,3 +135,30 @@ def test_realizations_dev650_view():
     assert dev["cand"]["top1"]["mean"] == 79.0 and dev["cand"]["vs_base"]["drop"]["mean"] == 0.5  # drops -1, 2
     assert dev["cand"]["vs_base"]["agree_change"]["mean"] == 0.0
     assert rz.dev650_view({"x": {"realizations": [{"seed": 0, "top1": 1.0}]}}, "w4a8") == {}  # older files
+
+
+def test_realizations_pooled_runs(tmp_path, capsys):
+    """--report A,B pools two implementations' realizations; pairs stay within one implementation and seed."""
+    import json
+
+    def run(real, base_top1, cand_top1):
+        def rec(t):
+            rows = [{"seed": s, "top1": v, "agreement_fp32": 90.0, "kl_fp32": 0.1} for s, v in enumerate(t)]
+            return {"realizations": rows}
+        return {"images": "union", "n": 10, "noise": 1e-4, "realization": real,
+                "recipes": {"w4a8": rec(base_top1), "cand": rec(cand_top1), **({"only_here": rec([1])}
+                                                                              if real == "ort" else {})}}
+    (tmp_path / "sim.json").write_text(json.dumps(run("sim", [80, 81], [80, 80])))  # drops 0, 1
+    (tmp_path / "ort.json").write_text(json.dumps(run("ort", [82, 82], [80, 81])))  # drops 2, 1
+    d = rz.pooled([tmp_path / "sim.json", tmp_path / "ort.json"])
+    assert set(d["recipes"]) == {"w4a8", "cand"} and d["realization"] == "sim+ort"
+    assert [q["seed"] for q in d["recipes"]["cand"]["realizations"]] == ["sim:0", "sim:1", "ort:0", "ort:1"]
+    assert rz.main(["--report", f"{tmp_path / 'sim.json'},{tmp_path / 'ort.json'}",
+                    "--out", str(tmp_path / "pooled.json")]) == 0
+    assert "1.00 [0.00, 2.00]" in capsys.readouterr().out  # mean of the within-pair drops 0, 1, 2, 1
+    assert json.loads((tmp_path / "pooled.json").read_text())["recipes"]["cand"]["vs_base"]["drop"]["mean"] == 1.0
+    with pytest.raises(SystemExit, match="same realization"):
+        rz.pooled([tmp_path / "sim.json", tmp_path / "sim.json"])
+    (tmp_path / "other.json").write_text(json.dumps({**run("trt", [1], [1]), "noise": 1e-3}))
+    with pytest.raises(SystemExit, match="differ in images/n/noise"):
+        rz.pooled([tmp_path / "sim.json", tmp_path / "other.json"])
