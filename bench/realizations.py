@@ -195,9 +195,12 @@ def pooled(paths: list[Path]) -> dict:
     if len(key) != 1:
         raise SystemExit(f"--report {','.join(map(str, paths))}: the runs differ in images/n/noise: {sorted(key)}")
     reals = [r.get("realization", "sim") for r in runs]
-    if len(set(reals)) != len(reals):
-        raise SystemExit(f"--report: two runs of the same realization ({reals}); pool different implementations")
     names = [n for n in runs[0]["recipes"] if all(n in r["recipes"] for r in runs)]
+    for name in names:
+        seen = [(real, q["seed"]) for real, r in zip(reals, runs) for q in r["recipes"][name]["realizations"]]
+        if len(set(seen)) != len(seen):
+            raise SystemExit(f"--report: {name} has the same realization and seed in two runs; pool different "
+                             "implementations or disjoint seeds (--seed-from)")
     res = {}
     for name in names:
         rows = [{**q, "seed": f"{real}:{q['seed']}"} for real, r in zip(reals, runs)
@@ -205,7 +208,7 @@ def pooled(paths: list[Path]) -> dict:
         res[name] = {"realizations": rows, **{k: summarize([q[k] for q in rows])
                                               for k in ("top1", "agreement_fp32", "kl_fp32")}}
     images, n, noise = next(iter(key))
-    return {"images": images, "n": n, "noise": noise, "realization": "+".join(reals),
+    return {"images": images, "n": n, "noise": noise, "realization": "+".join(dict.fromkeys(reals)),
             "pooled": [str(p) for p in paths], "recipes": res}
 
 
@@ -253,6 +256,8 @@ def main(argv=None) -> int:
     ap.add_argument("--base", default="w4a8", help="the recipe (stem) the others are compared with")
     ap.add_argument("--noise", type=float, default=1e-4)
     ap.add_argument("--seeds", type=int, default=4, help="perturbed realizations besides the unperturbed one")
+    ap.add_argument("--seed-from", type=int, default=0, help="run seeds K..--seeds only (more draws for an earlier "
+                    "run, pooled with it by --report A,B)")
     ap.add_argument("--images", choices=("dev650", "union"), default="union")
     ap.add_argument("--realization", choices=("sim", "ort", "trt"), default="sim",
                     help="what is perturbed and scored: the torch simulation (float32), or the deployed graph for "
@@ -267,6 +272,8 @@ def main(argv=None) -> int:
     args.out = args.out or str(REPO / "bench" / "results" / "realizations.json")
     if not args.recipes:
         ap.error("--recipes is required (or --report)")
+    if args.seed_from > args.seeds:
+        ap.error(f"--seed-from {args.seed_from} is past --seeds {args.seeds}: no realization to run")
     lm = load_model("deit_tiny_patch16_224", SHARED / "weights" / "deit_tiny_patch16_224.wvfunc_matdump.pth")
     cfg = PreprocessConfig.from_dict(data_config(lm.model))
     x, y = load_array(open_image_set(SHARED / "imagenet-val-dev650"), cfg)
@@ -278,7 +285,7 @@ def main(argv=None) -> int:
     x = torch.from_numpy(x)
     with torch.no_grad():
         fref = torch.cat([lm.model(x[i:i + 50]) for i in range(0, len(x), 50)]).double().numpy()
-    seeds = list(range(args.seeds + 1))
+    seeds = list(range(args.seed_from, args.seeds + 1))
     res: dict = {}
     tmp = Path(tempfile.mkdtemp(prefix="vitq-real-")) if args.realization != "sim" else None
     for name in args.recipes.split(","):
@@ -297,7 +304,7 @@ def main(argv=None) -> int:
             r = {"seed": s, **scores(logits, fref, y), "s": round(time.time() - t, 1)}
             if args.images == "union":  # the set alone too: the union starts with dev650
                 r["dev650"] = scores(logits[:N_DEV650], fref[:N_DEV650], y[:N_DEV650])
-            if ref0 is None:
+            if ref0 is None:  # seed 0, or the first seed run (--seed-from)
                 ref0 = logits
             else:
                 r["median_rel_change_vs_seed0"] = float(np.median(np.linalg.norm(logits - ref0, axis=1)
@@ -307,7 +314,7 @@ def main(argv=None) -> int:
             preds.append(logits.argmax(1))
             print(f"{path.stem} seed {s}: top-1 {r['top1']:.2f} agree {r['agreement_fp32']:.2f} KL {r['kl_fp32']:.4f}"
                   + (f"  vs seed 0: rel {r['median_rel_change_vs_seed0']:.3f}, top-1 agree "
-                     f"{r['top1_agreement_vs_seed0']:.2f}%" if s else ""), flush=True)
+                     f"{r['top1_agreement_vs_seed0']:.2f}%" if "median_rel_change_vs_seed0" in r else ""), flush=True)
         res[path.stem] = {"path": str(path), "realizations": rows,
                           **{k: summarize([r[k] for r in rows]) for k in ("top1", "agreement_fp32", "kl_fp32")}}
     if args.base_from:

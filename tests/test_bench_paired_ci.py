@@ -157,8 +157,14 @@ def test_realizations_pooled_runs(tmp_path, capsys):
                     "--out", str(tmp_path / "pooled.json")]) == 0
     assert "1.00 [0.00, 2.00]" in capsys.readouterr().out  # mean of the within-pair drops 0, 1, 2, 1
     assert json.loads((tmp_path / "pooled.json").read_text())["recipes"]["cand"]["vs_base"]["drop"]["mean"] == 1.0
-    with pytest.raises(SystemExit, match="same realization"):
+    with pytest.raises(SystemExit, match="same realization and seed"):
         rz.pooled([tmp_path / "sim.json", tmp_path / "sim.json"])
+    more = run("sim", [80], [79])  # a --seed-from 2 run: seed 2 of the simulation
+    for r in more["recipes"].values():
+        r["realizations"][0]["seed"] = 2
+    (tmp_path / "sim_more.json").write_text(json.dumps(more))
+    d = rz.pooled([tmp_path / "sim.json", tmp_path / "ort.json", tmp_path / "sim_more.json"])
+    assert d["realization"] == "sim+ort" and len(d["recipes"]["cand"]["realizations"]) == 5
     (tmp_path / "other.json").write_text(json.dumps({**run("trt", [1], [1]), "noise": 1e-3}))
     with pytest.raises(SystemExit, match="differ in images/n/noise"):
         rz.pooled([tmp_path / "sim.json", tmp_path / "other.json"])
