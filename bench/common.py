@@ -1,0 +1,78 @@
+"""What every benchmark shares: the machine and versions it ran on, and one result-file format.
+
+A result file (``bench/results/NAME.json``) holds ``{"benchmark", "command", "data", "machine", "versions",
+"date", "results"}``: enough for a reader to know what produced each number and to rerun it.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+SHARED = Path(os.environ.get("VITQ_SHARED_DATA", REPO.parent / "shared" / "data"))
+DEIT_WEIGHTS = SHARED / "weights" / "deit_tiny_patch16_224.wvfunc_matdump.pth"
+DEV650 = SHARED / "imagenet-val-dev650"
+SAMPLE1000 = SHARED / "imagenet-sample-eli1000"
+
+# the CPU features that decide which int8 kernels ONNX Runtime (MLAS) and torch pick
+_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8",
+          "amx_bf16", "asimd", "asimddp", "i8mm", "sve")
+
+
+def cpu_info() -> dict[str, Any]:
+    """CPU model name, logical cores and the ISA flags relevant to int8 inference (from /proc/cpuinfo)."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, val = line.partition(":")
+            key = key.strip()
+            if key == "model name" and model in ("", platform.machine(), platform.processor()):
+                model = val.strip()
+            elif key in ("flags", "Features") and not flags:
+                flags = set(val.split())
+    except OSError:
+        pass
+    return {"model": model, "cores": os.cpu_count(), "machine": platform.machine(),
+            "flags": [f for f in _FLAGS if f in flags]}
+
+
+def versions() -> dict[str, str]:
+    """Versions of the packages a benchmark's numbers depend on (those importable here)."""
+    out = {"python": platform.python_version()}
+    for mod in ("vitq", "numpy", "onnx", "onnxruntime", "torch", "timm"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:  # not installed (a runtime-only venv has no torch)
+            continue
+    return out
+
+
+def write_result(name: str, results: Any, *, data: str, argv: list[str] | None = None,
+                 out: Path | None = None) -> Path:
+    """Write ``bench/results/NAME.json`` (or ``out``) atomically and return its path."""
+    argv = sys.argv[1:] if argv is None else argv
+    payload = {"benchmark": name, "command": " ".join(["python -m bench", name, *argv]), "data": data,
+               "machine": cpu_info(), "versions": versions(),
+               "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "results": results}
+    path = Path(out) if out is not None else RESULTS / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=1, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_result(name: str) -> dict[str, Any]:
+    return json.loads((RESULTS / f"{name}.json").read_text())
+
+
+def flags_str(machine: dict[str, Any]) -> str:
+    """'AMD EPYC, 2 cores, avx2 fma' for tables."""
+    return f"{machine['model']}, {machine['cores']} cores, {' '.join(machine['flags']) or 'no int8 ISA flags'}"
