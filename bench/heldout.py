@@ -27,10 +27,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from vitq.data import ImageSet, load_array, open_image_set  # noqa: E402
+from vitq.evaluate import agreement, kl_mean, top1  # noqa: E402,F401 - kl_mean: used by other bench scripts
 from vitq.exporter.models import data_config, load_model  # noqa: E402
 from vitq.mixa.calib import dynamic_branch  # noqa: E402
 from vitq.mixa.sim import MixaSim  # noqa: E402
-from vitq.mixa.spec import MixaLayer, MixaSpec  # noqa: E402
+from vitq.recipe.mixa import MixaLayer  # noqa: E402
 from vitq.quant.pipeline import apply_recipe  # noqa: E402
 from vitq.recipe.schema import Recipe  # noqa: E402
 from vitq.runtime.preprocess import PreprocessConfig  # noqa: E402
@@ -43,15 +44,9 @@ def predict(fn, x, bs=50):
     return torch.cat([fn(torch.from_numpy(x[i:i + bs])) for i in range(0, len(x), bs)])
 
 
-def kl_mean(ref, out):
-    p = torch.log_softmax(ref.double(), -1)
-    q = torch.log_softmax(out.double(), -1)
-    return float((p.exp() * (p - q)).sum(-1).mean())
-
-
 def score(out, ref, y):
-    return {"n": int(len(y)), "top1": float((out.argmax(-1) == y).float().mean() * 100),
-            "agreement": float((out.argmax(-1) == ref.argmax(-1)).float().mean() * 100), "kl": kl_mean(ref, out)}
+    return {"n": int(len(y)), "top1": top1(out, y) * 100, "agreement": agreement(out, ref) * 100,
+            "kl": kl_mean(ref, out)}
 
 
 def heldout_set(calib: int = 256, extra: int = 32) -> ImageSet:
@@ -94,12 +89,12 @@ def main():
         rec = Recipe.load(Path(p))
         jobs.append((p, rec, False))
         if args.dynamic_low and rec.mixa is not None and \
-                MixaSpec.from_dict(rec.mixa, layers=rec.layers).low_quant != "dynamic":
+                rec.mixa.low_quant != "dynamic":
             jobs.append((p + " [low dynamic]", rec, True))
     for p, rec, dyn in jobs:
         _, sim = apply_recipe(lm.model, lm.family, rec)
         if rec.mixa is not None:  # MixA-Q recipe (bench/mixa.py --save-recipes): its two-branch simulation
-            spec = MixaSpec.from_dict(rec.mixa, layers=rec.layers)
+            spec = rec.mixa
             if dyn:
                 spec.layers = [MixaLayer(l.module, l.high, None if l.low is None else
                                          dynamic_branch(l.low, spec.low_bits)) for l in spec.layers]

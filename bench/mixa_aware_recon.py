@@ -19,11 +19,10 @@ REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO)); sys.path.insert(0, str(REPO / "bench"))
 import torch, torch.nn.functional as F
 from mixa import predict, SHARED, RECIPES
-from heldout import kl_mean
+from vitq.evaluate import agreement, kl_mean, top1
 from vitq.data import ImageSet, load_array, open_image_set
 from vitq.exporter.models import data_config, load_model
 from vitq.mixa.sim import MixaSim, MixLinear
-from vitq.mixa.spec import MixaSpec
 from vitq.mixa.routing import token_importance
 from vitq.quant.prepare import AttnHook, model_chain
 from vitq.quant.pipeline import apply_recipe
@@ -37,7 +36,7 @@ cfg = PreprocessConfig.from_dict(data_config(lm.model))
 rec = Recipe.load(RECIPES / "w4a8.json")
 prep, sim = apply_recipe(lm.model, lm.family, rec)
 mrec = Recipe.load(sys.argv[1])
-spec = MixaSpec.from_dict(mrec.mixa, layers=mrec.layers)
+spec = mrec.mixa
 ms = MixaSim(sim, spec)
 sample = open_image_set(SHARED / "imagenet-sample-eli1000")
 x = torch.from_numpy(load_array(sample.subset(256, seed=0), cfg)[0])
@@ -170,4 +169,4 @@ for sname, s_ in (("dev650", dev), ("heldout", held)):
         ms.set_ratios(rt)
         o = predict(ms, xd)
         res[(sname, tag)] = o
-        print(f"{sname} {tag}: top1 {float((o.argmax(-1) == yd).float().mean()*100):.2f} agree {float((o.argmax(-1) == fo.argmax(-1)).float().mean()*100):.2f} kl {kl_mean(fo, o):.4f}", flush=True)
+        print(f"{sname} {tag}: top1 {top1(o, yd) * 100:.2f} agree {agreement(o, fo) * 100:.2f} kl {kl_mean(fo, o):.4f}", flush=True)

@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO / "bench"))
 from realizations import dev650_scoring  # noqa: E402
 from vitq.mixa.bitops import mixa_bitops  # noqa: E402
 from vitq.mixa.sim import MixaSim  # noqa: E402
-from vitq.mixa.spec import MixaSpec  # noqa: E402
+from vitq.recipe.mixa import MixaSpec  # noqa: E402
 from vitq.quant.pipeline import apply_recipe  # noqa: E402
 from vitq.recipe.schema import QuantSpec, Recipe  # noqa: E402
 
@@ -68,7 +68,7 @@ def main(argv=None) -> int:
         print(rows[-1], flush=True)
     rec = Recipe.load(args.recipe)
     _, sim = apply_recipe(lm.model, lm.family, rec)
-    spec = MixaSpec.from_dict(rec.mixa, layers=rec.layers)
+    spec = rec.mixa
     for name in ["as is", *roles]:
         t = time.time()
         s = spec if name == "as is" else raised(spec, name)

@@ -31,7 +31,6 @@ sys.path.insert(0, str(REPO / "bench"))
 import vitq.quant.simulate as simulate  # noqa: E402
 from realizations import dev650_scoring  # noqa: E402
 from vitq.mixa.sim import MixaSim  # noqa: E402
-from vitq.mixa.spec import MixaSpec  # noqa: E402
 from vitq.quant.functional import fake_quant_dynamic  # noqa: E402
 from vitq.quant.pipeline import apply_recipe  # noqa: E402
 from vitq.recipe.schema import DYN_EPS, Recipe  # noqa: E402
@@ -87,7 +86,7 @@ def main(argv=None) -> int:
         print(rows[-1], flush=True)
     rec = Recipe.load(args.recipe)
     _, sim = apply_recipe(lm.model, lm.family, rec)
-    msim = MixaSim(sim, MixaSpec.from_dict(rec.mixa, layers=rec.layers))
+    msim = MixaSim(sim, rec.mixa)
     variants = [(f"clip {c}", clipped_dynamic(float(c))) for c in args.clip.split(",") if c] + \
                [(f"group {g}", grouped_dynamic(int(g))) for g in args.group.split(",") if g] + \
                [(f"group-all {g}", grouped_all_dynamic(int(g))) for g in args.group_all.split(",") if g]

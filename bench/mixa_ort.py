@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from vitq.data import load_array, open_image_set  # noqa: E402
+from vitq.evaluate import top1 as top1_of  # noqa: E402
 from vitq.exporter.models import data_config, load_model  # noqa: E402
 from vitq.exporter.onnx_export import export_onnx  # noqa: E402
 from vitq.mixa.bitops import mixa_bitops  # noqa: E402
@@ -79,7 +80,7 @@ def latency(sessions: dict, batch: int, iters: int, repeats: int) -> dict:
 
 def top1(sess, x, y, bs=16):
     out = np.concatenate([sess.run(None, {"input": x[i:i + bs]})[0] for i in range(0, len(x), bs)])
-    return float((out.argmax(1) == y).mean() * 100), out
+    return top1_of(out, y) * 100, out
 
 
 def main():

@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from heldout import kl_mean  # noqa: E402
+from vitq.evaluate import agreement, kl_mean  # noqa: E402
 from mixa import RECIPES, SHARED, predict  # noqa: E402
 from vitq.data import load_array, open_image_set  # noqa: E402
 from vitq.exporter.models import data_config, load_model  # noqa: E402
@@ -41,7 +41,7 @@ from vitq.mixa.bitops import mixa_bitops  # noqa: E402
 from vitq.mixa.calib import attach  # noqa: E402
 from vitq.mixa.search import search_ratios  # noqa: E402
 from vitq.mixa.sim import MixaSim  # noqa: E402
-from vitq.mixa.spec import MixaSpec  # noqa: E402
+from vitq.recipe.mixa import MixaSpec  # noqa: E402
 from vitq.quant.mp import kl  # noqa: E402
 from vitq.quant.pipeline import apply_recipe  # noqa: E402
 from vitq.recipe.schema import Recipe  # noqa: E402
@@ -108,7 +108,7 @@ def main():
     mrec = Recipe.load(Path(args.recipe))
     if mrec.mixa is None:
         raise SystemExit(f"{args.recipe}: no mixa section (use a recipe from bench/mixa.py --save-recipes)")
-    spec0 = MixaSpec.from_dict(mrec.mixa, layers=mrec.layers)
+    spec0 = mrec.mixa
     base = Recipe.load(RECIPES / f"{spec0.base}.json")
     _, sim = apply_recipe(lm.model, lm.family, base)
     sample = open_image_set(SHARED / "imagenet-sample-eli1000")
@@ -124,7 +124,7 @@ def main():
         o = predict(ms, xd)
         row = {"variant": name, "reduction": mixa_bitops(base, s2)["reduction"],
                "top1": float((o.argmax(-1) == yd).float().mean() * 100),
-               "agreement": float((o.argmax(-1) == fo.argmax(-1)).float().mean() * 100), "kl": kl_mean(fo, o),
+               "agreement": agreement(o, fo) * 100, "kl": kl_mean(fo, o),
                "ratios": ratios}
         res["rows"].append(row)
         print(f"{name:10s} {row['reduction']:.3f}x top-1 {row['top1']:.2f} agreement {row['agreement']:.2f} "

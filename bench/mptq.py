@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from vitq.data import load_array, open_image_set  # noqa: E402
+from vitq.evaluate import agreement, kl_mean, top1 as top1_of  # noqa: E402
 from vitq.exporter.models import data_config, load_model  # noqa: E402
 from vitq.quant.bitops import bitops_report  # noqa: E402
 from vitq.quant.pipeline import calibrate  # noqa: E402
@@ -44,12 +45,6 @@ TARGETS = {"w8a8": (0.3, 98.0), "w6a6": (1.0, None), "w4a8": (1.5, 93.0), "w4a4"
 @torch.no_grad()
 def predict(fn, x, bs=50):
     return torch.cat([fn(torch.from_numpy(x[i:i + bs])) for i in range(0, len(x), bs)])
-
-
-def kl_mean(ref, out):
-    p = torch.log_softmax(ref.double(), -1)
-    q = torch.log_softmax(out.double(), -1)
-    return float((p.exp() * (p - q)).sum(-1).mean())
 
 
 def main():
@@ -115,8 +110,8 @@ def main():
         t = time.time()
         out = predict(res.sim, xd)
         te = time.time() - t
-        top1 = float((out.argmax(-1) == yd).float().mean() * 100)
-        agree = float((out.argmax(-1) == ref.argmax(-1)).float().mean() * 100)
+        top1 = top1_of(out, yd) * 100
+        agree = agreement(out, ref) * 100
         bo = bitops_report(res.recipe)
         n_split = sum(1 for l in res.recipe.layers if l.input_regions is not None)
         n_smooth = sum(1 for l in res.recipe.layers if l.smooth is not None)

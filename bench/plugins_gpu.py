@@ -32,8 +32,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from vitq.plugins.specs import (dynamic_row_params_ref, n_high_windows, quant_linear_a4_ref,  # noqa: E402
-                                window_importance_ref, window_merge_ref)
+from vitq.plugins.specs import dynamic_row_params_ref, quant_linear_a4_ref  # noqa: E402
 
 KERNELS = REPO / "vitq" / "plugins" / "kernels"
 W_INT4_PACKED, W_INT8 = 0, 1
@@ -50,17 +49,6 @@ class LinearShape:
     N: int
 
 
-@dataclass(frozen=True)
-class WindowShape:
-    model: str
-    stage: str
-    B: int
-    nW: int
-    T: int
-    C: int
-    ratio: float = 0.5
-
-
 def linear_shapes(batch: int = 8) -> list[LinearShape]:
     """The linear layers of DeiT-Tiny (197 tokens, dim 192, mlp 768) and Swin-Tiny (window 7, dims 96..768)."""
     out = []
@@ -72,12 +60,6 @@ def linear_shapes(batch: int = 8) -> list[LinearShape]:
         for layer, k, n in (("qkv", c, 3 * c), ("proj", c, c), ("fc1", c, 4 * c), ("fc2", 4 * c, c)):
             out.append(LinearShape("swin_tiny", f"s{stage}.{layer}", m, k, n))
     return out
-
-
-def window_shapes(batch: int = 8) -> list[WindowShape]:
-    """Swin-Tiny windows (7x7 = 49 tokens) per stage; the last stage has a single window and is skipped."""
-    return [WindowShape("swin_tiny", f"s{s}", batch, (56 // 7 // 2 ** (s - 1)) ** 2, 49, c)
-            for s, c in ((1, 96), (2, 192), (3, 384))]
 
 
 def random_linear_case(rng: np.random.Generator, M: int, K: int, N: int, weight_bits: int = 4):
@@ -106,37 +88,6 @@ def check_linear(y: np.ndarray, ref: np.ndarray, out_f16: bool) -> dict:
     return {"ok": nan == 0 and bool(np.array_equal(y, expect)), "nan": nan, "max_abs_diff": diff}
 
 
-def check_route(x: np.ndarray, ratio: float, imp: np.ndarray, x_hi: np.ndarray, x_lo: np.ndarray,
-                i_hi: np.ndarray, i_lo: np.ndarray, rtol: float = 1e-5) -> dict:
-    """Importance close to the reference; a valid partition; high windows are the most important (up to float
-    ties); gathers exact copies."""
-    b, nw = x.shape[:2]
-    nh = n_high_windows(nw, ratio)
-    ref_imp = window_importance_ref(x)
-    problems = []
-    if not np.allclose(imp, ref_imp, rtol=rtol, atol=1e-6):
-        problems.append(f"importance max diff {float(np.max(np.abs(imp - ref_imp)))}")
-    if i_hi.shape != (b, nh) or i_lo.shape != (b, nw - nh):
-        problems.append("index shapes")
-    else:
-        for bi in range(b):
-            if sorted(np.concatenate([i_hi[bi], i_lo[bi]]).tolist()) != list(range(nw)):
-                problems.append(f"batch {bi}: not a partition")
-                continue
-            if nh and nw - nh and ref_imp[bi, i_hi[bi]].min() < ref_imp[bi, i_lo[bi]].max() * (1 - rtol):
-                problems.append(f"batch {bi}: a low window is more important than a high one")
-            if not np.all(np.diff(i_lo[bi]) > 0):
-                problems.append(f"batch {bi}: low group not in window order")
-            if not np.array_equal(x_hi[bi], x[bi, i_hi[bi]]) or not np.array_equal(x_lo[bi], x[bi, i_lo[bi]]):
-                problems.append(f"batch {bi}: gathered windows differ from x")
-    return {"ok": not problems, "problems": problems}
-
-
-def check_merge(y: np.ndarray, y_hi, y_lo, i_hi, i_lo) -> dict:
-    ref = window_merge_ref(y_hi, y_lo, i_hi, i_lo)
-    return {"ok": bool(np.array_equal(y, ref)), "nan": int(np.isnan(y).sum())}
-
-
 # ------------------------------------------------------------------------------------------------------------------
 # GPU side (torch + ctypes), only imported/used by main()
 # ------------------------------------------------------------------------------------------------------------------
@@ -159,10 +110,7 @@ def load_library(path: Path):
     lib.vitq_resolve_path.argtypes = [i, i, i]
     lib.vitq_prepare_weights.argtypes = [p, i, i, i, i, p, p]
     lib.vitq_quant_linear_a4_prepared.argtypes = [p, p, p, p, p, i, i, i, i, f, i, i, i, p, p]
-    lib.vitq_window_route.argtypes = [p, p, p, p, p, p, i, i, i, i, i, p]
-    lib.vitq_window_merge.argtypes = [p, p, p, p, p, i, i, i, i, i, p]
-    for fn in (lib.vitq_pack_int4, lib.vitq_resolve_path, lib.vitq_prepare_weights, lib.vitq_quant_linear_a4_prepared,
-               lib.vitq_window_route, lib.vitq_window_merge):
+    for fn in (lib.vitq_pack_int4, lib.vitq_resolve_path, lib.vitq_prepare_weights, lib.vitq_quant_linear_a4_prepared):
         fn.restype = ctypes.c_int
     return lib
 
@@ -232,7 +180,7 @@ def run_gpu(iters: int, batch: int, seed: int, quick: bool = False, force_s4: bo
     paths = [PATH_S8] + ([PATH_S4] if 80 <= cc < 90 or force_s4 else [])
     results = {"device": torch.cuda.get_device_name(), "sm": cc, "s4_emulated": PATH_S4 in paths and cc >= 90,
                "auto_path_int4": lib.vitq_resolve_path(0, W_INT4_PACKED, 0),
-               "pack": [], "linear": [], "window": []}
+               "pack": [], "linear": []}
 
     def T(a):
         return torch.from_numpy(np.ascontiguousarray(a)).to(dev)
@@ -343,44 +291,6 @@ def run_gpu(iters: int, batch: int, seed: int, quick: bool = False, force_s4: bo
     results["api"] = [{"check": k, "got": got, "want": want, "ok": got == want and untouched}
                       for k, (got, want) in expect.items()]
 
-    wcases = [WindowShape("random", "r0", 2, 9, 5, 4, 0.4), WindowShape("random", "r1", 3, 64, 49, 32, 0.0)]
-    for sh in wcases + ([] if quick else window_shapes(batch)):
-        x = rng.standard_normal((sh.B, sh.nW, sh.T, sh.C)).astype(np.float32)
-        nh = n_high_windows(sh.nW, sh.ratio)
-        nl = sh.nW - nh
-        xt = T(x)
-        f = dict(device=dev, dtype=torch.float32)
-        imp = torch.full((sh.B, sh.nW), float("nan"), **f)
-        xh = torch.full((sh.B, nh, sh.T, sh.C), float("nan"), **f)
-        xl = torch.full((sh.B, nl, sh.T, sh.C), float("nan"), **f)
-        ih = torch.full((sh.B, nh), -1, device=dev, dtype=torch.int64)
-        il = torch.full((sh.B, nl), -1, device=dev, dtype=torch.int64)
-        route = lambda: lib.vitq_window_route(xt.data_ptr(), imp.data_ptr(), xh.data_ptr(), xl.data_ptr(),  # noqa
-                                              ih.data_ptr(), il.data_ptr(), sh.B, sh.nW, sh.T, sh.C, nh, stream)
-        rc = route()
-        torch.cuda.synchronize()
-        row = {**asdict(sh), "op": "route", "rc": rc}
-        row.update(check_route(x, sh.ratio, imp.cpu().numpy(), xh.cpu().numpy(), xl.cpu().numpy(),
-                               ih.cpu().numpy(), il.cpu().numpy()) if rc == 0 else {"ok": False})
-        y = torch.full_like(xt, float("nan"))
-        yh, yl = xh * 2 + 1, xl * 3 - 1  # fresh values, so an identity "merge" cannot pass
-        merge = lambda: lib.vitq_window_merge(yh.data_ptr(), yl.data_ptr(), ih.data_ptr(), il.data_ptr(),  # noqa
-                                              y.data_ptr(), sh.B, sh.nW, sh.T, sh.C, nh, stream)
-        rc2 = merge()
-        torch.cuda.synchronize()
-        row2 = {**asdict(sh), "op": "merge", "rc": rc2}
-        row2.update(check_merge(y.cpu().numpy(), yh.cpu().numpy(), yl.cpu().numpy(), ih.cpu().numpy(),
-                                il.cpu().numpy()) if rc2 == 0 else {"ok": False})
-        if sh.model != "random":
-            row["us"], row2["us"] = _time(route, iters), _time(merge, iters)
-            # the native chain TensorRT would run, in torch, as a rough comparison
-            def native():
-                a = xt.abs().mean(-1)
-                im = a.square().sum(-1).sqrt()
-                idx = im.topk(nh, dim=1).indices
-                return torch.gather(xt, 1, idx[:, :, None, None].expand(-1, -1, sh.T, sh.C))
-            row["us_torch_topk_gather"] = _time(native, iters)
-        results["window"] += [row, row2]
     return results
 
 
@@ -389,11 +299,6 @@ def table(results: dict) -> str:
     for r in results["linear"]:
         lines.append(f"| {r['model']} | {r['layer']} | {r['M']} | {r['K']} | {r['N']} | {r['weight_bits']} | "
                      f"{r['path']} | {r['out']} | {r.get('ok')} | {r.get('us', '')} |")
-    lines += ["", "| model | stage | B | nW | T | C | op | ok | median us | torch topk+gather us |",
-              "|" + "---|" * 10]
-    for r in results["window"]:
-        lines.append(f"| {r['model']} | {r['stage']} | {r['B']} | {r['nW']} | {r['T']} | {r['C']} | {r['op']} | "
-                     f"{r.get('ok')} | {r.get('us', '')} | {r.get('us_torch_topk_gather', '')} |")
     return "\n".join(lines)
 
 
@@ -437,7 +342,7 @@ def main(argv=None) -> int:
     print(table(results))
     print()
     print(speed_table(results))
-    bad = [r for r in results["pack"] + results["api"] + results["linear"] + results["window"] if not r.get("ok")]
+    bad = [r for r in results["pack"] + results["api"] + results["linear"] if not r.get("ok")]
     for r in bad[:40]:
         print("FAIL", {k: r.get(k) for k in ("check", "got", "want", "model", "layer", "stage", "op", "M", "K", "N",
                                            "weight_bits", "path",

@@ -36,10 +36,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from vitq.data import load_array, open_image_set  # noqa: E402
+from vitq.evaluate import agreement, kl_mean, kl_per_image, top1  # noqa: E402
 from vitq.exporter import export_onnx  # noqa: E402
 from vitq.exporter.models import data_config, load_model  # noqa: E402
 from vitq.mixa.sim import MixaSim  # noqa: E402
-from vitq.mixa.spec import MixaSpec  # noqa: E402
 from vitq.passes.pipeline import build_deployable  # noqa: E402
 from vitq.quant.pipeline import apply_recipe  # noqa: E402
 from vitq.recipe.schema import Recipe  # noqa: E402
@@ -102,19 +102,14 @@ def main():
     preds = {"labels": np.asarray(y), "fp32": fref.argmax(1).numpy(), "n_dev650": np.array(n_dev)}
 
     def keep(key: str, logits: np.ndarray) -> None:
-        out = torch.from_numpy(np.asarray(logits, np.float64))
-        p, q = torch.log_softmax(fref, -1), torch.log_softmax(out, -1)
-        preds[f"{key}:pred"] = out.argmax(1).numpy()
-        preds[f"{key}:kl"] = (p.exp() * (p - q)).sum(-1).numpy()
+        preds[f"{key}:pred"] = np.asarray(logits).argmax(1)
+        preds[f"{key}:kl"] = kl_per_image(fref, logits)
         if args.save_preds:
             np.savez_compressed(args.save_preds, **preds)
 
     def vs_fp32(logits: np.ndarray) -> dict:
-        out = torch.from_numpy(np.asarray(logits, np.float64))
-        p, q = torch.log_softmax(fref, -1), torch.log_softmax(out, -1)
-        return {"top1": float((out.argmax(1).numpy() == y).mean() * 100),
-                "agreement_fp32": float((out.argmax(1) == fref.argmax(1)).double().mean() * 100),
-                "kl_fp32": float((p.exp() * (p - q)).sum(-1).mean())}
+        return {"top1": top1(logits, y) * 100, "agreement_fp32": agreement(logits, fref) * 100,
+                "kl_fp32": kl_mean(fref, logits)}
 
     rows = []
     tmp = Path(tempfile.mkdtemp(prefix="vitq-agree-"))
@@ -127,7 +122,7 @@ def main():
         rec = Recipe.load(path)
         qm, sim = apply_recipe(lm.model, lm.family, rec)
         if rec.mixa is not None:  # a MixA-Q recipe (bench/mixa.py --save-recipes): its two-branch simulation
-            sim = MixaSim(sim, MixaSpec.from_dict(rec.mixa, layers=rec.layers))
+            sim = MixaSim(sim, rec.mixa)
         t = time.time()
         ref = sim.predict(x, batch_size=50).numpy().astype(np.float64)
         t_sim = time.time() - t

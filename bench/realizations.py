@@ -46,9 +46,9 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from vitq.data import load_array, open_image_set  # noqa: E402
+from vitq.evaluate import agreement, kl_mean, top1  # noqa: E402
 from vitq.exporter.models import data_config, load_model  # noqa: E402
 from vitq.mixa.sim import MixaSim  # noqa: E402
-from vitq.mixa.spec import MixaSpec  # noqa: E402
 from vitq.quant.pipeline import apply_recipe  # noqa: E402
 from vitq.recipe.schema import Recipe  # noqa: E402
 from vitq.runtime.preprocess import PreprocessConfig  # noqa: E402
@@ -65,12 +65,8 @@ def perturbed(x: torch.Tensor, noise: float, seed: int) -> torch.Tensor:
 
 
 def scores(logits: np.ndarray, fref: np.ndarray, y: np.ndarray) -> dict:
-    out = torch.from_numpy(np.asarray(logits, np.float64))
-    f = torch.from_numpy(fref)
-    p, q = torch.log_softmax(f, -1), torch.log_softmax(out, -1)
-    return {"top1": float((out.argmax(1).numpy() == y).mean() * 100),
-            "agreement_fp32": float((out.argmax(1) == f.argmax(1)).double().mean() * 100),
-            "kl_fp32": float((p.exp() * (p - q)).sum(-1).mean())}
+    return {"top1": top1(logits, y) * 100, "agreement_fp32": agreement(logits, fref) * 100,
+            "kl_fp32": kl_mean(fref, logits)}
 
 
 def dev650_scoring(base: str | None):
@@ -293,7 +289,7 @@ def main(argv=None) -> int:
         rec = Recipe.load(path)
         qm, sim = apply_recipe(lm.model, lm.family, rec)
         if rec.mixa is not None:
-            sim = MixaSim(sim, MixaSpec.from_dict(rec.mixa, layers=rec.layers))
+            sim = MixaSim(sim, rec.mixa)
         predict = graph_predictor(lm, qm, rec, cfg, args.realization, tmp / path.stem, args.threads) \
             if tmp is not None else (lambda xs: sim.predict(xs, batch_size=50).numpy())
         rows, preds, ref0 = [], [], None

@@ -84,7 +84,7 @@ def test_compile_mixa_end_to_end(tmp_path):
     assert (mx["low_quant"], mx["low_group"], mx["low_softmax"]) == ("dynamic", 32, "log")
     assert r["verification"]["qdq_vs_simulation"]["passed"]
     rec = Recipe.load(out / "recipe.json")
-    assert rec.mixa is not None and rec.mixa["low_bits"] == 4 and rec.mixa["high_bits"] == 8
+    assert rec.mixa is not None and rec.mixa.low_bits == 4 and rec.mixa.high_bits == 8
     import onnx
 
     m = onnx.load(str(out / "model.onnx"))
@@ -110,7 +110,7 @@ def test_compile_mixa_dynamic_low_branch(tmp_path, target):
     assert r["mixa"]["low_quant"] == "dynamic" and r["mixa"]["ratios"]["blocks.0"] == 0.0
     assert r["verification"]["qdq_vs_simulation"]["passed"]
     rec = Recipe.load(out / "recipe.json")
-    lows = [l["low"] for l in rec.mixa["layers"]]
+    lows = [l["low"] for l in rec.mixa.to_dict()["layers"]]
     assert all(l["input"] == {"bits": 4, "dynamic": "token", "method": "dynamic"} for l in lows if "input" in l)
     import onnx
 

@@ -18,7 +18,7 @@ from vitq.mixa.routing import (block_geometry, group_levels, group_scores, rank_
                                token_levels)
 from vitq.mixa.search import search_ratios  # noqa: E402
 from vitq.mixa.sim import MixaSim  # noqa: E402
-from vitq.mixa.spec import MixaSpec, group_table, n_low_groups  # noqa: E402
+from vitq.recipe.mixa import group_table, n_low_groups  # noqa: E402
 from vitq.quant.bitops import bitops_report  # noqa: E402
 from vitq.quant.pipeline import calibrate  # noqa: E402
 from vitq.recipe import parse_recipe_arg  # noqa: E402
@@ -115,7 +115,7 @@ def test_recipe_round_trip(vit_w4a8, tmp_path):
     rec.save(p)
     back = Recipe.load(p)
     assert back.to_dict() == rec.to_dict()
-    s2 = MixaSpec.from_dict(back.mixa, layers=back.layers)
+    s2 = back.mixa
     assert s2.to_dict() == spec.to_dict()
     assert {b.n_low for b in s2.blocks} == {n_low_groups(s2.blocks[0].groups, 0.5)}
     # recipes without a mixa section stay valid and unchanged

@@ -15,7 +15,6 @@ timm = pytest.importorskip("timm")
 
 from vitq.mixa.calib import attach, build_mixa_spec  # noqa: E402
 from vitq.mixa.sim import MixaSim  # noqa: E402
-from vitq.mixa.spec import MixaSpec  # noqa: E402
 from vitq.passes.infra import ort_run  # noqa: E402
 from vitq.passes.pipeline import build_deployable  # noqa: E402
 from vitq.quant.functional import fake_quant_dynamic  # noqa: E402
@@ -134,9 +133,8 @@ def test_dynamic_low_branch_graph_matches_simulation(which, vit_setup, swin_setu
     n_att = sum(4 for l in spec.layers if l.low.kind == "attn" and spec.block_of(l.module).n_low)
     assert len(dyn_q) == n_lin + n_att > 0
     assert all(any(p.key == "vitq.module" and p.value.endswith("@low") for p in n.metadata_props) for n in dyn_q)
-    sim = MixaSim(res.sim, MixaSpec.from_dict(rec.mixa, layers=rec.layers))
-    static = MixaSim(res.sim, MixaSpec.from_dict(vit_setup[1].mixa if which == "vit" else swin_setup[1].mixa,
-                                                 layers=rec.layers))
+    sim = MixaSim(res.sim, rec.mixa)
+    static = MixaSim(res.sim, vit_setup[1].mixa if which == "vit" else swin_setup[1].mixa)
     for b in (1, 3):  # dynamic batch
         xb = x[:b].numpy()
         got = ort_run(proto, {"input": xb})[0]
@@ -181,7 +179,7 @@ def test_dynamic_low_branch_trt_target(which, vit_setup, swin_setup):
     """--target trt: each low-branch linear's dynamic uint4 chain becomes a QuantLinearA4 plugin node in its per-row
     mode, the attention operands' chains exact float arithmetic; both rewrites checked exact on ORT by the pass
     manager (sample inputs), the lint is clean of DYNAMIC_ACTIVATION, and the graph still computes the simulation."""
-    from vitq.plugins.lowering import has_plugins
+    from vitq.plugins.expand import has_plugins
 
     res, rec, spec, path, x = _dyn_setup(vit_setup if which == "vit" else swin_setup)
     proto, rep = build_deployable(path, rec, "trt", sample_inputs=x[:2].numpy())
@@ -196,7 +194,7 @@ def test_dynamic_low_branch_trt_target(which, vit_setup, swin_setup):
                 and any(p.key == "vitq.dynamic" for p in n.metadata_props)]
     codes = [i["code"] for i in rep["trt_check"]["errors"] + rep["trt_check"]["warnings"]]
     assert "DYNAMIC_ACTIVATION" not in codes and codes.count("DYNAMIC_ACT_FLOAT") == n_att
-    sim = MixaSim(res.sim, MixaSpec.from_dict(rec.mixa, layers=rec.layers))
+    sim = MixaSim(res.sim, rec.mixa)
     base = res.sim
     for b in (1, 3):
         xb = x[:b].numpy()
@@ -282,7 +280,7 @@ def test_grouped_dynamic_low_branch_graph_matches_simulation(which, vit_setup, s
             if r != "weight":
                 assert q.dynamic == "token" and q.group == (gs if l.low.kind == "linear" else 0), (l.module, r)
     rec = attach(res.recipe, spec)
-    assert MixaSpec.from_dict(rec.mixa, layers=rec.layers).low_group == gs  # survives the recipe round trip
+    assert rec.mixa.low_group == gs  # survives the recipe round trip
     proto, _ = build_deployable(path, rec, "ort", sample_inputs=x[:2].numpy())
     blocked = [n for n in proto.graph.node if n.op_type == "QuantizeLinear"
                and any(a.name == "block_size" and a.i == gs for a in n.attribute)]
@@ -369,7 +367,7 @@ def test_bench_group_variant(tmp_path, vit_setup):
     out.parent.mkdir()
     assert mod.main([str(src / "m.json"), "--group", "16", "--out", str(out)]) == 0
     rec = Recipe.load(out)
-    ms = MixaSpec.from_dict(rec.mixa, layers=rec.layers)
+    ms = rec.mixa
     assert ms.low_group == 16
     assert {b.block: b.ratio for b in ms.blocks} == {b.block: b.ratio for b in spec.blocks}
     d0, d1 = json.loads((src / "m.json").read_text()), json.loads(out.read_text())
@@ -378,7 +376,7 @@ def test_bench_group_variant(tmp_path, vit_setup):
         mod.group_variant({"layers": []}, 16)
     out2 = tmp_path / "out" / "l.json"
     assert mod.main([str(src / "m.json"), "--group", "0", "--softmax", "log", "--out", str(out2)]) == 0
-    ms2 = MixaSpec.from_dict(Recipe.load(out2).mixa, layers=rec.layers)
+    ms2 = Recipe.load(out2).mixa
     assert ms2.low_softmax == "log" and ms2.low_group == 0 and ms.low_softmax == "uniform"
     assert [l.low.attn.dynamic for l in ms2.layers if l.low.kind == "attn"] == \
         ["log_sqrt2"] * sum(1 for l in spec.layers if l.low.kind == "attn")
@@ -517,7 +515,7 @@ def test_log_softmax_low_branch_graph_matches_simulation(which, vit_setup, swin_
             assert l.low.attn.dynamic == "log_sqrt2" and l.low.q.dynamic == l.low.v.dynamic == "token"
             assert l.high.attn.dynamic is None
     rec = attach(res.recipe, spec)
-    assert MixaSpec.from_dict(rec.mixa, layers=rec.layers).low_softmax == "log"
+    assert rec.mixa.low_softmax == "log"
     n_att = sum(1 for l in spec.layers if l.low.kind == "attn" and spec.block_of(l.module).n_low)
     sim = MixaSim(res.sim, spec)
     uniform = MixaSim(res.sim, build_mixa_spec(res.model, res.sim, res.recipe, x, **kw))

@@ -13,7 +13,6 @@ timm = pytest.importorskip("timm")
 
 from vitq.mixa.calib import attach, build_mixa_spec  # noqa: E402
 from vitq.mixa.sim import MixaSim  # noqa: E402
-from vitq.mixa.spec import MixaSpec  # noqa: E402
 from vitq.passes.infra import ort_run, run_passes  # noqa: E402
 from vitq.passes.pipeline import build_deployable  # noqa: E402
 from vitq.passes.split_windows import SplitWindows  # noqa: E402
@@ -44,7 +43,7 @@ def test_deployed_graph_matches_simulation(which, vit_setup, swin_setup):
     proto, rep = build_deployable(path, rec, "ort", sample_inputs=x[:2].numpy())
     names = [p["name"] for p in rep["passes"]]
     assert names[:3] == ["split_windows", "insert_qdq", "split_windows_attn"]
-    sim = MixaSim(res.sim, MixaSpec.from_dict(rec.mixa, layers=rec.layers))
+    sim = MixaSim(res.sim, rec.mixa)
     more = torch.randn(26, *x.shape[1:], generator=torch.Generator().manual_seed(5))
     rows = {"got": [], "ref": [], "base": []}
     for xb in (x[:1], x[1:4], torch.cat([x[4:], more])):  # dynamic batch: 1, 3 and 28 (32 distinct samples)
@@ -76,7 +75,7 @@ def test_deployed_graph_matches_simulation(which, vit_setup, swin_setup):
 
 def test_ratio_zero_graph_equals_uniform(vit_setup):
     res, rec, path, x = vit_setup
-    spec = MixaSpec.from_dict(rec.mixa, layers=rec.layers).with_ratios({})
+    spec = rec.mixa.with_ratios({})
     spec = spec.with_ratios({b.block: 0.0 for b in spec.blocks})
     rec0 = attach(res.recipe, spec)
     p0, _ = build_deployable(path, rec0, "ort", validate=False)
@@ -90,7 +89,7 @@ def test_pruning_is_rejected_in_graph(vit_setup):
     from vitq.passes.infra import GraphPassError
 
     res, rec, path, x = vit_setup
-    spec = MixaSpec.from_dict(rec.mixa, layers=rec.layers)
+    spec = rec.mixa
     spec = spec.with_ratios({}, prune={spec.blocks[0].block: 0.25})
     with pytest.raises(GraphPassError, match="pruning"):
         build_deployable(path, attach(res.recipe, spec), "ort", validate=False)

@@ -15,9 +15,10 @@ from onnx import helper as h
 from onnx import numpy_helper as nh
 
 from vitq.errors import InputError
-from vitq.passes.dynamic_qdq import META_DYNAMIC, dynamic_qdq_nodes, dynamic_qdq_protos, float_dynamic_qdq
+from vitq.passes.dynamic_qdq import META_DYNAMIC, dynamic_qdq_nodes, float_dynamic_qdq
 from vitq.passes.irutil import Namer
-from vitq.plugins.lowering import expand_plugins, lower_trt
+from vitq.passes.lower_trt import lower_trt
+from vitq.plugins.expand import dynamic_qdq_protos, expand_plugins
 from vitq.plugins.specs import (DYN_EPS, dynamic_row_params_ref, quant_linear_a4_ref, quantize_act_dynamic_ref)
 from vitq.quant.functional import fake_quant_dynamic
 from vitq.recipe.schema import DYN_EPS as SCHEMA_EPS
@@ -326,3 +327,31 @@ def test_float_dynamic_qdq_grouped_is_exact():
         xv = rand_xg(seed)
         for a, b in zip(run_ort(ref_proto, xv), run_ort(proto, xv)):
             np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("group", [0, 32])
+def test_onnx_only_chain_builder_equals_the_pass_builder(group):
+    """The runtime's onnx-only chain (vitq.plugins.expand.dynamic_qdq_protos) is insert_qdq's chain
+    (vitq.passes.dynamic_qdq.dynamic_qdq_nodes) node for node: names, op types, inputs, attributes, constants."""
+    k = 64
+    shape = [2, 5, k]
+    g = ir.Graph([], [], nodes=[])
+    nm = Namer(g)
+    nm.used |= {"x"}
+    x = ir.Value(name="x", shape=ir.Shape(shape), type=ir.TensorType(ir.DataType.FLOAT))
+    nodes, y = dynamic_qdq_nodes(g, nm, x, 4, -1, "act", {}, group=group)
+    want = [ir.serde.serialize_node(n) for n in nodes]
+    want_inits = {v.name: v.const_value.numpy() for v in g.initializers.values()}
+    got, inits, out = dynamic_qdq_protos("x", k, 4, "act", {"x"}, group=group, rank=len(shape))
+    assert out == y.name
+    assert [(n.name, n.op_type, list(n.input), list(n.output)) for n in got] == \
+        [(n.name, n.op_type, list(n.input), list(n.output)) for n in want]
+    for a, b in zip(got, want):
+        assert {at.name: h.get_attribute_value(at) for at in a.attribute} == \
+            {at.name: h.get_attribute_value(at) for at in b.attribute}
+        assert {p.key: p.value for p in a.metadata_props} == {p.key: p.value for p in b.metadata_props}
+    got_inits = {t.name: nh.to_array(t) for t in inits}
+    assert got_inits.keys() == want_inits.keys()
+    for name, arr in got_inits.items():
+        assert arr.dtype == want_inits[name].dtype
+        np.testing.assert_array_equal(arr, want_inits[name])

@@ -12,7 +12,8 @@ from onnx import helper as h
 from onnx import numpy_helper as nh
 
 from vitq.errors import InputError
-from vitq.plugins.lowering import expand_plugins, lower_trt
+from vitq.passes.lower_trt import lower_trt
+from vitq.plugins.expand import expand_plugins
 from vitq.plugins.specs import DOMAIN, NAMESPACE, VERSION, quant_linear_a4_ref
 
 K, N = 16, 12

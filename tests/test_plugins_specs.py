@@ -12,8 +12,7 @@ from onnx import helper as h
 from onnx import numpy_helper as nh
 
 from vitq.errors import InputError
-from vitq.plugins.specs import (SPECS, n_high_windows, quant_linear_a4_ref, quantize_act_ref, window_importance_ref,
-                                window_merge_ref, window_route_ref)
+from vitq.plugins.specs import SPECS, quant_linear_a4_ref, quantize_act_ref
 
 
 def _run(nodes, inputs, outputs, inits, feeds):
@@ -33,7 +32,7 @@ def test_spec_registry():
     for bad in ({}, {"act_scale": -1.0}, {"act_dynamic": 2}, {"act_scale": 0.5, "act_bits": 8}):
         with pytest.raises(InputError):
             q.resolve_attrs(bad)
-    assert not SPECS["WindowRoute"].shipped and not SPECS["WindowMerge"].shipped
+    assert list(SPECS) == ["QuantLinearA4"]  # every spec is one the lowering emits
 
 
 @pytest.mark.parametrize("scale", [0.1, 0.0371, 0.003])
@@ -84,52 +83,3 @@ def test_quant_linear_ref_rejects_out_of_range_weights():
     with pytest.raises(InputError, match="last dim"):
         quant_linear_a4_ref(np.zeros((1, 9), np.float32), np.zeros((2, 8), np.int8), np.ones(2, np.float32),
                             act_scale=1.0)
-
-
-def test_n_high_windows():
-    assert n_high_windows(64, 0.5) == 32
-    assert n_high_windows(49, 0.5) == 25  # top (1-r), rounded up
-    assert n_high_windows(10, 0.0) == 10
-    assert n_high_windows(10, 0.3) == 7  # floor(0.3*10) = 3 even though 0.3*10 = 2.9999999999999996
-    with pytest.raises(InputError):
-        n_high_windows(10, 1.0)
-
-
-def test_window_route_merge_roundtrip_and_order():
-    rng = np.random.default_rng(3)
-    x = rng.standard_normal((2, 9, 5, 4)).astype(np.float32)
-    x[0, 3] = x[0, 6] = 5.0  # a tie between two top windows: the lower index must come first
-    x_hi, x_lo, i_hi, i_lo = window_route_ref(x, ratio=0.4)
-    nh_ = n_high_windows(9, 0.4)
-    assert x_hi.shape == (2, nh_, 5, 4) and x_lo.shape == (2, 9 - nh_, 5, 4)
-    imp = window_importance_ref(x)
-    for b in range(2):
-        assert np.all(np.diff(imp[b, i_hi[b]]) <= 0)  # descending
-        assert np.all(np.diff(i_lo[b]) > 0)  # ascending window order
-        assert imp[b, i_hi[b]].min() >= imp[b, i_lo[b]].max()
-        assert sorted(np.concatenate([i_hi[b], i_lo[b]]).tolist()) == list(range(9))
-    assert i_hi[0][:2].tolist() == [3, 6]
-    np.testing.assert_array_equal(window_merge_ref(x_hi, x_lo, i_hi, i_lo), x)
-    with pytest.raises(InputError):
-        window_merge_ref(x_hi, x_lo, i_hi, np.zeros_like(i_lo))
-
-
-def test_window_route_matches_native_onnx_chain():
-    """The reference equals the native TopK/GatherElements chain TensorRT would run (the shipped default)."""
-    rng = np.random.default_rng(4)
-    b, nw, t, c = 2, 16, 7, 8
-    x = rng.standard_normal((b, nw, t, c)).astype(np.float32)
-    nh_ = n_high_windows(nw, 0.5)
-    nodes = [h.make_node("Abs", ["x"], ["ax"]),
-             h.make_node("ReduceMean", ["ax", "ax_c"], ["a"], keepdims=0),
-             h.make_node("Mul", ["a", "a"], ["a2"]),
-             h.make_node("ReduceSum", ["a2", "ax_t"], ["ss"], keepdims=0),
-             h.make_node("Sqrt", ["ss"], ["imp"]),
-             h.make_node("TopK", ["imp", "k"], ["v", "idx"], axis=1, largest=1, sorted=1)]
-    out = _run(nodes, [h.make_tensor_value_info("x", T.FLOAT, [b, nw, t, c])],
-               [h.make_tensor_value_info("imp", T.FLOAT, [b, nw]), h.make_tensor_value_info("idx", T.INT64, [b, nh_])],
-               [nh.from_array(np.array([-1], np.int64), "ax_c"), nh.from_array(np.array([-1], np.int64), "ax_t"),
-                nh.from_array(np.array([nh_], np.int64), "k")], {"x": x})
-    np.testing.assert_allclose(out[0], window_importance_ref(x), rtol=1e-6)
-    _, _, i_hi, _ = window_route_ref(x, ratio=0.5)
-    np.testing.assert_array_equal(out[1], i_hi)

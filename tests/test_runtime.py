@@ -70,8 +70,8 @@ def test_topk_probabilities():
 
 
 def test_runtime_does_not_import_torch():
-    # vitq.plugins.lowering: the ORT backend expands plugin nodes (static and dynamic per-row) without torch
-    code = ("import sys, vitq.runtime, vitq.evaluate, vitq.benchmark, vitq.data, vitq.cli, vitq.plugins.lowering; "
+    # vitq.plugins.expand: the ORT backend expands plugin nodes (static and dynamic per-row) without torch
+    code = ("import sys, vitq.runtime, vitq.evaluate, vitq.benchmark, vitq.data, vitq.cli, vitq.plugins.expand; "
             "bad = [m for m in ('torch', 'timm', 'torchvision') if m in sys.modules]; "
             "assert not bad, bad; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -11,6 +11,7 @@ import numpy as np
 
 from . import __version__
 from .errors import InputError
+from .format import SCHEMA_BENCH
 from .progress import progress_bar
 from .runtime.engine import Engine
 
@@ -50,7 +51,7 @@ def benchmark(engine: Engine, *, batch: int = 1, warmup: int = 10, iters: int = 
     ms = np.asarray(times)
     lat = percentiles(ms)
     return {
-        "schema": "vitq.bench/1", "vitq_version": __version__, "model": engine.describe(), "batch": batch,
+        "schema": SCHEMA_BENCH, "vitq_version": __version__, "model": engine.describe(), "batch": batch,
         "warmup": warmup, "iters": len(times), "latency_ms": lat,
         "throughput_img_s": batch * 1e3 / lat["p50"],
         "threads": getattr(engine._b, "threads", None),

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import VitqError
+from .format import SCHEMA_BENCH_SET
 
 
 def _positive_int(s: str) -> int:
@@ -204,14 +205,14 @@ def cmd_bench(args) -> int:
     results = [merge_repeats([benchmark(eng, batch=bs, warmup=args.warmup, iters=args.iters,
                                         min_time_s=args.min_time) for _ in range(args.repeats)])
                for bs in args.batch]
-    out = results[0] if len(results) == 1 else {"schema": "vitq.bench-set/1", "results": results}
+    out = results[0] if len(results) == 1 else {"schema": SCHEMA_BENCH_SET, "results": results}
     _emit(out, args, summarize_bench(results))
     return 0
 
 
 def cmd_info(args) -> int:
     from .runtime import Engine
-    from .runtime.engine import ARTIFACT_REPORT
+    from .format import ARTIFACT_REPORT
 
     eng = Engine.load(args.model, backend="ort")
     info = eng.describe()

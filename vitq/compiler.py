@@ -24,10 +24,9 @@ from .artifacts import atomic_output_dir, check_writable_parent, sha256_file, wr
 from .errors import InputError, UnsupportedError
 from .plugins.specs import ACT_GROUPS
 from .recipe import RecipeRequest, parse_recipe_arg
-from .runtime.engine import ARTIFACT_FP32, ARTIFACT_MODEL, ARTIFACT_REPORT, META_TARGET
+from .format import ARTIFACT_FP32, ARTIFACT_MODEL, ARTIFACT_REPORT, META_TARGET, SCHEMA_REPORT, TARGETS
 from .runtime.preprocess import PreprocessConfig
 
-TARGETS = ("ort", "trt", "jetson")
 
 
 @dataclass
@@ -140,7 +139,7 @@ def compile_model(opts: CompileOptions, echo: Callable[[str], None] = print) -> 
         trt_opts = opts.trt if opts.trt is not None else TrtBuildOptions()
     check_writable_parent(Path(opts.out))  # fail before minutes of work
     log = _Log(echo=echo)
-    report: dict[str, Any] = {"schema": "vitq.report/1", "vitq_version": __version__,
+    report: dict[str, Any] = {"schema": SCHEMA_REPORT, "vitq_version": __version__,
                               "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                               "target": opts.target}
     calib = None

@@ -11,16 +11,42 @@ import numpy as np
 from . import __version__
 from .data import ImageSet, iter_batches
 from .errors import DataError, InputError
+from .format import SCHEMA_EVAL
 from .progress import progress_bar
 from .runtime.engine import Engine
 from .runtime.preprocess import PreprocessConfig
 from .table import format_table
 
 
-def log_softmax(z: np.ndarray) -> np.ndarray:
-    z = z.astype(np.float64)
+def log_softmax(z) -> np.ndarray:
+    """Row-wise log-softmax in float64 (``z``: [N, classes], numpy or a CPU torch tensor)."""
+    if hasattr(z, "detach"):  # a torch tensor
+        z = z.detach().cpu()
+    z = np.asarray(z, dtype=np.float64)
     z = z - z.max(axis=1, keepdims=True)
     return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+def kl_per_image(ref, logits) -> np.ndarray:
+    """``KL(softmax(ref) || softmax(logits))`` per row, in nats, float64: how far a model's output distribution is
+    from the reference's. The one implementation vitq uses (calibration search, evaluation, benchmarks)."""
+    lp, lq = log_softmax(ref), log_softmax(logits)
+    return (np.exp(lp) * (lp - lq)).sum(axis=1)
+
+
+def kl_mean(ref, logits) -> float:
+    """Mean of :func:`kl_per_image` over the rows."""
+    return float(kl_per_image(ref, logits).mean())
+
+
+def agreement(logits, ref) -> float:
+    """Fraction of rows whose top-1 class equals the reference's."""
+    return float((np.asarray(logits).argmax(1) == np.asarray(ref).argmax(1)).mean())
+
+
+def top1(logits, labels) -> float:
+    """Fraction of rows whose top-1 class is the label."""
+    return float((np.asarray(logits).argmax(1) == np.asarray(labels)).mean())
 
 
 def topk_correct(logits: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
@@ -33,11 +59,10 @@ def compare_logits(logits: np.ndarray, ref: np.ndarray) -> dict[str, float]:
     """Agreement of top-1, mean KL(ref || model) in nats, mean cosine similarity, max abs difference."""
     if logits.shape != ref.shape:
         raise InputError(f"logit shapes differ: {logits.shape} vs reference {ref.shape}")
-    lp, lq = log_softmax(ref), log_softmax(logits)
-    kl = (np.exp(lp) * (lp - lq)).sum(axis=1)
+    kl = kl_per_image(ref, logits)
     a, b = logits.astype(np.float64), ref.astype(np.float64)
     cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
-    return {"agreement": float((logits.argmax(1) == ref.argmax(1)).mean()), "kl_mean": float(kl.mean()),
+    return {"agreement": agreement(logits, ref), "kl_mean": float(kl.mean()),
             "cosine_mean": float(cos.mean()), "max_abs_diff": float(np.abs(a - b).max())}
 
 
@@ -76,7 +101,7 @@ def evaluate(engine: Engine, images: ImageSet, *, reference: Engine | None = Non
     logits, labels = collect_logits(engines, images, cfg, batch_size=batch_size, skip_bad=skip_bad,
                                     progress=progress)
     result: dict[str, Any] = {
-        "schema": "vitq.eval/1", "vitq_version": __version__, "model": engine.describe(),
+        "schema": SCHEMA_EVAL, "vitq_version": __version__, "model": engine.describe(),
         "images": images.describe(), "n": int(len(logits[0])), "batch_size": batch_size,
     }
     if labels is not None:

@@ -25,11 +25,9 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .errors import InputError
+from .format import SCHEMA_BENCH as BENCH, SCHEMA_BENCH_SET as BENCH_SET
+from .format import SCHEMA_CHECK as CHECK, SCHEMA_EVAL as EVAL
 
-BENCH = "vitq.bench/1"
-BENCH_SET = "vitq.bench-set/1"
-EVAL = "vitq.eval/1"
-CHECK = "vitq.check/1"
 
 #: latency metric -> (path into the bench dict, True when higher is better)
 LATENCY_METRICS: dict[str, tuple[tuple[str, ...], bool]] = {

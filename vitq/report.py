@@ -38,11 +38,10 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .errors import InputError, UnsupportedError
+from .format import (ARTIFACT_FP32, ARTIFACT_RECIPE, ARTIFACT_REPORT, SCHEMA_BENCH, SCHEMA_BENCH_SET,
+                     SCHEMA_EVAL as EVAL_SCHEMA, SCHEMA_POINTS as POINTS_SCHEMA, SCHEMA_REPORT as REPORT_SCHEMA)
 
-REPORT_SCHEMA = "vitq.report/1"
-EVAL_SCHEMA = "vitq.eval/1"
-BENCH_SCHEMAS = ("vitq.bench/1", "vitq.bench-set/1")
-POINTS_SCHEMA = "vitq.points/1"
+BENCH_SCHEMAS = (SCHEMA_BENCH, SCHEMA_BENCH_SET)
 
 #: plot style per point kind: (marker, colour, legend label)
 KIND_STYLE = {
@@ -105,7 +104,7 @@ def load_inputs(directory: str | os.PathLike, *, evals: Iterable[str | os.PathLi
         raise InputError(f"artifact directory not found: {d}")
     if not d.is_dir():
         raise InputError(f"{d} is not a directory (expected an artifact directory written by vitq compile)")
-    rp = d / "report.json"
+    rp = d / ARTIFACT_REPORT
     if not rp.is_file():
         raise InputError(f"no compile report in {d}: {rp} not found",
                          hint="vitq report reads the directory written by `vitq compile ... --out DIR`")
@@ -116,11 +115,11 @@ def load_inputs(directory: str | os.PathLike, *, evals: Iterable[str | os.PathLi
     for key in ("model", "recipe"):
         if not isinstance(report.get(key), dict):
             raise InputError(f"{rp}: malformed report: {key!r} is missing or not an object")
-    inp = ReportInputs(d, report, d / "recipe.json" if (d / "recipe.json").is_file() else None)
+    inp = ReportInputs(d, report, d / ARTIFACT_RECIPE if (d / ARTIFACT_RECIPE).is_file() else None)
     explicit = {Path(p).resolve() for p in [*evals, *benches, *points]}
     if discover:
         for p in sorted(d.glob("*.json")):
-            if p.name in ("report.json", "recipe.json") or p.resolve() in explicit:
+            if p.name in (ARTIFACT_REPORT, ARTIFACT_RECIPE) or p.resolve() in explicit:
                 continue
             try:
                 data = json.loads(p.read_text())
@@ -233,7 +232,7 @@ def bitops_vs_w8a8(bitops: dict | None) -> float | None:
 
 
 def _is_fp32_model(path: Any) -> bool:
-    return Path(str(path or "")).name == "model.fp32.onnx"
+    return Path(str(path or "")).name == ARTIFACT_FP32
 
 
 def accuracy_summary(inp: ReportInputs) -> dict:
@@ -254,7 +253,7 @@ def accuracy_summary(inp: ReportInputs) -> dict:
 
 
 def _bench_entries(data: dict) -> list[dict]:
-    if data.get("schema") == "vitq.bench-set/1":
+    if data.get("schema") == SCHEMA_BENCH_SET:
         return [r for r in data.get("results") or [] if isinstance(r, dict)]
     return [data]
 

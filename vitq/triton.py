@@ -25,7 +25,8 @@ import numpy as np
 
 from .artifacts import atomic_output_dir
 from .errors import InputError, UnsupportedError
-from .runtime.engine import ARTIFACT_ENGINE, ARTIFACT_MODEL, META_PREPROCESS, Engine, TensorInfo
+from .format import ARTIFACT_ENGINE, ARTIFACT_MODEL, META_MODEL, META_PLUGIN_LIBRARY, META_PREPROCESS
+from .runtime.engine import Engine, TensorInfo
 
 _TRITON_TYPES = {
     np.dtype(np.float32): "TYPE_FP32", np.dtype(np.float16): "TYPE_FP16", np.dtype(np.float64): "TYPE_FP64",
@@ -67,7 +68,7 @@ def _q(s: str) -> str:
 
 
 def model_name(engine: Engine, name: str | None) -> str:
-    raw = name or engine.metadata.get("vitq.model") or Path(engine.path).parent.name or Path(engine.path).stem
+    raw = name or engine.metadata.get(META_MODEL) or Path(engine.path).parent.name or Path(engine.path).stem
     clean = re.sub(r"[^A-Za-z0-9_.-]", "_", raw).strip(".")
     if not clean:
         raise InputError(f"cannot derive a Triton model name from {raw!r}; pass --name")
@@ -105,11 +106,11 @@ def render_config(engine: Engine, *, name: str, platform: str = "onnxruntime_onn
     params = {}
     pre = engine.metadata.get(META_PREPROCESS)
     if pre:
-        params["vitq.preprocess"] = pre
-    if engine.metadata.get("vitq.model"):
-        params["vitq.model"] = engine.metadata["vitq.model"]
+        params[META_PREPROCESS] = pre
+    if engine.metadata.get(META_MODEL):
+        params[META_MODEL] = engine.metadata[META_MODEL]
     if plugin_lib:
-        params["vitq.plugin_library"] = plugin_lib
+        params[META_PLUGIN_LIBRARY] = plugin_lib
     for k, v in params.items():
         lines += ["parameters {", f"  key: {_q(k)}", f"  value: {{ string_value: {_q(v)} }}", "}"]
     return "\n".join(lines) + "\n"

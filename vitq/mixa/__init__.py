@@ -1,6 +1,6 @@
 """MixA-Q: mixed-precision activations per token group (ViT/DeiT) or per window (Swin).
 
-* :mod:`.spec`     the recipe's ``mixa`` section (torch-free, validated by the recipe schema);
+* :mod:`vitq.recipe.mixa` (not here) the recipe's ``mixa`` section, a typed object of the recipe;
 * :mod:`.routing`  importance, ranking and the per-block group/token masks (torch);
 * :mod:`.sim`      :class:`MixaSim`, the torch simulation (wraps :class:`vitq.quant.simulate.QuantSim`);
 * :mod:`.calib`    building a ``mixa`` section: branch quantizers calibrated on their own tokens/windows;

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from ..quant.bitops import layer_bitops
 from ..recipe.schema import LayerSpec, Recipe
-from .spec import MixaBlock, MixaSpec
+from ..recipe.mixa import MixaBlock, MixaSpec
 
 
 def _b(q) -> int:

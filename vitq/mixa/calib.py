@@ -33,14 +33,14 @@ from torch import nn
 from ..quant.functional import fake_quant
 from ..quant.observers import fake_quant_weight
 from ..quant.optm import fit_regions
-from ..quant.prepare import AttnHook, set_submodule
+from ..quant.prepare import AttnHook, Instrumented
 from ..quant.search import SHIFT_MAX_BITS, best_act_scale, subsample
 from ..quant.simulate import QuantSim, _t
 from ..errors import UnsupportedError
 from ..recipe.schema import ATTN_OPERANDS, LayerSpec, QuantSpec, Recipe, RegionSpec
 from .routing import BlockGeom, block_geometry
 from .sim import Router, layer_layout, routed_modules
-from .spec import FLOAT_BITS, MixaBlock, MixaLayer, MixaSpec, n_low_groups
+from ..recipe.mixa import FLOAT_BITS, MixaBlock, MixaLayer, MixaSpec, n_low_groups
 
 DEFAULT_GROUP_VIT = (2, 2)
 
@@ -88,67 +88,59 @@ def collect_branch_samples(prepared: nn.Module, family: str, spec: MixaSpec, geo
     router = Router(geoms, spec)
     gmap = {g.block: g for g in geoms}
     out: dict = {}
-    hooks, wrapped = [], {}
     state = {"seen": 0}
     mods = dict(prepared.named_modules())
-    for first in sorted({g.stage_first for g in geoms}):
-        hooks.append(mods[first].register_forward_pre_hook(
-            lambda m, a, first=first: router.set_importance(first, a[0])))
-    for l in spec.layers:
-        b = spec.block_of(l.module)
-        g = gmap[b.block]
-        layout = layer_layout(g, l.module)
-        kind = (l.high or l.low).kind
-        if kind == "attn":
-            st = out.setdefault(l.module, {"kind": "attn", "layout": layout, "t": {r: [] for r in
-                                                                                    ("q", "k", "attn", "v")},
-                                           "lvl": [], "amax": {}})
+    with Instrumented(prepared) as ins:
+        for first in sorted({g.stage_first for g in geoms}):
+            ins.pre_hook(mods[first], lambda m, a, first=first: router.set_importance(first, a[0]))
+        for l in spec.layers:
+            b = spec.block_of(l.module)
+            g = gmap[b.block]
+            layout = layer_layout(g, l.module)
+            kind = (l.high or l.low).kind
+            if kind == "attn":
+                st = out.setdefault(l.module, {"kind": "attn", "layout": layout, "t": {r: [] for r in
+                                                                                        ("q", "k", "attn", "v")},
+                                               "lvl": [], "amax": {}})
 
-            def qfn(role, t, st=st, blk=b.block, layout=layout):
-                n_img = max(0, keep_images - state["seen"])
-                if n_img:
-                    per = t.shape[0] // state["batch"]
-                    st["t"][role].append(t[: n_img * per].clone())
-                    if role == "q":
-                        lv = router.glevel(blk) if layout == "windows" else router.tlevel(blk)
-                        st["lvl"].append(lv[:n_img].clone())
-                return t
+                def qfn(role, t, st=st, blk=b.block, layout=layout):
+                    n_img = max(0, keep_images - state["seen"])
+                    if n_img:
+                        per = t.shape[0] // state["batch"]
+                        st["t"][role].append(t[: n_img * per].clone())
+                        if role == "q":
+                            lv = router.glevel(blk) if layout == "windows" else router.tlevel(blk)
+                            st["lvl"].append(lv[:n_img].clone())
+                    return t
 
-            wrapped[l.module] = mods[l.module]
-            set_submodule(prepared, l.module, AttnHook(mods[l.module], qfn))
-            continue
-        st = out.setdefault(l.module, {"kind": "linear", "layout": layout, 0: [], 1: [], "amax": {0: 0.0, 1: 0.0},
-                                       "min": {0: 0.0, 1: 0.0}})
+                ins.swap(l.module, lambda inner, qfn=qfn: AttnHook(inner, qfn))
+                continue
+            st = out.setdefault(l.module, {"kind": "linear", "layout": layout, 0: [], 1: [], "amax": {0: 0.0, 1: 0.0},
+                                           "min": {0: 0.0, 1: 0.0}})
 
-        def pre(mod, args, st=st, blk=b.block, layout=layout):
-            t = args[0]
-            if layout == "windows":
-                lv = router.glevel(blk).reshape(-1)  # [B*G]
-                rows = {k: t[lv == k].reshape(-1, t.shape[-1]) for k in (0, 1)}
-            else:
-                lv = router.tlevel(blk)  # [B, N]
-                rows = {k: t[lv == k] for k in (0, 1)}
-            for k, r in rows.items():
-                if r.numel() == 0:
-                    continue
-                st["amax"][k] = max(st["amax"][k], float(r.abs().max()))
-                st["min"][k] = min(st["min"][k], float(r.min()))
-                n = min(r.shape[0], tokens_per_image * state["batch"])
-                idx = torch.randperm(r.shape[0], generator=gen)[:n]
-                st[k].append(r[idx].clone())
+            def pre(mod, args, st=st, blk=b.block, layout=layout):
+                t = args[0]
+                if layout == "windows":
+                    lv = router.glevel(blk).reshape(-1)  # [B*G]
+                    rows = {k: t[lv == k].reshape(-1, t.shape[-1]) for k in (0, 1)}
+                else:
+                    lv = router.tlevel(blk)  # [B, N]
+                    rows = {k: t[lv == k] for k in (0, 1)}
+                for k, r in rows.items():
+                    if r.numel() == 0:
+                        continue
+                    st["amax"][k] = max(st["amax"][k], float(r.abs().max()))
+                    st["min"][k] = min(st["min"][k], float(r.min()))
+                    n = min(r.shape[0], tokens_per_image * state["batch"])
+                    idx = torch.randperm(r.shape[0], generator=gen)[:n]
+                    st[k].append(r[idx].clone())
 
-        hooks.append(mods[l.module].register_forward_pre_hook(pre))
-    try:
+            ins.pre_hook(mods[l.module], pre)
         for i in range(0, len(x), batch_size):
             xb = x[i:i + batch_size]
             state["batch"] = len(xb)
             prepared(xb)
             state["seen"] += len(xb)
-    finally:
-        for h in hooks:
-            h.remove()
-        for n, m in wrapped.items():
-            set_submodule(prepared, n, m)
     for st in out.values():
         if st["kind"] == "linear":
             for k in (0, 1):
@@ -333,9 +325,8 @@ def build_mixa_spec(prepared: nn.Module, qsim: QuantSim, recipe: Recipe, calib_x
 
 
 def attach(recipe: Recipe, spec: MixaSpec) -> Recipe:
-    """A copy of ``recipe`` carrying ``spec`` as its ``mixa`` section (validated by the schema round trip)."""
-    d = spec.to_dict()
-    MixaSpec.from_dict(d, "mixa", layers=recipe.layers)  # validate (as the schema does on load)
+    """A copy of ``recipe`` carrying ``spec`` as its ``mixa`` section: the spec as the recipe file would give it back
+    (written and parsed once, so that it is validated as on load)."""
     r = copy.copy(recipe)
-    r.mixa = d
+    r.mixa = MixaSpec.from_dict(spec.to_dict(), "mixa", layers=recipe.layers)
     return r

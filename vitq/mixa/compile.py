@@ -22,7 +22,7 @@ import re
 from pathlib import Path
 
 from ..errors import InputError
-from .spec import FLOAT_BITS
+from ..recipe.mixa import FLOAT_BITS
 
 SEARCH_IMAGES = 16
 CALIB_IMAGES = 32
@@ -125,11 +125,9 @@ def apply_mixa(opts, rec, prepared, sim, lm, calib, cfg, report: dict, log, echo
     from .calib import attach, build_mixa_spec
     from .search import search_ratios, units_of, unit_name
     from .sim import MixaSim
-    from .spec import MixaSpec
-
     info = None
     if opts.mixa is None:  # recipe file with a mixa section
-        spec = MixaSpec.from_dict(rec.mixa, layers=rec.layers)
+        spec = rec.mixa
         msim = MixaSim(sim, spec)
     else:
         if rec.mixa is not None:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedError
-from .spec import group_table
+from ..recipe.mixa import group_table
 
 
 @dataclass

@@ -19,10 +19,10 @@ import time
 import torch
 
 from ..errors import InputError
-from ..quant.mp import kl
+from ..evaluate import kl_mean as kl
 from ..quant.prepare import stage_of
 from .bitops import mixa_bitops
-from .spec import MAX_RATIO, MixaSpec
+from ..recipe.mixa import MAX_RATIO, MixaSpec
 
 
 def units_of(spec: MixaSpec) -> list[list[str]]:

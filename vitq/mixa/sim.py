@@ -28,7 +28,7 @@ from ..quant.simulate import QuantSim, SimModule, _AttnQ, _InputQuant, _t
 from ..recipe.schema import LayerSpec
 from .routing import BlockGeom, block_geometry, group_levels, group_scores, rank_groups, token_importance, \
     token_levels
-from .spec import MixaSpec
+from ..recipe.mixa import MixaSpec
 
 LINEAR_ROLES = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 

@@ -27,14 +27,13 @@ TensorRT runs it as is (element-wise ops before a float matmul).
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 
 from ..recipe.schema import DYN_EPS, log_sqrt2_grid
 from .infra import GraphPassError
 from .irutil import Namer, add_initializer
+from ..format import NODE_DYNAMIC as META_DYNAMIC, NODE_LOWERED
 
-META_DYNAMIC = "vitq.dynamic"  # "token" on every node of a dynamic quantizer
 F32 = ir.DataType.FLOAT
 
 
@@ -122,26 +121,6 @@ def log_sqrt2_nodes(g: ir.Graph, nm: Namer, x: ir.Value, bits: int, base: str, m
     return nodes, y
 
 
-def dynamic_qdq_protos(x_name: str, k: int, bits: int, base: str, used: set[str], group: int = 0, rank: int = 0
-                       ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], str]:
-    """:func:`dynamic_qdq_nodes` over the last axis (of static size ``k``) of the tensor named ``x_name``, as protos
-    for proto-level rewrites (:func:`vitq.plugins.lowering.expand_plugins`): (nodes, initializers, output name).
-    With ``group`` > 0 the tensor's ``rank`` (>= 2) must be given (the chain reshapes it). New names avoid ``used``,
-    which is updated."""
-    if group and rank < 2:
-        raise GraphPassError(f"{base}: a grouped dynamic chain needs the rank (>= 2) of {x_name}, got {rank}")
-    g = ir.Graph([], [], nodes=[])
-    nm = Namer(g)
-    nm.used |= set(used) | {x_name}
-    dims = [None] * (rank - 1) + [k] if group else [k]
-    x = ir.Value(name=x_name, shape=ir.Shape(dims), type=ir.TensorType(F32))
-    nodes, y = dynamic_qdq_nodes(g, nm, x, bits, -1, base, {}, group=group)
-    out = ([ir.serde.serialize_node(n) for n in nodes],
-           [ir.serde.serialize_tensor(v.const_value) for v in g.initializers.values()], y.name)
-    used |= nm.used
-    return out
-
-
 def _levels(cast: ir.Node | None) -> int | None:
     """2^bits - 1 of the zero point's Cast (from its ``to``: value types need not be known)."""
     if cast is None or cast.op_type != "Cast" or "to" not in cast.attributes:
@@ -195,7 +174,7 @@ def float_dynamic_qdq(g: ir.Graph) -> int:
                        for d in dqs)):
             raise GraphPassError(f"{q.name}: not a dynamic quantizer built by dynamic_qdq_nodes")
         zf = cast.inputs[0]
-        meta = {**q.metadata_props, "vitq.lowered": "dynamic_float"}
+        meta = {**q.metadata_props, NODE_LOWERED: "dynamic_float"}
         base = q.name or "dyn"
         lo = add_initializer(g, nm, f"{base}.clip_lo", np.array(0.0, np.float32))
         hi = add_initializer(g, nm, f"{base}.clip_hi", np.array(float(levels), np.float32))

@@ -35,7 +35,7 @@ import numpy as np
 import onnx_ir as ir
 
 from .infra import GraphPass
-from .irutil import META_ROLE, META_SHIFT, Namer, add_initializer, const_array, consumers
+from .irutil import META_ROLE, META_SHIFT, Namer, add_initializer, const_array, consumers, drop_unused_initializers
 
 _ZP = 128
 
@@ -92,6 +92,7 @@ class FoldShiftZeroPoint(GraphPass):
             self._drop_if_unused(g, c_val)
             folded += 1
             attn_restored += self._attn_offset_into_dq(g, q, zp)
+        drop_unused_initializers(g)
         self.stats = {"folded": folded, "kept": kept, "attn_offsets_into_dq": attn_restored}
         return ir.passes.PassResult(model, modified=folded > 0)
 

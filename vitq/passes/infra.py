@@ -80,7 +80,7 @@ def ort_run(model: onnx.ModelProto | ir.Model, feeds: dict[str, np.ndarray]) -> 
     import onnxruntime as ort
 
     proto = model if isinstance(model, onnx.ModelProto) else ir.serde.serialize_model(model)
-    from ..plugins.lowering import expand_plugins, has_plugins
+    from ..plugins.expand import expand_plugins, has_plugins
 
     if has_plugins(proto):  # TensorRT plugin nodes: run their exact standard-ONNX expansion
         proto, _ = expand_plugins(proto)

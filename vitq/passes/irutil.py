@@ -9,12 +9,10 @@ import numpy as np
 import onnx_ir as ir
 
 from ..onnx_meta import NAME_SCOPES_KEY, module_name as _proto_module_name
+from ..plugins.expand import Names
+from ..format import NODE_BITS as META_BITS, NODE_MODULE as META_MODULE, NODE_ROLE as META_ROLE
+from ..format import NODE_SHIFT as META_SHIFT
 
-# Node metadata vitq writes on the nodes it creates (read back by trt_check and the lowering passes).
-META_ROLE = "vitq.role"        # "weight", "input", "input.pos", "input.neg", "q", "k", "attn", "v"
-META_MODULE = "vitq.module"    # timm module path of the quantized layer
-META_BITS = "vitq.bits"        # the recipe's bit-width (the graph may hold it in a wider container)
-META_SHIFT = "vitq.shift"      # on the Sub before a shifted quantizer's QuantizeLinear: the offset it subtracts
 
 
 class _Prop:
@@ -50,29 +48,22 @@ def const_array(value: ir.Value | None) -> np.ndarray | None:
     return None
 
 
-class Namer:
-    """Unique value / node names within one graph."""
+class Namer(Names):
+    """Unique value / node names within one onnx-ir graph (the naming scheme of :class:`vitq.plugins.expand.Names`,
+    shared with the runtime's plugin expansion)."""
 
     def __init__(self, graph: ir.Graph):
-        self.used: set[str] = set()
+        used: set[str] = set()
         for n in graph.all_nodes() if hasattr(graph, "all_nodes") else graph:
             if n.name:
-                self.used.add(n.name)
+                used.add(n.name)
             for v in n.outputs:
                 if v.name:
-                    self.used.add(v.name)
+                    used.add(v.name)
         for v in itertools.chain(graph.inputs, graph.outputs, graph.initializers.values()):
             if v.name:
-                self.used.add(v.name)
-
-    def __call__(self, base: str) -> str:
-        base = base or "v"
-        name, i = base, 0
-        while name in self.used:
-            i += 1
-            name = f"{base}_{i}"
-        self.used.add(name)
-        return name
+                used.add(v.name)
+        super().__init__(used)
 
 
 def add_initializer(graph: ir.Graph, namer: Namer, base: str, array: np.ndarray,
@@ -85,6 +76,17 @@ def add_initializer(graph: ir.Graph, namer: Namer, base: str, array: np.ndarray,
                  const_value=tensor)
     graph.register_initializer(v)
     return v
+
+
+def drop_unused_initializers(graph: ir.Graph) -> int:
+    """Remove every initializer no node reads (and that is no graph input or output); returns how many. A pass that
+    rewrites quantizers calls it last, so that no artifact carries dangling constants (ONNX Runtime warns about
+    each one on load)."""
+    dead = [name for name, v in graph.initializers.items()
+            if not v.uses() and not v.is_graph_output() and not v.is_graph_input()]
+    for name in dead:
+        del graph.initializers[name]
+    return len(dead)
 
 
 def private_initializer(graph: ir.Graph, namer: Namer, node: ir.Node, index: int) -> ir.Value:

@@ -25,7 +25,7 @@ import numpy as np
 import onnx_ir as ir
 
 from .infra import GraphPass
-from .irutil import Namer, add_initializer, const_array, consumers
+from .irutil import Namer, add_initializer, const_array, consumers, drop_unused_initializers
 
 _ZP = 128
 SAFE_S8 = 64  # |w| <= 64: u8*s8 pair sums stay within int16 (2 * 255 * 64 = 32640)
@@ -100,6 +100,7 @@ class LowerOrtCpu(GraphPass):
                     g.initializers.pop(v.name, None)
             rewritten += 1
         weights, s8 = self._weights_to_u8(g, nm)
+        drop_unused_initializers(g)
         self.stats = {"activations_to_u8": rewritten, "left_as_is": skipped, "matmul_weights_to_u8": weights,
                       "matmul_weights_7bit_s8": s8}
         return ir.passes.PassResult(model, modified=rewritten > 0 or weights > 0)

@@ -19,9 +19,8 @@ from .fold_shift import FoldShiftZeroPoint
 from .lower_ort_cpu import LowerOrtCpu
 from .lower_trt import ClipSub8Activations, DynamicQdqFloat, LowerTrt
 from .trt_check import TrtCheck
+from ..format import SCHEMA_PASSES as REPORT_SCHEMA, TARGETS
 
-TARGETS = ("ort", "trt", "jetson")
-REPORT_SCHEMA = "vitq.passes/1"
 
 
 def pipeline_for(recipe: Recipe, target: str) -> list[GraphPass]:

@@ -38,9 +38,9 @@ from .analysis import find_sites, sites_by_module
 from .dynamic_qdq import dynamic_qdq_nodes, log_sqrt2_nodes
 from .infra import GraphPass, GraphPassError
 from .irutil import META_BITS, META_MODULE, META_ROLE, META_SHIFT, Namer, add_initializer, module_of
+from ..format import NODE_BRANCH as META_BRANCH
 
 LOW_SUFFIX = "@low"
-META_BRANCH = "vitq.mixa.branch"
 I64 = ir.DataType.INT64
 F32 = ir.DataType.FLOAT
 
@@ -48,9 +48,7 @@ F32 = ir.DataType.FLOAT
 def expanded_recipe(recipe: Recipe) -> Recipe:
     """The recipe ``insert_qdq`` runs on after the split: each routed layer at its high-branch spec (dropped when
     the high branch is float), plus ``MODULE@low`` layers with the low-branch specs (for split blocks only)."""
-    from ..mixa.spec import MixaSpec
-
-    spec = MixaSpec.from_dict(recipe.mixa, layers=recipe.layers)
+    spec = recipe.mixa
     routed = {l.module: l for l in spec.layers}
     layers = []
     for l in recipe.layers:
@@ -83,7 +81,7 @@ class _Geom:
 
     @classmethod
     def of(cls, spec, b) -> "_Geom":
-        from ..mixa.spec import group_table, stage_first
+        from ..recipe.mixa import group_table, stage_first
 
         pre = spec.prefix if spec.scheme == "tokens" else 0
         table = group_table(spec.scheme, b.grid, spec.group, b.shift, pre)
@@ -188,10 +186,8 @@ class SplitWindows(GraphPass):
 
     def __init__(self, recipe: Recipe):
         super().__init__()
-        from ..mixa.spec import MixaSpec
-
         self.recipe = recipe
-        self.spec = MixaSpec.from_dict(recipe.mixa, layers=recipe.layers)
+        self.spec = recipe.mixa
         self.geoms = {b.block: _Geom.of(self.spec, b) for b in self.spec.blocks}
         self.attn_sites: list[tuple[str, str, str, ir.Node, int]] = []  # (module, block, role, node, input idx)
         self.pairs: list[tuple[ir.Node, ir.Node]] = []

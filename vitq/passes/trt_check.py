@@ -7,7 +7,7 @@ errors
   ``UINT8_QDQ``              uint8 Q/DQ (e.g. an ORT-lowered graph): TensorRT Q/DQ are int8 / int4 / fp8 / fp4
   ``QDQ_PARAMS_NOT_CONST``   scale / zero point not initializers (required by the parser)
   ``INT4_ACTIVATION``        int4 QuantizeLinear on an activation: no native kernel; needs vitq's plugin lowering
-                             (``vitq.plugins.lowering.lower_trt``)
+                             (``vitq.passes.lower_trt``)
   ``DYNAMIC_ACTIVATION``     a blocked (per-token) uint Q/DQ left in the graph: needs ``lower_trt`` /
                              ``dynamic_qdq_float``
   ``SUB8_ACTIVATION``        a Clip on the integer tensor between Q and DQ (6-bit etc. activations): breaks the Q/DQ
@@ -43,6 +43,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from ..format import NODE_LOWERED
 from .analysis import QDQ_OPS
 from .dynamic_qdq import META_DYNAMIC
 from .infra import GraphPass, to_ir
@@ -190,7 +191,7 @@ def check(model: onnx.ModelProto | ir.Model | str) -> TrtReport:
             add("warning", "LOG_ACT_FLOAT", f"log-sqrt(2) {n.metadata_props.get(META_BITS, '?')}-bit post-softmax "
                                             f"activation as float element-wise ops (exact; its matmul runs in "
                                             f"float)", n)
-        if n.op_type == "Round" and n.metadata_props.get("vitq.lowered") == "dynamic_float":
+        if n.op_type == "Round" and n.metadata_props.get(NODE_LOWERED) == "dynamic_float":
             add("warning", "DYNAMIC_ACT_FLOAT", f"dynamic per-token {n.metadata_props.get(META_BITS, '?')}-bit "
                                                 f"activation as float element-wise ops (exact; its matmul runs in "
                                                 f"float)", n)
@@ -224,13 +225,13 @@ def _check_qdq(n: ir.Node, add) -> None:
         add("error", "UINT8_QDQ", f"{n.op_type} on {qt.name}: TensorRT Q/DQ are signed (int8/int4); build the TRT "
                                   f"target from the un-lowered Q/DQ graph", n)
     if n.op_type == "QuantizeLinear":
-        if n.metadata_props.get("vitq.lowered") == "clip_int8":
+        if n.metadata_props.get(NODE_LOWERED) == "clip_int8":
             bits = n.metadata_props.get(META_BITS, "?")
             add("warning", "SUB8_ACT_AS_INT8", f"{bits}-bit activation runs as int8 (float Clip to the {bits}-bit "
                                                f"range, then int8 Q/DQ: exact, no sub-8-bit speed)", n)
         if qt == ir.DataType.INT4:
             add("error", "INT4_ACTIVATION", "int4 activation quantization has no native TensorRT kernel; lower it "
-                                            "with vitq.plugins.lowering.lower_trt (plugin)", n)
+                                            "with vitq.passes.lower_trt (plugin)", n)
         for c in consumers(n.outputs[0]):
             if c.op_type == "Clip":
                 bits = n.metadata_props.get(META_BITS, "?")

@@ -1,7 +1,7 @@
 """One definition per vitq custom op: name, namespace, version, attributes, I/O, and a numpy reference.
 
 The numpy reference functions here are the **semantic truth** for each op. Every other implementation (the
-standard-ONNX expansion in :mod:`vitq.plugins.lowering`, the CUDA kernels in ``kernels/``, the TensorRT plugin in
+standard-ONNX expansion in :mod:`vitq.plugins.expand`, the CUDA kernels in ``kernels/``, the TensorRT plugin in
 ``trt/``) is checked against them.
 
 QuantLinearA4
@@ -17,12 +17,6 @@ QuantLinearA4
     dynamic low branch (``vitq.passes.dynamic_qdq``): scale and zero point from each row's own min/max at run time;
     with ``act_group=G`` too, one per G consecutive features of a row (``--mixa-low-group``).
 
-WindowRoute / WindowMerge
-    Fused window importance + top-k + gather of windows into a "high" and a "low" group, and the exact scatter back.
-    **These are only worth shipping as plugins if a GPU measurement shows they beat TensorRT's native
-    TopK/Gather/ScatterElements chain.** No GPU was available when they were written, so the native chain stays the
-    default (``OpSpec.shipped = False``): the lowering pass never emits them, and no TensorRT wrapper exists for them.
-    The CUDA kernels exist so that the measurement can be made (``bench/plugins_gpu.py``).
 """
 
 from __future__ import annotations
@@ -284,92 +278,4 @@ QUANT_LINEAR_A4 = OpSpec(
 )
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# WindowRoute / WindowMerge
-# ---------------------------------------------------------------------------------------------------------------
-
-def n_high_windows(num_windows: int, ratio: float) -> int:
-    """Windows in the high group: ``num_windows - floor(ratio * num_windows)`` (the top (1-r) fraction, rounded up).
-
-    ``ratio`` in [0, 1) is the fraction routed to the low group."""
-    if not 0.0 <= ratio < 1.0:
-        raise InputError(f"WindowRoute: ratio must be in [0, 1), got {ratio}")
-    return num_windows - int(math.floor(ratio * num_windows + 1e-9))
-
-
-def window_importance_ref(x: np.ndarray) -> np.ndarray:
-    """x: float32 [B, nW, T, C] -> importance [B, nW]: L2 norm over the window's T tokens of a = mean_c |x|."""
-    x = np.asarray(x, dtype=np.float32)
-    a = np.mean(np.abs(x), axis=-1)  # [B, nW, T]
-    return np.sqrt(np.sum(a * a, axis=-1)).astype(np.float32)
-
-
-def window_route_ref(x: np.ndarray, *, ratio: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Split windows into two groups by importance.
-
-    x: float32 [B, nW, T, C]. Returns (x_high [B, nH, T, C], x_low [B, nL, T, C], idx_high int64 [B, nH],
-    idx_low int64 [B, nL]) with nH = :func:`n_high_windows`. The high group is ordered by descending importance,
-    ties broken by the lower window index first (ONNX TopK's rule); the low group is in ascending window order.
-    """
-    x = np.asarray(x, dtype=np.float32)
-    if x.ndim != 4:
-        raise InputError(f"WindowRoute: x must be [B, nW, T, C], got shape {x.shape}")
-    b, nw = x.shape[:2]
-    nh = n_high_windows(nw, ratio)
-    imp = window_importance_ref(x)
-    # stable sort of -imp: descending importance, lower index first on ties
-    order = np.argsort(-imp, axis=1, kind="stable")
-    idx_high = order[:, :nh].astype(np.int64)
-    idx_low = np.sort(order[:, nh:], axis=1).astype(np.int64)
-    bi = np.arange(b)[:, None]
-    return x[bi, idx_high], x[bi, idx_low], idx_high, idx_low
-
-
-def window_merge_ref(y_high: np.ndarray, y_low: np.ndarray, idx_high: np.ndarray,
-                     idx_low: np.ndarray) -> np.ndarray:
-    """Exact inverse scatter of :func:`window_route_ref`: y[b, idx_high[b, i]] = y_high[b, i] (same for low)."""
-    y_high = np.asarray(y_high)
-    y_low = np.asarray(y_low)
-    b, nh = idx_high.shape
-    nl = idx_low.shape[1]
-    nw = nh + nl
-    out = np.empty((b, nw) + y_high.shape[2:], dtype=np.result_type(y_high, y_low))
-    seen = np.zeros((b, nw), dtype=np.int32)
-    bi = np.arange(b)[:, None]
-    out[bi, idx_high] = y_high
-    out[bi, idx_low] = y_low
-    np.add.at(seen, (np.broadcast_to(bi, idx_high.shape), idx_high), 1)
-    np.add.at(seen, (np.broadcast_to(bi, idx_low.shape), idx_low), 1)
-    if not np.all(seen == 1):
-        raise InputError("WindowMerge: idx_high/idx_low are not a partition of the windows")
-    return out
-
-
-_NOT_SHIPPED = ("Not emitted by lower_trt: ship only if a GPU measurement beats TensorRT's native "
-                "TopK/Gather/ScatterElements chain (none made yet: no GPU was available).",)
-
-WINDOW_ROUTE = OpSpec(
-    name="WindowRoute",
-    attrs=(AttrSpec("ratio", "float", None, "fraction of windows routed to the low group, in [0, 1)"),),
-    inputs=(TensorSpec("x", "float32", "[B, nW, T, C]"),),
-    outputs=(TensorSpec("x_high", "float32", "[B, nH, T, C]"), TensorSpec("x_low", "float32", "[B, nL, T, C]"),
-             TensorSpec("idx_high", "int64", "[B, nH]"), TensorSpec("idx_low", "int64", "[B, nL]")),
-    reference=window_route_ref,
-    doc="importance = ||mean_c |x| ||_2 over a window's tokens; top (1-ratio) windows -> high group.",
-    shipped=False,
-    notes=_NOT_SHIPPED,
-)
-
-WINDOW_MERGE = OpSpec(
-    name="WindowMerge",
-    attrs=(),
-    inputs=(TensorSpec("y_high", "float32", "[B, nH, T, C]"), TensorSpec("y_low", "float32", "[B, nL, T, C]"),
-            TensorSpec("idx_high", "int64", "[B, nH]"), TensorSpec("idx_low", "int64", "[B, nL]")),
-    outputs=(TensorSpec("y", "float32", "[B, nH + nL, T, C]"),),
-    reference=window_merge_ref,
-    doc="exact scatter of the two window groups back to window order.",
-    shipped=False,
-    notes=_NOT_SHIPPED,
-)
-
-SPECS: dict[str, OpSpec] = {s.name: s for s in (QUANT_LINEAR_A4, WINDOW_ROUTE, WINDOW_MERGE)}
+SPECS: dict[str, OpSpec] = {s.name: s for s in (QUANT_LINEAR_A4,)}

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .prepare import AttnHook, Graph, set_submodule
+from .prepare import AttnHook, Graph, Instrumented
 
 
 @dataclass
@@ -45,7 +45,6 @@ def collect_stats(model: nn.Module, graph: Graph, x: torch.Tensor, *, batch_size
     """Run ``model`` (a prepared float model) over ``x`` and return ``{module: InputStats | AttnStats}``."""
     gen = torch.Generator().manual_seed(seed)
     stats: dict = {}
-    hooks = []
     state = {"seen": 0}  # images already processed (for keep_images)
     mods = dict(model.named_modules())
 
@@ -75,12 +74,15 @@ def collect_stats(model: nn.Module, graph: Graph, x: torch.Tensor, *, batch_size
             st.amax = max(st.amax, float(t.abs().max()))
         return h
 
-    wrapped = {}
-    for p in graph.points:
-        m = mods[p.module]
-        if p.kind in ("linear", "conv"):
-            hooks.append(m.register_forward_pre_hook(lin_pre(p.module, p.kind == "conv")))
-        else:
+    from ..progress import progress_bar
+
+    logits = []
+    with Instrumented(model) as ins:
+        for p in graph.points:
+            m = mods[p.module]
+            if p.kind in ("linear", "conv"):
+                ins.pre_hook(m, lin_pre(p.module, p.kind == "conv"))
+                continue
             st = stats.setdefault(p.module, AttnStats())
 
             def qfn(role, t, st=st):
@@ -91,12 +93,7 @@ def collect_stats(model: nn.Module, graph: Graph, x: torch.Tensor, *, batch_size
                     st.samples[role].append(t[: n_img * per].detach().clone())
                 return t
 
-            wrapped[p.module] = m
-            set_submodule(model, p.module, AttnHook(m, qfn))
-    from ..progress import progress_bar
-
-    logits = []
-    try:
+            ins.swap(p.module, lambda inner, qfn=qfn: AttnHook(inner, qfn))
         with torch.no_grad(), progress_bar(total=len(x), desc="calibrate", unit="img", enable=bool(progress)) as bar:
             for i in range(0, len(x), batch_size):
                 xb = x[i:i + batch_size]
@@ -104,11 +101,6 @@ def collect_stats(model: nn.Module, graph: Graph, x: torch.Tensor, *, batch_size
                 logits.append(model(xb))
                 state["seen"] += len(xb)
                 bar.update(len(xb))
-    finally:
-        for h in hooks:
-            h.remove()
-        for n, m in wrapped.items():
-            set_submodule(model, n, m)
     for st in stats.values():
         if isinstance(st, InputStats) and len(st.samples) > 1:
             st.samples = [torch.cat(st.samples)]

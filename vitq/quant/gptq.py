@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from . import observers as ob
 from .functional import qrange
+from .prepare import Instrumented
 
 DAMP = 0.01
 BLOCK = 128
@@ -212,17 +213,14 @@ def sequential_gptq(sim, prepared: torch.nn.Module, x: torch.Tensor, modules: li
             if spec.weight is None:
                 continue
             acc = _Cross(wr)
-            hooks = [wr.register_forward_pre_hook(lambda mod, inp, acc=acc: acc.add_quant(mod.qin(inp[0]).float()))]
-            if fchain is not None:
-                hooks.append(fmods[m].register_forward_pre_hook(lambda mod, inp, acc=acc: acc.add_float(inp[0])))
-            try:
+            with Instrumented(wr) as ins:
+                ins.pre_hook(wr, lambda mod, inp, acc=acc: acc.add_quant(mod.qin(inp[0]).float()))
+                if fchain is not None:
+                    ins.pre_hook(fmods[m], lambda mod, inp, acc=acc: acc.add_float(inp[0]))
                 for i in range(0, len(h), batch_size):
                     if fchain is not None:
                         fchain[si][1](hf[i:i + batch_size])
                     fn(h[i:i + batch_size])
-            finally:
-                for hk in hooks:
-                    hk.remove()
             H = acc.hq.matrix()
             w = wr.float_weight
             tgt = w

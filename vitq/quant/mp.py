@@ -18,19 +18,13 @@ import math
 import time
 
 import torch
-import torch.nn.functional as F
 
+from ..evaluate import kl_mean as kl
 from ..recipe.schema import LayerSpec, Recipe
 from .bitops import layer_bitops
 from .prepare import stage_of
 
 CANDIDATES = (8, 6, 4)
-
-
-def kl(ref_logits: torch.Tensor, logits: torch.Tensor) -> float:
-    p = F.log_softmax(ref_logits.double(), -1)
-    q = F.log_softmax(logits.double(), -1)
-    return float((p.exp() * (p - q)).sum(-1).mean())
 
 
 def _combine(lib: dict, module: str, w: int | None, a: int) -> LayerSpec:

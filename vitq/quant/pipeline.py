@@ -392,7 +392,7 @@ def calibrate(model: nn.Module, family: str, calib_x: np.ndarray, request: Recip
 @torch.no_grad()
 def _holdout_kl(sim, x: torch.Tensor, ref_logits: torch.Tensor) -> float | None:
     """Mean KL(float || quantized) of the logits on held-out calibration images (None when there are none)."""
-    from .mp import kl
+    from ..evaluate import kl_mean as kl
 
     if len(x) == 0:
         return None

@@ -109,6 +109,41 @@ def set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, name, new)
 
 
+class Instrumented:
+    """Temporary instrumentation of a model for a calibration pass, as a context manager: forward pre-hooks,
+    forward hooks and submodule swaps (an attention module behind an :class:`AttnHook`) installed inside the
+    ``with`` block are all removed, and the original submodules put back, when it exits, also on error; so a
+    failed calibration never leaves a model hooked."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self._handles: list = []
+        self._swapped: dict[str, nn.Module] = {}
+
+    def pre_hook(self, module: nn.Module, fn: Callable) -> None:
+        self._handles.append(module.register_forward_pre_hook(fn))
+
+    def hook(self, module: nn.Module, fn: Callable) -> None:
+        self._handles.append(module.register_forward_hook(fn))
+
+    def swap(self, path: str, make: Callable[[nn.Module], nn.Module]) -> nn.Module:
+        """Replace the submodule at ``path`` by ``make(original)`` until exit; returns the original."""
+        orig = self.model.get_submodule(path)
+        self._swapped.setdefault(path, orig)
+        set_submodule(self.model, path, make(orig))
+        return orig
+
+    def __enter__(self) -> "Instrumented":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        for path, orig in self._swapped.items():
+            set_submodule(self.model, path, orig)
+        self._handles, self._swapped = [], {}
+
+
 @dataclass
 class Point:
     """A quantized layer: a Linear/Conv2d (weight + input) or an attention module (q, k, attn, v)."""
@@ -155,7 +190,6 @@ def enumerate_points(model: nn.Module, image_size: tuple[int, int] | None = None
     mods = dict(model.named_modules())
     order: list[str] = []
     macs: dict[str, int] = {}
-    hooks = []
 
     def lin_hook(name):
         def h(mod, inp, out):
@@ -170,24 +204,13 @@ def enumerate_points(model: nn.Module, image_size: tuple[int, int] | None = None
         return h
 
     attn_names = [n for n, m in mods.items() if is_attention(m)]
-    for n, m in mods.items():
-        if isinstance(m, (nn.Linear, nn.Conv2d)):
-            hooks.append(m.register_forward_hook(lin_hook(n)))
-
-    wrapped = {}
-    for n in attn_names:
-        inner = mods[n]
-        w = _CountingAttn(inner, n, order, macs)
-        wrapped[n] = inner
-        set_submodule(model, n, w)
-    try:
-        with torch.no_grad():
-            model(torch.zeros(1, 3, *image_size))
-    finally:
-        for h in hooks:
-            h.remove()
-        for n, inner in wrapped.items():
-            set_submodule(model, n, inner)
+    with Instrumented(model) as ins, torch.no_grad():
+        for n, m in mods.items():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                ins.hook(m, lin_hook(n))
+        for n in attn_names:
+            ins.swap(n, lambda inner, n=n: _CountingAttn(inner, n, order, macs))
+        model(torch.zeros(1, 3, *image_size))
     head = head_module_name(model)
     norm_groups: dict[str, list[str]] = {}
     for n, m in mods.items():

@@ -17,7 +17,7 @@ import copy
 import torch
 
 from ..recipe.schema import QuantSpec
-from .mp import kl
+from ..evaluate import kl_mean as kl
 from .prepare import stage_of
 
 FACTORS = (0.6, 0.8, 1.25, 1.5)

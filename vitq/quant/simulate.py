@@ -52,43 +52,47 @@ class _InputQuant:
         return x
 
 
-class QLinear(nn.Module):
-    def __init__(self, lin: nn.Linear, spec: LayerSpec):
+class QuantLayer(nn.Module):
+    """The fake-quant weight layer: the weight fake-quantized once per spec (cached; ``weight_fn``, when block
+    reconstruction installs one, gives a trainable weight instead), the input through :class:`_InputQuant`, then
+    the float op (:meth:`op`) of the subclass. ``set_spec`` swaps the spec in place."""
+
+    def __init__(self, float_weight: torch.Tensor, spec: LayerSpec):
         super().__init__()
-        self.float_weight = lin.weight.detach()
+        self.float_weight = float_weight
         self.weight_fn = None  # block reconstruction (:mod:`.reconstruct`) installs a trainable weight here
+        self.set_spec(spec)
+
+    def set_spec(self, spec: LayerSpec) -> None:
+        self.spec = spec
+        w = self.float_weight
+        self.weight = fake_quant_weight(w, _t(spec.weight.scale), spec.weight.bits) if spec.weight else w
+        self.qin = _InputQuant(spec)
+
+    def op(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x):
+        return self.op(self.qin(x), self.weight if self.weight_fn is None else self.weight_fn())
+
+
+class QLinear(QuantLayer):
+    def __init__(self, lin: nn.Linear, spec: LayerSpec):
+        super().__init__(lin.weight.detach(), spec)
         self.bias = None if lin.bias is None else lin.bias.detach()
-        self.set_spec(spec)
 
-    def set_spec(self, spec: LayerSpec) -> None:
-        self.spec = spec
-        w = self.float_weight
-        self.weight = fake_quant_weight(w, _t(spec.weight.scale), spec.weight.bits) if spec.weight else w
-        self.qin = _InputQuant(spec)
-
-    def forward(self, x):
-        w = self.weight if self.weight_fn is None else self.weight_fn()
-        return F.linear(self.qin(x), w, self.bias)
+    def op(self, x, w):
+        return F.linear(x, w, self.bias)
 
 
-class QConv(nn.Module):
+class QConv(QuantLayer):
     def __init__(self, conv: nn.Conv2d, spec: LayerSpec):
-        super().__init__()
+        super().__init__(conv.weight.detach(), spec)
         self.conv = conv
-        self.float_weight = conv.weight.detach()
-        self.weight_fn = None
-        self.set_spec(spec)
 
-    def set_spec(self, spec: LayerSpec) -> None:
-        self.spec = spec
-        w = self.float_weight
-        self.weight = fake_quant_weight(w, _t(spec.weight.scale), spec.weight.bits) if spec.weight else w
-        self.qin = _InputQuant(spec)
-
-    def forward(self, x):
+    def op(self, x, w):
         c = self.conv
-        w = self.weight if self.weight_fn is None else self.weight_fn()
-        return F.conv2d(self.qin(x), w, c.bias, c.stride, c.padding, c.dilation, c.groups)
+        return F.conv2d(x, w, c.bias, c.stride, c.padding, c.dilation, c.groups)
 
 
 class _AttnQ:

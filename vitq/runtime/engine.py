@@ -9,48 +9,17 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from ..errors import InputError, UnsupportedError
+from .base import Backend, TensorInfo  # noqa: F401 - TensorInfo re-exported
 from .preprocess import PreprocessConfig
 
-#: Keys vitq writes into the ONNX model's ``metadata_props``.
-META_PREPROCESS = "vitq.preprocess"
-META_MODEL = "vitq.model"
-META_NUM_CLASSES = "vitq.num_classes"
-META_RECIPE = "vitq.recipe"
-META_VERSION = "vitq.version"
-META_TARGET = "vitq.target"  # the compile target the graph was lowered for: "ort" | "trt" | "jetson"
-
-ARTIFACT_MODEL = "model.onnx"
-ARTIFACT_FP32 = "model.fp32.onnx"
-ARTIFACT_REPORT = "report.json"
-ARTIFACT_ENGINE = "model.engine"
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """Name, shape (ints for static dims, strings for symbolic ones) and numpy dtype of an engine I/O tensor."""
-
-    name: str
-    shape: tuple[int | str, ...]
-    dtype: np.dtype
-
-    def to_dict(self) -> dict:
-        return {"name": self.name, "shape": list(self.shape), "dtype": str(self.dtype)}
-
-
-class Backend(Protocol):
-    name: str
-    inputs: list[TensorInfo]
-    outputs: list[TensorInfo]
-    metadata: dict[str, str]
-
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+from ..format import (ARTIFACT_ENGINE, ARTIFACT_FP32, ARTIFACT_MODEL, ARTIFACT_REPORT,  # noqa: F401 - re-exported
+                      META_MODEL, META_NUM_CLASSES, META_PREPROCESS, META_RECIPE, META_TARGET, META_VERSION)
 
 
 def resolve_artifact(path: str | os.PathLike, backend: str = "auto") -> tuple[Path, str]:

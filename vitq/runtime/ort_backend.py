@@ -9,7 +9,8 @@ import numpy as np
 import onnxruntime as ort
 
 from ..errors import InputError
-from .engine import TensorInfo
+from ..format import META_TARGET, TRT_TARGETS
+from .base import TensorInfo
 
 _ORT_TYPES = {
     "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
@@ -37,7 +38,7 @@ class OrtBackend:
         TensorRT (``vitq.target`` trt/jetson metadata: signed int8 Q/DQ, vitq plugin nodes), which run with graph
         optimizations off: ONNX Runtime's fused S8S8 int8 kernels can saturate on AVX2 CPUs, and the point of
         running a TensorRT graph on the CPU is to check its exact function. vitq plugin nodes are expanded to their
-        standard-ONNX definition (:func:`vitq.plugins.lowering.expand_plugins`) before the session is created.
+        standard-ONNX definition (:func:`vitq.plugins.expand.expand_plugins`) before the session is created.
 
         ``int4_matmul``: at ``extended``/``all``, ONNX Runtime fuses an int4 weight ``DequantizeLinear -> MatMul`` into
         ``MatMulNBits``, whose default compute (accuracy level 4) quantizes the *activations* to int8 again, per
@@ -54,7 +55,7 @@ class OrtBackend:
         except Exception as e:
             raise InputError(f"ONNX Runtime cannot load {path}: {e}") from None
         meta = {p.key: p.value for p in head.metadata_props}
-        from ..plugins.lowering import expand_plugins, has_plugins
+        from ..plugins.expand import expand_plugins, has_plugins
 
         if has_plugins(head):
             full = onnx.load(str(path))
@@ -62,7 +63,7 @@ class OrtBackend:
             model_src = expanded.SerializeToString()
             self.notes.append(f"{n} vitq plugin node(s) expanded to standard ONNX for ONNX Runtime")
         if optimization == "auto":
-            optimization = "disable" if meta.get("vitq.target") in ("trt", "jetson") else "all"
+            optimization = "disable" if meta.get(META_TARGET) in TRT_TARGETS else "all"
             if optimization == "disable":
                 self.notes.append("graph compiled for TensorRT: ONNX Runtime runs it unoptimized (exact, slow); "
                                   "compile with --target ort for fast CPU inference")

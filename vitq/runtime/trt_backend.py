@@ -29,7 +29,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..trt.common import ENGINE_META_SUFFIX, TrtUnavailableError, check_trt_version
-from .engine import TensorInfo
+from .base import TensorInfo
 
 
 def _import_trt():

@@ -33,11 +33,12 @@ from typing import Any, Callable, Sequence
 from .. import __version__
 from ..artifacts import sha256_file, write_json_atomic
 from ..errors import InputError, UnsupportedError, VitqError
+from ..format import ARTIFACT_ENGINE, META_MODEL
 from .common import (ENGINE_META_SCHEMA, ENGINE_META_SUFFIX, TrtBuildOptions, TrtUnavailableError, check_trt_version,
                      profile_shapes, read_onnx_io)
 from .trtexec import render_build_script, trtexec_command
 
-ENGINE_NAME = "model.engine"
+ENGINE_NAME = ARTIFACT_ENGINE
 SCRIPT_NAME = "build_engine.sh"
 DEFAULT_TIMING_CACHE = "timing.cache"
 
@@ -241,7 +242,7 @@ def build_trt_target(onnx_path: str | os.PathLike, out_dir: str | os.PathLike, o
         shutil.copyfile(onnx_path, out_dir / onnx_path.name)
         onnx_path = out_dir / onnx_path.name
     inputs, outputs, meta = read_onnx_io(onnx_path)
-    script = write_build_script(out_dir, onnx_path.name, inputs, opts, model_name=meta.get("vitq.model"),
+    script = write_build_script(out_dir, onnx_path.name, inputs, opts, model_name=meta.get(META_MODEL),
                                 plugins_dir=plugins_dir)
     cache = opts.timing_cache.name if opts.timing_cache else DEFAULT_TIMING_CACHE
     cmds = {f"tensorrt{m}": trtexec_command(m, onnx=onnx_path.name, engine=ENGINE_NAME, inputs=inputs, opts=opts,

@@ -23,14 +23,16 @@ from typing import Any, Mapping
 from .. import __version__
 from ..artifacts import atomic_output_dir, sha256_file, write_json_atomic
 from ..errors import InputError, VerificationError
+from ..format import (ARTIFACT_MODEL, META_MODEL, META_NUM_CLASSES, META_PREPROCESS, META_RECIPE_HASH,
+                      SCHEMA_JETSON_BUNDLE)
 from .builder import ENGINE_NAME, SCRIPT_NAME, engine_meta_path, engine_metadata, write_build_script
 from .common import REQUIRED_TENSORRT, TARGET_SM, TrtBuildOptions, read_onnx_io
 from .trtexec import trtexec_command
 
-BUNDLE_SCHEMA = "vitq.jetson-bundle/1"
+BUNDLE_SCHEMA = SCHEMA_JETSON_BUNDLE
 MANIFEST = "manifest.json"
 README = "README.md"
-MODEL = "model.onnx"
+MODEL = ARTIFACT_MODEL
 PLUGINS = "plugins"
 REQUIRED_FILES = (MODEL, SCRIPT_NAME, README, ENGINE_NAME + ".json")
 _STANDARD_DOMAINS = ("", "ai.onnx")
@@ -192,12 +194,12 @@ def populate_bundle(stage: Path, onnx_path: Path, *, model_name: str, recipe_has
 
     side = engine_metadata(stage / MODEL, opts)
     md = side["metadata"]
-    md.setdefault("vitq.model", model_name)
+    md.setdefault(META_MODEL, model_name)
     if preprocess is not None:
-        md.setdefault("vitq.preprocess", json.dumps(dict(preprocess), sort_keys=True))
+        md.setdefault(META_PREPROCESS, json.dumps(dict(preprocess), sort_keys=True))
     if num_classes is not None:
-        md.setdefault("vitq.num_classes", str(int(num_classes)))
-    md.setdefault("vitq.recipe_hash", recipe_hash)
+        md.setdefault(META_NUM_CLASSES, str(int(num_classes)))
+    md.setdefault(META_RECIPE_HASH, recipe_hash)
     write_json_atomic(engine_meta_path(stage / ENGINE_NAME), side)
 
     return {

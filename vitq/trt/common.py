@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError, UnsupportedError
+from ..format import ENGINE_META_SUFFIX, SCHEMA_ENGINE_META as ENGINE_META_SCHEMA  # noqa: F401 - re-exported
 
 #: TensorRT major versions this code targets. 10: JetPack 6.x (TensorRT 10.3) and desktop 10.x; 11: JetPack 7.2.2+
 #: (TensorRT 11.4.1+, strongly typed networks only).
@@ -25,9 +26,6 @@ REQUIRED_TENSORRT = [
 ]
 TARGET_SM = "8.7"  # Jetson AGX Orin / Orin NX / Orin Nano
 
-#: Sidecar written next to an engine: ``model.engine`` -> ``model.engine.json``.
-ENGINE_META_SUFFIX = ".json"
-ENGINE_META_SCHEMA = "vitq.engine-meta/1"
 
 DEFAULT_BATCH_RANGE = "1:8:32"
 MAX_BATCH = 4096  # the exporter's dynamic batch dim is declared with max=4096

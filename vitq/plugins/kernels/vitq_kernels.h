@@ -84,21 +84,6 @@ int vitq_quant_linear_a4_prepared(const float* x, const void* wq, const float* w
                                   int out_dtype, int M, int N, int K, float act_scale, int act_dynamic,
                                   int act_group, int path, void* workspace, cudaStream_t stream);
 
-/*
- * Window routing. x: float32 [B, nW, T, C] contiguous. n_high in [0, nW].
- * importance[b, w] = sqrt(sum_t (mean_c |x[b,w,t,c]|)^2)            -> imp (float32 [B, nW], caller-allocated)
- * high group: the n_high most important windows, by descending importance, ties -> lower window index first;
- * low group: the rest in ascending window order.
- * x_high: [B, n_high, T, C], x_low: [B, nW - n_high, T, C], idx_high: int64 [B, n_high], idx_low: int64
- * [B, nW - n_high]. Requires nW <= 4096. Any of x_high / x_low may be NULL to skip that gather.
- */
-int vitq_window_importance(const float* x, float* imp, int B, int nW, int T, int C, cudaStream_t stream);
-int vitq_window_route(const float* x, float* imp, float* x_high, float* x_low, int64_t* idx_high,
-                      int64_t* idx_low, int B, int nW, int T, int C, int n_high, cudaStream_t stream);
-/* Exact scatter back: y[b, idx_high[b,i]] = y_high[b,i]; y[b, idx_low[b,j]] = y_low[b,j]. y: [B, nW, T, C]. */
-int vitq_window_merge(const float* y_high, const float* y_low, const int64_t* idx_high, const int64_t* idx_low,
-                      float* y, int B, int nW, int T, int C, int n_high, cudaStream_t stream);
-
 #ifdef __cplusplus
 }
 #endif

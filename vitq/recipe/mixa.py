@@ -1,6 +1,7 @@
-"""The recipe's optional ``mixa`` section (MixA-Q: per token-group / per window activation precision), validated.
+"""The recipe's optional ``mixa`` section (MixA-Q: per token-group / per window activation precision): a typed
+object, parsed and validated once when the recipe is read (``Recipe.mixa``), written back by ``Recipe.to_dict``.
 
-Torch-free (the recipe schema imports it). Format (schema ``vitq.recipe/1``, key ``mixa``)::
+Plain data (numpy for the group tables, no torch). Format (schema ``vitq.recipe/1``, key ``mixa``)::
 
     "mixa": {
       "scheme": "tokens" | "windows",   # tokens: ViT/DeiT patch-grid groups; windows: Swin (shifted) windows
@@ -31,6 +32,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from typing import Any
+
+from .spec import LayerSpec, RecipeError, _only_keys, _require_obj
 
 SCHEMES = ("tokens", "windows")
 ROLES = ("linear", "attn")
@@ -74,9 +77,7 @@ def stage_first(scheme: str, block: str) -> str:
     return "blocks.0" if scheme == "tokens" else block.rsplit(".", 1)[0] + ".0"
 
 
-def _err(msg: str):
-    from ..recipe.schema import RecipeError
-
+def _err(msg: str) -> RecipeError:
     return RecipeError(msg)
 
 
@@ -215,8 +216,6 @@ class MixaSpec:
     @classmethod
     def from_dict(cls, d: Any, where: str = "mixa", layers: list | None = None) -> "MixaSpec":
         """Validate and parse; ``layers`` (the recipe's LayerSpecs): every routed module must be one of them."""
-        from ..recipe.schema import LayerSpec, _only_keys, _require_obj
-
         _require_obj(d, where)
         _only_keys(d, where, {"scheme", "group", "high_bits", "low_bits", "routed", "base", "prefix", "blocks",
                               "layers", "info"})

@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# The runtime-only install, checked end to end: what a device gets from `pip install .` (no extras: numpy, onnx,
+# onnxruntime, Pillow, tqdm) evaluates, benches, serves and verifies the artifacts the compiler writes.
+#
+#   bash scripts/runtime_check.sh            # after scripts/setup.sh (the dev venv compiles the artifacts)
+#
+# 1. The dev venv (.venv) compiles deit_tiny_patch16_224 (random weights, 8 synthetic calibration images) as fp32,
+#    w8a8, MixA-Q (w4a8 base, explicit ratios: no search), and w4a4 for --target trt (plugin nodes) and
+#    --target jetson (plugin nodes + bundle), under build/runtime_check/.
+# 2. A fresh venv, build/runtime-venv (kept between runs: vitq is reinstalled, its dependencies only when
+#    pyproject.toml changes), gets `pip install .`; torch, timm, onnx_ir and onnxscript must not be importable there.
+# 3. From outside the checkout (so the installed package is what runs), with that venv: `vitq info`, `vitq eval`,
+#    `vitq bench`, `vitq serve` + one request, `vitq bundle verify` and `Engine.load(...).run(...)` on each artifact.
+# Exits non-zero on the first failure.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPO=$PWD
+DEV=${VITQ_DEV_PYTHON:-$REPO/.venv/bin/python}
+WORK=$REPO/build/runtime_check
+RT=$REPO/build/runtime-venv
+MODEL=deit_tiny_patch16_224
+t0=$(date +%s)
+say() { echo "[runtime_check $(( $(date +%s) - t0 ))s] $*"; }
+
+rm -rf "$WORK" && mkdir -p "$WORK"
+say "images"
+"$DEV" - "$WORK/images" <<'EOF'
+import sys
+from pathlib import Path
+import numpy as np
+from PIL import Image
+root = Path(sys.argv[1]); root.mkdir(parents=True)
+rng = np.random.default_rng(0)
+rows = ["file,label"]
+for i in range(8):
+    Image.fromarray(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)).save(root / f"img_{i}.jpg")
+    rows.append(f"img_{i}.jpg,{i % 5}")
+(root / "labels.csv").write_text("\n".join(rows) + "\n")
+EOF
+# MixA-Q with explicit ratios (a ratios JSON: half the token groups of blocks 0-5 in the low branch)
+"$DEV" -c "import json; json.dump({f'blocks.{i}': 0.5 for i in range(6)}, open('$WORK/ratios.json', 'w'))"
+
+compile() {  # NAME ARGS...
+  local name=$1; shift
+  say "compile $name: $*"
+  "$DEV" -m vitq.cli compile "$MODEL" --calib "$WORK/images" --calib-count 8 --out "$WORK/$name" -q "$@"
+}
+compile fp32 --recipe fp32
+compile w8a8 --recipe w8a8
+compile mixa --recipe w4a8 --mixa "$WORK/ratios.json"
+compile trt --recipe w4a4 --target trt
+compile jetson --recipe w4a4 --target jetson
+"$DEV" - "$WORK" <<'EOF'
+import sys
+from pathlib import Path
+import onnx
+from vitq.plugins.expand import has_plugins
+w = Path(sys.argv[1])
+for name in ("trt", "jetson"):
+    assert has_plugins(onnx.load(str(w / name / "model.onnx"), load_external_data=False)), f"{name}: no plugin nodes"
+EOF
+
+stamp=$(sha256sum pyproject.toml | cut -c1-16)
+if [ ! -x "$RT/bin/python" ] || [ "$(cat "$RT/.pyproject" 2>/dev/null)" != "$stamp" ]; then
+  say "fresh venv $RT"
+  rm -rf "$RT"
+  python3 -m venv "$RT"
+  "$RT/bin/python" -m pip install -q --upgrade pip
+  "$RT/bin/python" -m pip install -q "$REPO"
+  echo "$stamp" > "$RT/.pyproject"
+else
+  say "reusing $RT (reinstalling vitq)"
+  "$RT/bin/python" -m pip install -q --no-deps --force-reinstall "$REPO"
+fi
+rm -rf "$REPO/build/lib" "$REPO"/*.egg-info  # setuptools' build leftovers
+
+cd "$(mktemp -d)"  # outside the checkout: the installed vitq runs, not the source tree
+"$RT/bin/python" - <<'EOF'
+import importlib.util
+present = [m for m in ("torch", "timm", "torchvision", "onnx_ir", "onnxscript") if importlib.util.find_spec(m)]
+assert not present, f"the runtime-only venv has compiler packages: {present}"
+import vitq
+assert "site-packages" in vitq.__file__, vitq.__file__
+EOF
+VITQ="$RT/bin/vitq"
+for name in fp32 w8a8 mixa trt jetson; do
+  a=$WORK/$name
+  say "runtime: $name"
+  "$VITQ" info "$a" > /dev/null
+  "$VITQ" eval "$a" --images "$WORK/images" --batch 4 --json "$WORK/$name.eval.json" > /dev/null
+  "$VITQ" bench "$a" --batch 1 --iters 3 --warmup 1 > /dev/null
+  "$RT/bin/python" - "$a" <<'EOF'
+import sys
+import numpy as np
+from vitq.runtime import Engine
+eng = Engine.load(sys.argv[1])
+y = eng.run(np.random.default_rng(0).standard_normal((2, 3, 224, 224)).astype(np.float32))
+assert y.shape == (2, 1000) and np.isfinite(y).all(), y.shape
+EOF
+done
+say "runtime: serve (one request)"
+log=$WORK/serve.log
+"$VITQ" serve "$WORK/mixa" --port 0 2> "$log" &
+pid=$!
+trap 'kill $pid 2>/dev/null || true' EXIT
+for _ in $(seq 100); do grep -q "http://" "$log" && break; sleep 0.2; done
+url=$(grep -o "http://[0-9.:]*" "$log" | head -1)
+[ -n "$url" ] || { cat "$log"; echo "vitq serve did not start"; exit 1; }
+"$RT/bin/python" - "$url" "$WORK/images/img_0.jpg" <<'EOF'
+import json, sys, urllib.request
+url, img = sys.argv[1], sys.argv[2]
+req = urllib.request.Request(url + "/v1/classify?k=3", data=open(img, "rb").read(),
+                             headers={"Content-Type": "image/jpeg"})
+out = json.load(urllib.request.urlopen(req, timeout=60))
+assert len(out["topk"]) == 3, out
+EOF
+kill $pid; wait $pid 2>/dev/null || true
+trap - EXIT
+say "runtime: bundle verify"
+"$VITQ" bundle verify "$WORK/jetson"
+say "OK: a runtime-only install evaluates, benches, serves and verifies fp32, w8a8, MixA-Q, trt and jetson artifacts"
