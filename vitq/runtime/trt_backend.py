@@ -7,7 +7,7 @@ module imports everywhere and constructing one where they are missing raises a r
 
 TensorRT API used (NVIDIA Python API docs; ``python/src/infer/pyCore.cpp`` and ``samples/python/common_runtime.py`` in
 NVIDIA/TensorRT; type-checked against ``tensorrt-stubs`` by tests/test_trt_typecheck.py): ``trt.Runtime(logger)``,
-``trt.get_plugin_registry().load_library(path)`` (once per process, absolute path, None checked),
+``runtime.get_plugin_registry().load_library(path)`` (once per process, absolute path, None checked),
 ``runtime.deserialize_cuda_engine(bytes)``, ``engine.num_io_tensors``, ``engine.get_tensor_name(i)``,
 ``engine.get_tensor_mode(name)`` (``trt.TensorIOMode.INPUT``), ``engine.get_tensor_dtype(name)``, ``trt.nptype``,
 ``engine.get_tensor_shape(name)``, ``engine.get_tensor_profile_shape(name, 0)`` -> (min, opt, max),
@@ -67,6 +67,11 @@ def _import_cudart() -> Any:
     return cudart
 
 
+def _dims(d: Any) -> tuple[int, ...]:
+    """A ``trt.Dims`` as a tuple of ints (by index: ``Dims`` is a sequence, not declared iterable in the stubs)."""
+    return tuple(int(d[i]) for i in range(len(d)))
+
+
 def sidecar_path(engine_path: str | Path) -> Path:
     p = Path(engine_path)
     return p.with_name(p.name + ENGINE_META_SUFFIX)
@@ -104,6 +109,8 @@ class TrtBackend:
         self._stream: Any = None  # cudaStream_t once created
         self._check(cudart.cudaSetDevice(int(device)), f"cudaSetDevice({device})")
 
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)
         lib = plugin_library or sidecar.get("plugin_library")
         self.plugin_library: str | None = None
         if lib:
@@ -114,12 +121,9 @@ class TrtBackend:
                 raise InputError(f"plugin library {lib_path} (needed by {self.path.name}) not found",
                                  hint="build the plugins on the device (see README.md of the bundle) or pass "
                                       "plugin_library=")
-            # once per process, by absolute path (the engine does not embed the library)
-            self.plugin_library = load_plugin_library(trt.get_plugin_registry(), lib_path,
+            # once per process, by absolute path, into the (process-global) registry; the engine does not embed it
+            self.plugin_library = load_plugin_library(self._runtime.get_plugin_registry(), lib_path,
                                                       what=f"plugin library of {self.path.name}")
-
-        self._logger = trt.Logger(trt.Logger.WARNING)
-        self._runtime = trt.Runtime(self._logger)
         self._engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
         if self._engine is None:
             raise InputError(f"{self.path}: TensorRT {trt.__version__} cannot deserialize this engine (built by a "
@@ -139,7 +143,7 @@ class TrtBackend:
             except TypeError:
                 raise InputError(f"{self.path}: I/O tensor {tname!r} has type {self._engine.get_tensor_dtype(tname)} "
                                  f"which has no numpy equivalent") from None
-            dims = tuple(int(d) for d in self._engine.get_tensor_shape(tname))
+            dims = _dims(self._engine.get_tensor_shape(tname))
             shape = tuple(d if d >= 0 else ("batch" if j == 0 else f"d{j}") for j, d in enumerate(dims))
             info = TensorInfo(tname, shape, dtype)
             if self._engine.get_tensor_mode(tname) == trt.TensorIOMode.INPUT:
@@ -198,7 +202,7 @@ class TrtBackend:
             ctx.set_tensor_address(info.name, ptr)
         results = {}
         for info in self.outputs:
-            shape = tuple(int(d) for d in ctx.get_tensor_shape(info.name))
+            shape = _dims(ctx.get_tensor_shape(info.name))
             host = np.empty(shape, info.dtype)
             ctx.set_tensor_address(info.name, self._buffer(info.name, host.nbytes))
             results[info.name] = host

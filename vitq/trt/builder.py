@@ -33,7 +33,7 @@ import os
 import shutil
 import stat
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from .. import __version__
 from ..artifacts import sha256_file, write_json_atomic
@@ -41,6 +41,9 @@ from ..errors import InputError, UnsupportedError, VitqError
 from .common import (ENGINE_META_SCHEMA, ENGINE_META_SUFFIX, TrtBuildOptions, TrtUnavailableError, check_trt_version,
                      load_plugin_library, profile_shapes, read_onnx_io)
 from .trtexec import render_build_script, trtexec_command
+
+if TYPE_CHECKING:  # for mypy with tensorrt-stubs (tests/test_trt_typecheck.py)
+    import tensorrt  # type: ignore[import-not-found, unused-ignore]
 
 ENGINE_NAME = "model.engine"
 SCRIPT_NAME = "build_engine.sh"
@@ -116,7 +119,7 @@ def _parser_errors(parser) -> list[dict]:
 
 
 # -- timing cache ---------------------------------------------------------------------------------------------------
-def _use_timing_cache(config: Any, cache_path: Path) -> str | None:
+def _use_timing_cache(config: "tensorrt.IBuilderConfig", cache_path: Path) -> str | None:
     """Attach the timing cache at ``cache_path`` (an empty one when the file is absent, unreadable or from another
     device/TensorRT: ``set_timing_cache(..., ignore_mismatch=False)`` returns False for those). Returns a warning
     or None."""
@@ -137,7 +140,7 @@ def _use_timing_cache(config: Any, cache_path: Path) -> str | None:
     return note
 
 
-def _save_timing_cache(config: Any, cache_path: Path) -> str | None:
+def _save_timing_cache(config: "tensorrt.IBuilderConfig", cache_path: Path) -> str | None:
     """Write the builder's timing cache to ``cache_path``; a warning (not an error) when there is none."""
     cache = config.get_timing_cache()
     if cache is None:
@@ -228,7 +231,8 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, o
             name = network.get_input(i).name
             if name not in prof:
                 raise UnsupportedError(f"TensorRT network input {name!r} is not an input of {onnx_path.name}")
-            profile.set_shape(name, *prof[name])
+            lo, opt, hi = (trt.Dims(list(shape)) for shape in prof[name])
+            profile.set_shape(name, lo, opt, hi)
         config.add_optimization_profile(profile)
     if opts.workspace_mib:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(opts.workspace_mib) << 20)

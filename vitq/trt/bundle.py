@@ -168,16 +168,19 @@ def write_bundle(onnx_path: str | os.PathLike, out_dir: str | os.PathLike, *, mo
         opts = TrtBuildOptions(batch_range=batch_range)
     elif batch_range is not None:
         raise InputError("give the batch range either in opts or as batch_range=, not both")
+    pre: Mapping[str, Any] | None
     if isinstance(preprocess, str):
         try:
-            preprocess = json.loads(preprocess)
+            pre = json.loads(preprocess)
         except ValueError as e:
             raise InputError(f"preprocess: not a JSON object ({e})") from None
+    else:
+        pre = preprocess
     src = Path(plugin_sources_dir) if plugin_sources_dir is not None else default_plugin_sources()
 
     with atomic_output_dir(out_dir) as stage:
         manifest = populate_bundle(stage, onnx_path, model_name=model_name, recipe_hash=recipe_hash,
-                                   preprocess=preprocess, opts=opts, num_classes=num_classes, plugin_sources_dir=src)
+                                   preprocess=pre, opts=opts, num_classes=num_classes, plugin_sources_dir=src)
         finalize_bundle(stage, manifest)
     return manifest
 

@@ -9,9 +9,12 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from ..errors import InputError, UnsupportedError
+
+if TYPE_CHECKING:  # for mypy with tensorrt-stubs (tests/test_trt_typecheck.py); never imported at run time here
+    import tensorrt  # type: ignore[import-not-found, unused-ignore]
 
 #: TensorRT major versions this code targets. 10: JetPack 6.x (TensorRT 10.3) and desktop 10.x; 11: JetPack 7.2.2+
 #: (TensorRT 11.4.1+, strongly typed networks only).
@@ -184,7 +187,8 @@ class TrtBuildOptions:
 _LOADED_PLUGIN_LIBRARIES: dict[str, Any] = {}
 
 
-def load_plugin_library(registry: Any, lib: str | os.PathLike, *, what: str = "plugin library") -> str:
+def load_plugin_library(registry: "tensorrt.IPluginRegistry", lib: str | os.PathLike, *,
+                        what: str = "plugin library") -> str:
     """Load ``lib`` into TensorRT's (process-global) plugin registry once, by its absolute path, and return that
     path. Absolute, because a bare file name makes ``dlopen`` search the system library paths instead of the
     engine's folder; once, because ``load_library`` fails (returns None) when any of the library's creators is
