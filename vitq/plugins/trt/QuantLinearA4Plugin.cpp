@@ -19,7 +19,7 @@ using namespace nvinfer1;
 
 namespace
 {
-// Set by TensorRT through setLoggerFinder() when it loads the library (IPluginRegistry::loadLibrary).
+// Set by TensorRT through setLoggerFinder(), which it calls when it initializes the library; may stay null.
 std::atomic<ILoggerFinder*> gLoggerFinder{nullptr};
 } // namespace
 
