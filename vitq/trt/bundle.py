@@ -107,6 +107,7 @@ def _readme(manifest: Mapping[str, Any]) -> str:
 cmake -S {d} -B {d}/build -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES={arch} \\
       -DCMAKE_CUDA_COMPILER=/usr/local/cuda/bin/nvcc
 cmake --build {d}/build --target vitq_plugins -j$(nproc)
+PLUGIN_LIB={d}/build/libvitq_plugins.so ./build_engine.sh   # uses it and records it in {ENGINE_NAME}.json
 ```
 
 `-DVITQ_KERNELS_ONLY=ON` configures only the CUDA kernels (no TensorRT needed): a check of the CUDA toolchain.
