@@ -294,8 +294,15 @@ def verify_bundle(bundle_dir: str | os.PathLike) -> dict[str, Any]:
         elif sha256_file(f) != entry["sha256"]:
             problems.append(f"{rel}: sha256 mismatch (modified or corrupted)")
     listed = set(files) | {MANIFEST}
-    result["unlisted"] = sorted(p.relative_to(d).as_posix() for p in d.rglob("*")
-                                if p.is_file() and p.relative_to(d).as_posix() not in listed)
+    unlisted = sorted(p.relative_to(d).as_posix() for p in d.rglob("*")
+                      if p.is_file() and p.relative_to(d).as_posix() not in listed)
+    cmake_dir = (manifest.get("plugins") or {}).get("cmake_dir")
+    if cmake_dir:  # the plugin build folder (hundreds of CMake files) is one entry
+        build = f"{cmake_dir}/build/"
+        inside = [u for u in unlisted if u.startswith(build)]
+        if inside:
+            unlisted = [u for u in unlisted if not u.startswith(build)] + [f"{build} ({len(inside)} files)"]
+    result["unlisted"] = unlisted
     onnx_ok = (d / MODEL).is_file() and not any(p.startswith(f"{MODEL}:") for p in problems)
     if onnx_ok:
         try:
