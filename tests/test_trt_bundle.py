@@ -78,6 +78,10 @@ def test_verify_ok_and_cli(bundle, capsys):
     assert res["ok"] and res["problems"] == [] and res["files_checked"] >= 7
     (out / "model.engine").write_bytes(b"built on device")  # created later on the device: not a problem
     assert verify_bundle(out)["unlisted"] == ["model.engine"]
+    (out / "plugins" / "build" / "CMakeFiles").mkdir(parents=True)  # the plugin build on the device: one entry
+    for name in ("CMakeCache.txt", "libvitq_plugins.so", "CMakeFiles/x.o"):
+        (out / "plugins" / "build" / name).write_bytes(b"")
+    assert verify_bundle(out)["unlisted"] == ["model.engine", "plugins/build/ (3 files)"]
     assert main(["bundle", "verify", str(out)]) == 0
     assert "OK" in capsys.readouterr().out
 

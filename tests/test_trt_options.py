@@ -104,3 +104,21 @@ def test_parser_errors_name_the_node(tiny_vit_onnx):
     assert f"node #1 {nodes[1].name!r} ({nodes[1].op_type}): UNSUPPORTED_NODE: no importer" in lines[0]
     assert lines[1].strip().startswith("graph: INVALID_GRAPH")
     assert "node #0 'n0' (Foo)" in lines[2]
+
+
+def test_jetson_rejects_hw_compat_before_compiling(tmp_path, capsys):
+    from vitq.cli import main
+
+    o = TrtBuildOptions(hw_compat="ampere+")
+    with pytest.raises(InputError, match="not supported for --target jetson"):
+        o.check_for_jetson()
+    TrtBuildOptions().check_for_jetson()
+    rc = main(["compile", "no_such_model_xyz", "--target", "jetson", "--hw-compat", "ampere+",
+               "--out", str(tmp_path / "o")])
+    assert rc == 2 and "--hw-compat ampere+ is not supported for --target jetson" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_plugin_lib_option_is_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert TrtBuildOptions(plugin_lib="lib.so").plugin_lib == tmp_path / "lib.so"

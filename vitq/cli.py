@@ -1,8 +1,8 @@
 """The ``vitq`` command line.
 
     vitq compile MODEL [--weights PATH] [--calib DIR] [--recipe NAME|FILE] [--target ort|trt|jetson] --out DIR
-    vitq eval DIR|MODEL.onnx --images DIR [--reference DIR|MODEL.onnx]
-    vitq bench DIR|MODEL.onnx [--batch N ...] [--threads N]
+    vitq eval DIR|MODEL.onnx|MODEL.engine --images DIR [--reference DIR|MODEL.onnx] [--backend auto|ort|trt]
+    vitq bench DIR|MODEL.onnx|MODEL.engine [--batch N ...] [--threads N] [--backend auto|ort|trt]
     vitq info DIR|MODEL.onnx
     vitq bundle verify DIR
     vitq check RESULT.json --baseline BASELINE.json [--latency-tol 0.1] [--accuracy-tol 0.5]
@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="accuracy of an artifact on a labeled image folder",
                        description="Top-1/top-5 on ONNX Runtime; with --reference also top-1 agreement, mean KL "
                                    "and cosine of logits against the reference model.")
-    e.add_argument("model", type=Path, help="artifact directory or .onnx file")
+    e.add_argument("model", type=Path, help="artifact directory, .onnx file or TensorRT .engine")
+    _add_backend_arg(e)
     e.add_argument("--images", required=True, type=Path, help="image folder (labels.csv or ImageFolder layout)")
     e.add_argument("--reference", type=Path, help="reference artifact or .onnx (e.g. DIR/model.fp32.onnx)")
     e.add_argument("--count", type=_positive_int, help="evaluate a seeded subset of this many images")
@@ -121,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="latency of an artifact (p50/p90/p99, throughput)",
                        description="Warm-up, then repeated timed runs on random inputs.")
-    b.add_argument("model", type=Path, help="artifact directory or .onnx file")
+    b.add_argument("model", type=Path, help="artifact directory, .onnx file or TensorRT .engine")
+    _add_backend_arg(b)
     b.add_argument("--batch", type=_positive_int, nargs="+", default=[1], help="batch size(s) (default 1)")
     b.add_argument("--threads", type=_positive_int, help="ONNX Runtime intra-op threads")
     b.add_argument("--warmup", type=int, default=10, help="untimed warm-up runs (default 10)")
@@ -169,6 +171,8 @@ def cmd_compile(args) -> int:
         from .trt.common import TrtBuildOptions
 
         opts.trt = TrtBuildOptions.from_args(args)
+        if args.target == "jetson":
+            opts.trt.check_for_jetson()  # before minutes of calibration
     echo = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr))
     report = compile_model(opts, echo=echo)
     print(summarize_report(report))
@@ -187,7 +191,7 @@ def cmd_eval(args) -> int:
     from .evaluate import evaluate, summarize_eval
     from .runtime import Engine
 
-    eng = Engine.load(args.model, backend="ort", threads=args.threads)
+    eng = Engine.load(args.model, backend=args.backend, threads=args.threads)
     ref = Engine.load(args.reference, backend="ort", threads=args.threads) if args.reference else None
     images = open_image_set(args.images).subset(args.count, seed=args.seed)
     result = evaluate(eng, images, reference=ref, batch_size=args.batch, skip_bad=args.skip_bad)
@@ -199,7 +203,7 @@ def cmd_bench(args) -> int:
     from .benchmark import benchmark, summarize_bench
     from .runtime import Engine
 
-    eng = Engine.load(args.model, backend="ort", threads=args.threads)
+    eng = Engine.load(args.model, backend=args.backend, threads=args.threads)
     from .regression import merge_repeats
 
     results = [merge_repeats([benchmark(eng, batch=bs, warmup=args.warmup, iters=args.iters,
@@ -244,7 +248,9 @@ def _add_ops_parsers(sub) -> None:
     s = sub.add_parser("serve", help="HTTP inference server with dynamic batching (POST /v1/classify)",
                        description="Serve an artifact over HTTP: POST /v1/classify (image/jpeg, image/png, "
                                    "multipart or JSON with base64 images), GET /health, GET /metrics (Prometheus).")
-    s.add_argument("model", type=Path, help="artifact directory or .onnx file (with vitq preprocessing metadata)")
+    s.add_argument("model", type=Path, help="artifact directory, .onnx file or TensorRT .engine (with vitq "
+                                            "preprocessing metadata)")
+    _add_backend_arg(s)
     s.add_argument("--port", type=int, default=8080, help="TCP port (default 8080; 0 picks a free one)")
     s.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     s.add_argument("--max-batch", type=_positive_int, default=8, help="max images per engine call (default 8)")
@@ -316,7 +322,7 @@ def cmd_serve(args) -> int:
     from .serve import serve
 
     serve(args.model, host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-          threads=args.threads, max_bytes=args.max_bytes, topk=args.topk,
+          threads=args.threads, max_bytes=args.max_bytes, topk=args.topk, backend=args.backend,
           echo=lambda s: print(s, file=sys.stderr, flush=True))
     return 0
 
@@ -344,6 +350,12 @@ def _add_bundle_parsers(sub) -> None:
     bv.set_defaults(func=cmd_bundle_verify)
 
 
+def _add_backend_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", choices=("auto", "ort", "trt"), default="auto",
+                   help="auto (default): from the artifact (.onnx: ONNX Runtime, .engine: TensorRT; a directory: its "
+                        "model.engine where TensorRT imports, else model.onnx); ort; trt")
+
+
 def _add_trt_args(c: argparse.ArgumentParser) -> None:
     """TensorRT options of ``vitq compile`` (consumed by --target trt|jetson; see vitq/trt)."""
     g = c.add_argument_group("TensorRT (--target trt|jetson)")
@@ -354,9 +366,11 @@ def _add_trt_args(c: argparse.ArgumentParser) -> None:
     g.add_argument("--opt-level", type=int, choices=range(0, 6), metavar="0-5",
                    help="TensorRT builder optimization level (TensorRT default 3)")
     g.add_argument("--hw-compat", choices=("none", "ampere+"), default="none",
-                   help="TensorRT hardware compatibility level (default none)")
+                   help="TensorRT hardware compatibility level (default none; --target trt only: TensorRT has no "
+                        "hardware-compatible engines on Jetson)")
     g.add_argument("--plugin-lib", type=Path, metavar="LIB.so",
-                   help="custom-op plugin library to load and serialize with the engine")
+                   help="custom-op plugin library to load for the build (recorded in model.engine.json, loaded by "
+                        "the runtime; not embedded in the engine)")
 
 
 def cmd_bundle_verify(args) -> int:

@@ -6,7 +6,8 @@ module imports everywhere and constructing one where they are missing raises a r
 :class:`vitq.trt.common.TrtUnavailableError`.
 
 TensorRT API used (NVIDIA Python API docs; ``python/src/infer/pyCore.cpp`` and ``samples/python/common_runtime.py`` in
-NVIDIA/TensorRT): ``trt.Runtime(logger)``, ``trt.get_plugin_registry().load_library(path)``,
+NVIDIA/TensorRT; type-checked against ``tensorrt-stubs`` by tests/test_trt_typecheck.py): ``trt.Runtime(logger)``,
+``runtime.get_plugin_registry().load_library(path)`` (once per process, absolute path, None checked),
 ``runtime.deserialize_cuda_engine(bytes)``, ``engine.num_io_tensors``, ``engine.get_tensor_name(i)``,
 ``engine.get_tensor_mode(name)`` (``trt.TensorIOMode.INPUT``), ``engine.get_tensor_dtype(name)``, ``trt.nptype``,
 ``engine.get_tensor_shape(name)``, ``engine.get_tensor_profile_shape(name, 0)`` -> (min, opt, max),
@@ -28,23 +29,32 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..errors import InputError
-from ..trt.common import ENGINE_META_SUFFIX, TrtUnavailableError, check_trt_version
+from ..trt.common import ENGINE_META_SUFFIX, TrtUnavailableError, check_trt_version, load_plugin_library
 from .base import TensorInfo
 
 
-def _import_trt():
+def _import_trt() -> Any:
+    """The ``tensorrt`` module, or :class:`TrtUnavailableError` ("TensorRT not found ..."). A ``tensorrt`` without
+    ``__version__`` (the namespace package that type stubs leave behind) counts as not installed."""
     try:
-        import tensorrt as trt  # type: ignore[import-not-found]
+        import tensorrt as trt  # type: ignore[import-not-found, unused-ignore]
     except Exception as e:
-        raise TrtUnavailableError(f"the TensorRT backend needs the 'tensorrt' Python bindings, which do not import "
-                                  f"here ({type(e).__name__}: {e})",
-                                  hint="on a Jetson use JetPack's python3-libnvinfer; elsewhere pip install "
-                                       "'vitq[trt]'; or run model.onnx with --backend ort") from None
-    check_trt_version(getattr(trt, "__version__", "0"))
+        raise TrtUnavailableError(f"TensorRT not found: the TensorRT backend needs the 'tensorrt' Python bindings, "
+                                  f"which do not import here ({type(e).__name__}: {e})",
+                                  hint=_TRT_HINT) from None
+    version = getattr(trt, "__version__", None)
+    if not isinstance(version, str):
+        raise TrtUnavailableError("TensorRT not found: the TensorRT backend needs the 'tensorrt' Python bindings; "
+                                  "'tensorrt' imports here but has no __version__ (type stubs only?)", hint=_TRT_HINT)
+    check_trt_version(version)
     return trt
 
 
-def _import_cudart():
+_TRT_HINT = ("on a Jetson use JetPack's python3-libnvinfer; elsewhere pip install 'vitq[trt]'; or run model.onnx "
+             "with --backend ort")
+
+
+def _import_cudart() -> Any:
     try:
         from cuda.bindings import runtime as cudart  # cuda-python >= 12.6 (13.x: the only location)
     except ImportError:
@@ -55,6 +65,11 @@ def _import_cudart():
                                       hint="pip install 'cuda-python' matching the device's CUDA major version "
                                            "(JetPack 6 = CUDA 12: cuda-python>=12,<13)") from None
     return cudart
+
+
+def _dims(d: Any) -> tuple[int, ...]:
+    """A ``trt.Dims`` as a tuple of ints (by index: ``Dims`` is a sequence, not declared iterable in the stubs)."""
+    return tuple(int(d[i]) for i in range(len(d)))
 
 
 def sidecar_path(engine_path: str | Path) -> Path:
@@ -85,27 +100,30 @@ class TrtBackend:
             raise InputError(f"TensorRT engine not found: {self.path}")
         sidecar = read_sidecar(self.path)
         self.metadata: dict[str, str] = {str(k): str(v) for k, v in (sidecar.get("metadata") or {}).items()}
-        trt = _import_trt()
+        _import_trt()
+        import tensorrt as trt  # type: ignore[import-not-found, unused-ignore]  # (checked above; typed by the stubs)
+
         cudart = self._cudart = _import_cudart()
         self._trt = trt
         self._buffers: dict[str, tuple[int, int]] = {}
-        self._stream = None
+        self._stream: Any = None  # cudaStream_t once created
         self._check(cudart.cudaSetDevice(int(device)), f"cudaSetDevice({device})")
-
-        lib = plugin_library or sidecar.get("plugin_library")
-        if lib:
-            lib = Path(lib)
-            if not lib.is_absolute():
-                lib = self.path.parent / lib
-            if not lib.is_file():
-                raise InputError(f"plugin library {lib} (needed by {self.path.name}) not found",
-                                 hint="build the plugins on the device (see README.md of the bundle) or pass "
-                                      "plugin_library=")
-            trt.get_plugin_registry().load_library(str(lib))
-        self.plugin_library = str(lib) if lib else None
 
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
+        lib = plugin_library or sidecar.get("plugin_library")
+        self.plugin_library: str | None = None
+        if lib:
+            lib_path = Path(lib).expanduser()
+            if not lib_path.is_absolute():  # the sidecar names it relative to the engine's folder
+                lib_path = self.path.parent / lib_path
+            if not lib_path.is_file():
+                raise InputError(f"plugin library {lib_path} (needed by {self.path.name}) not found",
+                                 hint="build the plugins on the device (see README.md of the bundle) or pass "
+                                      "plugin_library=")
+            # once per process, by absolute path, into the (process-global) registry; the engine does not embed it
+            self.plugin_library = load_plugin_library(self._runtime.get_plugin_registry(), lib_path,
+                                                      what=f"plugin library of {self.path.name}")
         self._engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
         if self._engine is None:
             raise InputError(f"{self.path}: TensorRT {trt.__version__} cannot deserialize this engine (built by a "
@@ -125,7 +143,7 @@ class TrtBackend:
             except TypeError:
                 raise InputError(f"{self.path}: I/O tensor {tname!r} has type {self._engine.get_tensor_dtype(tname)} "
                                  f"which has no numpy equivalent") from None
-            dims = tuple(int(d) for d in self._engine.get_tensor_shape(tname))
+            dims = _dims(self._engine.get_tensor_shape(tname))
             shape = tuple(d if d >= 0 else ("batch" if j == 0 else f"d{j}") for j, d in enumerate(dims))
             info = TensorInfo(tname, shape, dtype)
             if self._engine.get_tensor_mode(tname) == trt.TensorIOMode.INPUT:
@@ -138,7 +156,7 @@ class TrtBackend:
         self._stream = self._check(cudart.cudaStreamCreate(), "cudaStreamCreate")
 
     # -- cuda helpers ----------------------------------------------------------------------------------------------
-    def _check(self, res, what: str):
+    def _check(self, res: Any, what: str) -> Any:
         err, rest = (res[0], res[1:]) if isinstance(res, tuple) else (res, ())
         if err != self._cudart.cudaError_t.cudaSuccess:
             raise RuntimeError(f"CUDA error in {what}: {err}")
@@ -184,7 +202,7 @@ class TrtBackend:
             ctx.set_tensor_address(info.name, ptr)
         results = {}
         for info in self.outputs:
-            shape = tuple(int(d) for d in ctx.get_tensor_shape(info.name))
+            shape = _dims(ctx.get_tensor_shape(info.name))
             host = np.empty(shape, info.dtype)
             ctx.set_tensor_address(info.name, self._buffer(info.name, host.nbytes))
             results[info.name] = host

@@ -26,7 +26,7 @@ from ..errors import InputError, VerificationError
 from ..format import (ARTIFACT_MODEL, META_MODEL, META_NUM_CLASSES, META_PREPROCESS, META_RECIPE_HASH,
                       SCHEMA_JETSON_BUNDLE)
 from .builder import ENGINE_NAME, SCRIPT_NAME, engine_meta_path, engine_metadata, write_build_script
-from .common import REQUIRED_TENSORRT, TARGET_SM, TrtBuildOptions, read_onnx_io
+from .common import REQUIRED_TENSORRT, TARGET_CUDA_ARCH, TARGET_SM, TrtBuildOptions, read_onnx_io
 from .trtexec import trtexec_command
 
 BUNDLE_SCHEMA = SCHEMA_JETSON_BUNDLE
@@ -94,15 +94,26 @@ def _readme(manifest: Mapping[str, Any]) -> str:
     br = manifest["batch_range"]
     plugins = manifest["plugins"]
     inp = manifest["io"]["inputs"][0] if manifest["io"]["inputs"] else {"name": "input", "shape": []}
+    d = plugins["cmake_dir"]
+    arch = manifest["target"].get("cuda_architectures") or TARGET_CUDA_ARCH
+    when = ("`build_engine.sh` does this for you" if plugins["custom_ops"] else
+            "The model uses no custom ops: `build_engine.sh` skips this step (`VITQ_BUILD_PLUGINS=1 ./build_engine.sh` "
+            "builds the library anyway)")
     plugin_step = (f"""## 2. Build the plugins (custom ops: {', '.join(o['op_type'] for o in plugins['custom_ops']) or 'none'})
 
-`build_engine.sh` does this for you; by hand:
+{when}. It builds `{d}/build/libvitq_plugins.so` for SM {manifest['target']['sm']} with nvcc from `PATH` or
+`/usr/local/cuda/bin` (override: `CUDACXX=`, `CUDA_ARCH=`, `TENSORRT_ROOT=`), and records it in
+`{ENGINE_NAME}.json`, from where vitq's TensorRT backend loads it. By hand:
 
 ```bash
-cmake -S {plugins['cmake_dir']} -B {plugins['cmake_dir']}/build -DCMAKE_BUILD_TYPE=Release
-cmake --build {plugins['cmake_dir']}/build -j$(nproc)
+cmake -S {d} -B {d}/build -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES={arch} \\
+      -DCMAKE_CUDA_COMPILER=/usr/local/cuda/bin/nvcc
+cmake --build {d}/build --target vitq_plugins -j$(nproc)
+PLUGIN_LIB={d}/build/libvitq_plugins.so ./build_engine.sh   # uses it and records it in {ENGINE_NAME}.json
 ```
-""" if plugins["cmake_dir"] else "## 2. Plugins\n\nThis bundle carries no plugin sources"
+
+`-DVITQ_KERNELS_ONLY=ON` configures only the CUDA kernels (no TensorRT needed): a check of the CUDA toolchain.
+""" if d else "## 2. Plugins\n\nThis bundle carries no plugin sources"
        + (" although the model uses custom ops "
           + ", ".join(f"{o['domain']}::{o['op_type']}" for o in plugins["custom_ops"])
           + ": the engine build will fail until a plugin library is given with `PLUGIN_LIB=/path/lib.so`.\n"
@@ -126,6 +137,8 @@ vitq bundle verify .                 # sha256 of every file, completeness
 ```bash
 ./build_engine.sh                    # detects TensorRT 10.x/11.x, writes {ENGINE_NAME} and timing.cache
 ```
+
+Without TensorRT the script stops first, with `TensorRT not found` (exit 2).
 
 Batch range (min:opt:max) {br['min']}:{br['opt']}:{br['max']} on input `{inp['name']}` {inp['shape']}.
 The equivalent commands are in `manifest.json` (`engine.trtexec`). Set `VITQ_TRT_MAJOR=10|11` to skip detection,
@@ -158,16 +171,19 @@ def write_bundle(onnx_path: str | os.PathLike, out_dir: str | os.PathLike, *, mo
         opts = TrtBuildOptions(batch_range=batch_range)
     elif batch_range is not None:
         raise InputError("give the batch range either in opts or as batch_range=, not both")
+    pre: Mapping[str, Any] | None
     if isinstance(preprocess, str):
         try:
-            preprocess = json.loads(preprocess)
+            pre = json.loads(preprocess)
         except ValueError as e:
             raise InputError(f"preprocess: not a JSON object ({e})") from None
+    else:
+        pre = preprocess
     src = Path(plugin_sources_dir) if plugin_sources_dir is not None else default_plugin_sources()
 
     with atomic_output_dir(out_dir) as stage:
         manifest = populate_bundle(stage, onnx_path, model_name=model_name, recipe_hash=recipe_hash,
-                                   preprocess=preprocess, opts=opts, num_classes=num_classes, plugin_sources_dir=src)
+                                   preprocess=pre, opts=opts, num_classes=num_classes, plugin_sources_dir=src)
         finalize_bundle(stage, manifest)
     return manifest
 
@@ -180,6 +196,7 @@ def populate_bundle(stage: Path, onnx_path: Path, *, model_name: str, recipe_has
     Returns the manifest without its ``files`` table: :func:`finalize_bundle` adds it (so that a caller, e.g.
     ``vitq compile --target jetson``, can add its own files first and have them hashed too)."""
     stage, onnx_path = Path(stage), Path(onnx_path)
+    opts.check_for_jetson()
     inputs, outputs, meta = read_onnx_io(onnx_path)
     custom = _custom_ops(onnx_path)
     if onnx_path.resolve() != (stage / MODEL).resolve():
@@ -190,7 +207,8 @@ def populate_bundle(stage: Path, onnx_path: Path, *, model_name: str, recipe_has
             (stage / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(onnx_path.parent / rel, stage / rel)
     cmake_dir = _copy_plugins(plugin_sources_dir, stage)
-    write_build_script(stage, MODEL, inputs, opts, plugins_dir=cmake_dir, model_name=model_name)
+    write_build_script(stage, MODEL, inputs, opts, plugins_dir=cmake_dir, model_name=model_name,
+                       cuda_arch=TARGET_CUDA_ARCH, build_plugins=bool(custom))
 
     side = engine_metadata(stage / MODEL, opts)
     md = side["metadata"]
@@ -207,7 +225,8 @@ def populate_bundle(stage: Path, onnx_path: Path, *, model_name: str, recipe_has
         "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "model": model_name, "recipe_hash": recipe_hash, "num_classes": num_classes,
         "preprocess": dict(preprocess) if preprocess is not None else None,
-        "target": {"device": "Jetson Orin", "sm": TARGET_SM, "tensorrt": REQUIRED_TENSORRT},
+        "target": {"device": "Jetson Orin", "sm": TARGET_SM, "cuda_architectures": TARGET_CUDA_ARCH,
+                   "tensorrt": REQUIRED_TENSORRT},
         "io": {"inputs": inputs, "outputs": outputs},
         "batch_range": opts.batch_range.to_dict(), "build": opts.to_dict(),
         "engine": {"file": ENGINE_NAME, "built": False, "script": SCRIPT_NAME,
@@ -277,8 +296,15 @@ def verify_bundle(bundle_dir: str | os.PathLike) -> dict[str, Any]:
         elif sha256_file(f) != entry["sha256"]:
             problems.append(f"{rel}: sha256 mismatch (modified or corrupted)")
     listed = set(files) | {MANIFEST}
-    result["unlisted"] = sorted(p.relative_to(d).as_posix() for p in d.rglob("*")
-                                if p.is_file() and p.relative_to(d).as_posix() not in listed)
+    unlisted = sorted(p.relative_to(d).as_posix() for p in d.rglob("*")
+                      if p.is_file() and p.relative_to(d).as_posix() not in listed)
+    cmake_dir = (manifest.get("plugins") or {}).get("cmake_dir")
+    if cmake_dir:  # the plugin build folder (hundreds of CMake files) is one entry
+        build = f"{cmake_dir}/build/"
+        inside = [u for u in unlisted if u.startswith(build)]
+        if inside:
+            unlisted = [u for u in unlisted if not u.startswith(build)] + [f"{build} ({len(inside)} files)"]
+    result["unlisted"] = unlisted
     onnx_ok = (d / MODEL).is_file() and not any(p.startswith(f"{MODEL}:") for p in problems)
     if onnx_ok:
         try:

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 from ..errors import InputError, UnsupportedError
 from ..format import ENGINE_META_SUFFIX, SCHEMA_ENGINE_META as ENGINE_META_SCHEMA  # noqa: F401 - re-exported
+
+if TYPE_CHECKING:  # for mypy with tensorrt-stubs (tests/test_trt_typecheck.py); never imported at run time here
+    import tensorrt  # type: ignore[import-not-found, unused-ignore]
 
 #: TensorRT major versions this code targets. 10: JetPack 6.x (TensorRT 10.3) and desktop 10.x; 11: JetPack 7.2.2+
 #: (TensorRT 11.4.1+, strongly typed networks only).
@@ -25,6 +28,10 @@ REQUIRED_TENSORRT = [
     {"jetpack": ">=7.2.2", "tensorrt": ">=11.4.1", "major": 11},
 ]
 TARGET_SM = "8.7"  # Jetson AGX Orin / Orin NX / Orin Nano
+#: The CUDA architecture the Jetson bundle's plugin build passes to CMake (``CMAKE_CUDA_ARCHITECTURES``).
+TARGET_CUDA_ARCH = TARGET_SM.replace(".", "")
+#: What vitq/plugins/trt/CMakeLists.txt builds when no architecture is given (A100, RTX 30xx/A10, Orin, H100).
+DEFAULT_CUDA_ARCHITECTURES = ("80", "86", "87", "90")
 
 
 DEFAULT_BATCH_RANGE = "1:8:32"
@@ -118,30 +125,35 @@ def parse_hw_compat(v: str | None) -> str:
     return level
 
 
-@dataclass
+@dataclass(init=False)
 class TrtBuildOptions:
-    """What the TensorRT build needs besides the ONNX file. Validated on construction."""
+    """What the TensorRT build needs besides the ONNX file. Validated on construction: ``batch_range`` accepts
+    ``"MIN:OPT:MAX"``/``N``/None and is a :class:`BatchRange` afterwards; paths become :class:`Path` (the plugin
+    library absolute, since TensorRT and trtexec open it from other working directories)."""
 
-    batch_range: BatchRange | str | None = None
-    timing_cache: Path | None = None
-    opt_level: int | None = None
-    hw_compat: str = "none"
-    plugin_lib: Path | None = None
-    workspace_mib: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    batch_range: BatchRange
+    timing_cache: Path | None
+    opt_level: int | None
+    hw_compat: str
+    plugin_lib: Path | None
+    workspace_mib: int | None
+    extra: dict[str, Any]
 
-    def __post_init__(self):
-        self.batch_range = parse_batch_range(self.batch_range)
-        self.opt_level = parse_opt_level(self.opt_level)
-        self.hw_compat = parse_hw_compat(self.hw_compat)
-        if self.timing_cache is not None:
-            self.timing_cache = Path(self.timing_cache)
-            if self.timing_cache.is_dir():
-                raise InputError(f"--timing-cache {self.timing_cache} is a directory; give a file path")
-        if self.plugin_lib is not None:
-            self.plugin_lib = Path(self.plugin_lib)
-        if self.workspace_mib is not None and int(self.workspace_mib) <= 0:
-            raise InputError(f"workspace must be a positive number of MiB, got {self.workspace_mib}")
+    def __init__(self, batch_range: BatchRange | str | None = None, timing_cache: str | os.PathLike | None = None,
+                 opt_level: int | str | None = None, hw_compat: str | None = "none",
+                 plugin_lib: str | os.PathLike | None = None, workspace_mib: int | None = None,
+                 extra: dict[str, Any] | None = None):
+        self.batch_range = parse_batch_range(batch_range)
+        self.opt_level = parse_opt_level(opt_level)
+        self.hw_compat = parse_hw_compat(hw_compat)
+        self.timing_cache = Path(timing_cache) if timing_cache is not None else None
+        if self.timing_cache is not None and self.timing_cache.is_dir():
+            raise InputError(f"--timing-cache {self.timing_cache} is a directory; give a file path")
+        self.plugin_lib = Path(plugin_lib).expanduser().absolute() if plugin_lib is not None else None
+        if workspace_mib is not None and int(workspace_mib) <= 0:
+            raise InputError(f"workspace must be a positive number of MiB, got {workspace_mib}")
+        self.workspace_mib = int(workspace_mib) if workspace_mib is not None else None
+        self.extra = dict(extra or {})
 
     @classmethod
     def from_args(cls, args: Any) -> "TrtBuildOptions":
@@ -149,6 +161,14 @@ class TrtBuildOptions:
         return cls(batch_range=getattr(args, "batch_range", None), timing_cache=getattr(args, "timing_cache", None),
                    opt_level=getattr(args, "opt_level", None), hw_compat=getattr(args, "hw_compat", None) or "none",
                    plugin_lib=getattr(args, "plugin_lib", None))
+
+    def check_for_jetson(self) -> None:
+        """Refuse options that TensorRT does not support on a Jetson: hardware-compatible engines (``ampere+``) are
+        a desktop/server-GPU feature, so a Jetson engine is always built for the device it runs on."""
+        if self.hw_compat != "none":
+            raise InputError(f"--hw-compat {self.hw_compat} is not supported for --target jetson: TensorRT builds "
+                             f"hardware-compatible engines for desktop/server GPUs only; a Jetson engine is built on "
+                             f"the device that runs it (drop --hw-compat, or use --target trt)")
 
     def check_plugin_lib(self) -> None:
         """For a real build: the plugin library must exist now."""
@@ -159,6 +179,36 @@ class TrtBuildOptions:
         return {"batch_range": self.batch_range.to_dict(), "timing_cache": str(self.timing_cache) if self.timing_cache
                 else None, "opt_level": self.opt_level, "hw_compat": self.hw_compat,
                 "plugin_lib": str(self.plugin_lib) if self.plugin_lib else None, "workspace_mib": self.workspace_mib}
+
+
+#: Plugin libraries loaded into this process's TensorRT plugin registry: absolute path -> library handle.
+_LOADED_PLUGIN_LIBRARIES: dict[str, Any] = {}
+
+
+def load_plugin_library(registry: "tensorrt.IPluginRegistry", lib: str | os.PathLike, *,
+                        what: str = "plugin library") -> str:
+    """Load ``lib`` into TensorRT's (process-global) plugin registry once, by its absolute path, and return that
+    path. Absolute, because a bare file name makes ``dlopen`` search the system library paths instead of the
+    engine's folder; once, because ``load_library`` fails (returns None) when any of the library's creators is
+    already registered. None also means: not openable, or no ``getCreators`` entry point; or a library built with
+    ``VITQ_STATIC_REGISTRATION=ON``, which ``dlopen`` registers before TensorRT asks it."""
+    path = Path(lib).expanduser().absolute()
+    key = str(path)
+    if key in _LOADED_PLUGIN_LIBRARIES:
+        return key
+    if not path.is_file():
+        raise InputError(f"{what} {path}: no such file")
+    try:
+        handle = registry.load_library(key)
+    except Exception as e:
+        raise InputError(f"{what} {path}: TensorRT could not load it: {e}") from None
+    if handle is None:
+        raise InputError(f"{what} {path}: TensorRT's plugin registry refused it (not a plugin library exporting "
+                         f"getCreators, a missing dependency, or its creators are already registered)",
+                         hint="build it with the bundled CMakeLists.txt (VITQ_STATIC_REGISTRATION=OFF) and let vitq "
+                              "load it; the TensorRT log above names the reason")
+    _LOADED_PLUGIN_LIBRARIES[key] = handle
+    return key
 
 
 def parse_trt_version(text: str) -> tuple[int, int, int]:
@@ -219,7 +269,7 @@ def read_onnx_io(onnx_path: str | os.PathLike) -> tuple[list[dict], list[dict], 
     return ins, outs, meta
 
 
-def profile_shapes(inputs: list[dict] | tuple, batch_range: BatchRange) -> dict[str, tuple[tuple[int, ...], ...]]:
+def profile_shapes(inputs: Sequence[dict], batch_range: BatchRange) -> dict[str, tuple[tuple[int, ...], ...]]:
     """``{input: (min, opt, max)}`` for a model whose inputs have a dynamic batch dim; ``{}`` when every input is
     fully static (no optimization profile is needed then)."""
     dynamic = any(not (isinstance(d, int) and d > 0) for t in inputs for d in t["shape"])

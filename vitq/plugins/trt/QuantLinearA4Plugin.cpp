@@ -1,27 +1,51 @@
 /*
  * TensorRT IPluginV3 wrapper for QuantLinearA4: a thin adapter over the C API in ../kernels/vitq_kernels.h.
- * Syntax-checked against TensorRT 10.7 headers (tests/test_plugins_cxx.py, where headers exist); never built into
- * a library or run (no TensorRT or GPU in the sessions that wrote it); see vitq/plugins/NOTES.md.
+ * Syntax-checked against TensorRT headers where they exist (tests/test_plugins_cxx.py); not yet built into a
+ * library or run against TensorRT; see vitq/plugins/NOTES.md and docs/jetson.md.
  */
 #include "QuantLinearA4Plugin.h"
 
 #include "vitq_kernels.h"
 
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <exception>
 #include <iostream>
 #include <memory>
+#include <string>
 
 using namespace nvinfer1;
+
+namespace
+{
+// Set by TensorRT through setLoggerFinder(), which it calls when it initializes the library; may stay null.
+std::atomic<ILoggerFinder*> gLoggerFinder{nullptr};
+} // namespace
 
 namespace vitq
 {
 namespace
 {
+// Through TensorRT's logger when TensorRT gave us a finder (findLogger() must be called on the thread of the plugin
+// method, which is where errors are reported), else stderr.
 void logError(char const* what) noexcept
 {
-    std::cerr << "[vitq QuantLinearA4] " << what << std::endl;
+    try
+    {
+        std::string const msg = std::string("[vitq QuantLinearA4] ") + what;
+        ILoggerFinder* finder = gLoggerFinder.load();
+        ILogger* logger = finder != nullptr ? finder->findLogger() : nullptr;
+        if (logger != nullptr)
+        {
+            logger->log(ILogger::Severity::kERROR, msg.c_str());
+            return;
+        }
+        std::cerr << msg << std::endl;
+    }
+    catch (...)
+    {
+    }
 }
 
 size_t alignTo256(size_t bytes)
@@ -224,7 +248,7 @@ int32_t QuantLinearA4Plugin::enqueue(PluginTensorDesc const* inputDesc, PluginTe
         return path;
     }
     // Two kernels after the weights: quantize X once per row, then the pipelined GEMM. The weights are constant;
-    // preparing them (pad, pack) on every call costs 2-7 us on an H100 at DeiT-T / Swin-T shapes (session 11).
+    // preparing them (pad, pack) on every call costs 2-7 us on an H100 at DeiT-T / Swin-T shapes.
     // TODO(perf): prepare once into a plugin-owned buffer.
     char* ws = static_cast<char*>(workspace);
     size_t const wqBytes = alignTo256(vitq_prepared_weight_bytes(static_cast<int>(n), static_cast<int>(k), path));
@@ -344,10 +368,11 @@ IPluginV3* QuantLinearA4PluginCreator::createPlugin(
 } // namespace vitq
 
 // ---- registration ----
-// Dynamic loading (IPluginRegistry::loadLibrary, trtexec --dynamicPlugins, version-compatible engines): TensorRT
-// calls getCreators(). Static registration (ctypes.CDLL / dlopen, trtexec --staticPlugins): a static initializer
-// registers the creator. Only one of the two must be active, or the creator is registered twice; CMake option
-// VITQ_STATIC_REGISTRATION picks (default ON).
+// One mechanism: TensorRT's dynamic-plugin entry points. IPluginRegistry::loadLibrary (Python:
+// trt.get_plugin_registry().load_library, trtexec --dynamicPlugins) dlopens the library, calls setLoggerFinder() and
+// registers what getCreators() returns; loadLibrary fails if any of those creators is already registered, so the
+// default build has no static registrar. -DVITQ_STATIC_REGISTRATION=1 (CMake option, OFF by default) adds one for
+// hosts that only dlopen the library (LD_PRELOAD); never pass such a build to loadLibrary / --dynamicPlugins.
 extern "C" TENSORRTAPI IPluginCreatorInterface* const* getCreators(int32_t& nbCreators)
 {
     static vitq::QuantLinearA4PluginCreator sCreator;
@@ -356,7 +381,10 @@ extern "C" TENSORRTAPI IPluginCreatorInterface* const* getCreators(int32_t& nbCr
     return sCreators;
 }
 
-extern "C" TENSORRTAPI void setLoggerFinder(ILoggerFinder* finder) {}
+extern "C" TENSORRTAPI void setLoggerFinder(ILoggerFinder* finder)
+{
+    gLoggerFinder.store(finder);
+}
 
 #if VITQ_STATIC_REGISTRATION
 namespace

@@ -3,8 +3,8 @@
  * Structure follows TensorRT's own IPluginV3 samples (samples/sampleNonZeroPlugin): one class implementing
  * IPluginV3 + IPluginV3OneCore + IPluginV3OneBuild + IPluginV3OneRuntime, and an IPluginCreatorV3One.
  *
- * Syntax-checked against TensorRT 10.7 headers (tests/test_plugins_cxx.py, where headers exist); never built into
- * a library or run (no TensorRT or GPU in the sessions that wrote it); see vitq/plugins/NOTES.md.
+ * Syntax-checked against TensorRT headers where they exist (tests/test_plugins_cxx.py); not yet built into a
+ * library or run against TensorRT; see vitq/plugins/NOTES.md and docs/jetson.md.
  *
  * Plugin identity (what TensorRT's ONNX parser looks up): name "QuantLinearA4", version "1", namespace "vitq".
  * Fields: act_scale (kFLOAT32), act_bits (kINT32, must be 4), weight_bits (kINT32, 4 or 8).
