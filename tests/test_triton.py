@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -390,3 +391,21 @@ def test_server_stops_cleanly_with_its_backend_stubs(server):
     assert server.proc.pid in members and len(members) >= 4, members  # the server + one stub per model instance
     assert server.stop() == 0, server.log_tail()
     assert not server.group_alive() and not [p for p in members if Path(f"/proc/{p}").exists()]
+
+
+def test_server_dies_with_the_process_that_started_it(server, triton_env):
+    """A test run killed outright (SIGKILL: no finally, no atexit) leaves no tritonserver behind."""
+    code = ("import sys, time; from vitq.triton import TritonServer; "
+            "s = TritonServer(sys.argv[1], sys.argv[2]).start(); print(s.proc.pid, flush=True); time.sleep(600)")
+    child = subprocess.Popen([sys.executable, "-c", code, str(server.repo), str(triton_env)], stdout=subprocess.PIPE,
+                             text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        pgid = int(child.stdout.readline())
+        assert _group_members(pgid)
+    finally:
+        child.kill()
+        child.wait()
+    deadline = time.monotonic() + 60
+    while _group_members(pgid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _group_members(pgid)

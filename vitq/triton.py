@@ -28,6 +28,7 @@ Python environment it runs in).
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import re
@@ -486,6 +487,16 @@ def _free_ports(n: int, host: str) -> list[int]:
             s.close()
 
 
+def _die_with_parent() -> None:
+    """In the child before exec (Linux): SIGTERM it when the process that started it dies, even by SIGKILL."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def pytriton_dir(env: str | Path) -> Path:
     """The ``pytriton/tritonserver`` directory of the nvidia-pytriton wheel installed in the venv ``env``."""
     hits = sorted(Path(env).glob("lib/python3*/site-packages/pytriton/tritonserver/bin/tritonserver"))
@@ -520,7 +531,8 @@ class TritonServer:
     ``env`` is a venv holding the ``nvidia-pytriton`` wheel and what the python-backend models import (numpy<2 with
     this wheel's stub, onnx, onnxruntime, Pillow, vitq): its ``bin`` goes first on PATH because the python backend
     runs the first ``python3`` found there. The server runs in its own process group (its python-backend stubs
-    included), which :meth:`stop` always ends; use it as a context manager.
+    included), which :meth:`stop` always ends (also at interpreter exit, and the server gets SIGTERM if the thread
+    that started it dies); use it as a context manager.
     """
 
     def __init__(self, repo: str | Path, env: str | Path, *, host: str = "127.0.0.1", log: str | Path | None = None,
@@ -565,7 +577,9 @@ class TritonServer:
         cmd, env = self.command(), self.environment()
         with open(self.log, "wb") as fh:
             self.proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+                                         stdin=subprocess.DEVNULL, start_new_session=True,
+                                         preexec_fn=_die_with_parent)
+        atexit.register(self.stop)
         deadline = time.monotonic() + self.timeout
         try:
             while time.monotonic() < deadline:
@@ -617,6 +631,7 @@ class TritonServer:
         """SIGTERM (graceful: in-flight requests finish), then SIGKILL to the whole group after ``timeout``."""
         if self.proc is None:
             return None
+        atexit.unregister(self.stop)
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
