@@ -234,6 +234,10 @@ def run_level(t: Target, bodies: list[bytes], concurrency: int, n_requests: int,
         th.join(max_seconds + timeout + 30)
     wall = time.perf_counter() - t_start
     after = t.counts()
+    settle = time.monotonic() + 5  # Triton updates its statistics just after the reply is sent
+    while after["ok"] - before["ok"] < len(lat_ms) and time.monotonic() < settle:
+        time.sleep(0.1)
+        after = t.counts()
     server_ok = after["ok"] - before["ok"]
     batches = after["batches"] - before["batches"]
     sent = next_i[0]
@@ -294,6 +298,10 @@ def main(argv: list[str]) -> int:
     engine = Engine.load(model, threads=1)
     bodies, source = load_bodies(64)
     env = triton_env()
+    probe = "import numpy, onnxruntime; print(numpy.__version__, onnxruntime.__version__)"
+    env_versions = subprocess.run([str(env / "bin" / "python"), "-c", probe], capture_output=True, text=True,
+                                  check=True).stdout.split()
+    load_before = os.getloadavg()
     work = Path(tempfile.mkdtemp(prefix="vitq-serve-bench-"))
     vitq_proc = None
     try:
@@ -343,11 +351,13 @@ def main(argv: list[str]) -> int:
                                  f"{args.max_batch} --queue-delay-us {int(round(args.max_wait_ms * 1000))} "
                                  f"--instances 1" + (f" --threads {args.threads}" if args.threads else ""),
                       "server": f"tritonserver {triton_version} (nvidia-pytriton 0.7.0 wheel), python backend",
+                      "python_env": f"{env.relative_to(REPO)}: numpy {env_versions[0]}, onnxruntime {env_versions[1]}",
                       "request": f"POST /v2/models/{dest.name}_image/infer, the JPEG as binary BYTES tensor data; "
                                  f"reply: top-5 (classification extension)"}},
         "bodies": source, "levels": levels, "ratios_triton_over_vitq": ratios,
         "top1_agree": {"images": len(common), "same": agree},
         "note": "both servers on 127.0.0.1 of one machine shared with other jobs; they take turns per level",
+        "load_average_1min": {"before": round(load_before[0], 2), "after": round(os.getloadavg()[0], 2)},
     }
     rows = [[lv["server"], lv["concurrency"], f"{lv['ok']} / {lv['sent']}", lv["errors"], lv["lost"],
              lv["server_ok"], lv["throughput_req_s"], lv["latency_ms"]["p50"], lv["latency_ms"]["p99"],
