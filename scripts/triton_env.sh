@@ -11,7 +11,8 @@ cd "$(dirname "$0")/.."
 ENV=${VITQ_TRITON_ENV:-build/triton-env}
 PY=${PYTHON:-python3}
 PYTRITON="nvidia-pytriton==0.7.0"
-SPEC="$PYTRITON numpy<2 $(sha256sum pyproject.toml | cut -c1-16) $("$PY" -c 'import sys; print(sys.version.split()[0])')"
+# rebuilt when this script, pyproject.toml (vitq's runtime pins) or the Python version changes
+SPEC="$(cat "$0" pyproject.toml | sha256sum | cut -c1-16) $("$PY" -c 'import sys; print(sys.version.split()[0])')"
 
 if [ -f "$ENV/.vitq-env" ] && [ "$(cat "$ENV/.vitq-env")" = "$SPEC" ] && [ -x "$ENV/bin/python" ]; then
     echo "$ENV"
