@@ -8,7 +8,7 @@
     vitq check RESULT.json --baseline BASELINE.json [--latency-tol 0.1] [--accuracy-tol 0.5]
     vitq report DIR [--eval EVAL.json ...] [--bench BENCH.json ...] [--points POINTS.json ...] [--out FILE.html]
     vitq serve DIR [--port N] [--host 127.0.0.1] [--max-batch 8] [--max-wait-ms 5] [--threads N]
-    vitq export-triton DIR --out REPO [--format onnx|plan]
+    vitq export-triton DIR --out REPO [--backend onnxruntime|python|tensorrt] [--preprocess] [--instances N]
 
 Errors caused by input print one message naming the culprit and exit non-zero (2; 3 for failed verification);
 ``--debug`` shows tracebacks.
@@ -264,16 +264,31 @@ def _add_ops_parsers(sub) -> None:
 
     t = sub.add_parser("export-triton", help="write a Triton Inference Server model repository",
                        description="Write REPO/<name>/config.pbtxt (dynamic batching, I/O from the model) and "
-                                   "REPO/<name>/1/model.onnx (or model.plan), atomically.")
-    t.add_argument("model", type=Path, help="artifact directory (or .onnx file for --format onnx)")
+                                   "REPO/<name>/1/ for one Triton backend, atomically. --preprocess adds "
+                                   "<name>_preprocess and the ensemble <name>_image, which take encoded images.")
+    t.add_argument("model", type=Path, help="artifact directory (or .onnx file for onnxruntime/python)")
     t.add_argument("--out", required=True, type=Path, help="model repository directory")
     t.add_argument("--name", help="model name in the repository (default: the model's name)")
-    t.add_argument("--format", dest="fmt", choices=("onnx", "plan"), default="onnx",
-                   help="onnx: platform onnxruntime_onnx (default); plan: tensorrt_plan from model.engine")
-    t.add_argument("--max-batch", type=_positive_int, default=8, help="max_batch_size (default 8)")
-    t.add_argument("--max-wait-ms", type=float, default=5.0, help="dynamic batching max queue delay (default 5)")
+    t.add_argument("--backend", choices=("onnxruntime", "python", "tensorrt"),
+                   help="onnxruntime: Triton's ORT backend, platform onnxruntime_onnx (default); python: "
+                        "vitq.runtime in Triton's python backend (vitq's exact ORT settings); tensorrt: "
+                        "platform tensorrt_plan from model.engine")
+    t.add_argument("--format", dest="fmt", choices=("onnx", "plan"), help=argparse.SUPPRESS)  # older --backend
+    t.add_argument("--preprocess", action="store_true",
+                   help="add a preprocessing model and an ensemble that take JPEG/PNG bytes")
+    t.add_argument("--max-batch", type=_positive_int,
+                   help="max_batch_size (default 8; tensorrt: the engine profile's max)")
+    delay = t.add_mutually_exclusive_group()
+    delay.add_argument("--queue-delay-us", type=_nonneg_int,
+                       help="dynamic batching max queue delay in microseconds (default 5000)")
+    delay.add_argument("--max-wait-ms", type=float, help="the same in milliseconds")
+    t.add_argument("--preferred-batch", type=_positive_int, nargs="+", metavar="N",
+                   help="dynamic batching preferred batch sizes (default: max/2 and max; tensorrt: the profile's "
+                        "opt and max)")
     t.add_argument("--instances", type=_positive_int, default=1, help="instance_group count (default 1)")
-    t.add_argument("--gpu", action="store_true", help="instance kind KIND_GPU (default KIND_CPU for onnx)")
+    t.add_argument("--threads", type=_positive_int,
+                   help="ONNX Runtime intra-op threads per instance (python, onnxruntime)")
+    t.add_argument("--gpu", action="store_true", help="instance kind KIND_GPU (default KIND_CPU for onnxruntime)")
     t.add_argument("--plugin-lib", help="TensorRT plugin library path to note in the config (LD_PRELOAD)")
     t.set_defaults(func=cmd_export_triton)
 
@@ -330,10 +345,15 @@ def cmd_serve(args) -> int:
 def cmd_export_triton(args) -> int:
     from .triton import export_triton
 
-    dest = export_triton(args.model, args.out, name=args.name, fmt=args.fmt, max_batch=args.max_batch,
-                         max_wait_ms=args.max_wait_ms, instances=args.instances, gpu=args.gpu,
-                         plugin_lib=args.plugin_lib)
-    print(f"wrote {dest}/ (config.pbtxt, 1/model.{'plan' if args.fmt == 'plan' else 'onnx'})")
+    dest = export_triton(args.model, args.out, name=args.name, backend=args.backend, fmt=args.fmt,
+                         max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, queue_delay_us=args.queue_delay_us,
+                         preferred_batch=args.preferred_batch, instances=args.instances, gpu=args.gpu,
+                         plugin_lib=args.plugin_lib, preprocess=args.preprocess, threads=args.threads)
+    files = sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file())
+    print(f"wrote {dest}/ ({', '.join(files)})")
+    if args.preprocess:
+        print(f"wrote {dest.parent / (dest.name + '_preprocess')}/ and {dest.parent / (dest.name + '_image')}/ "
+              f"(the ensemble: send encoded images as {dest.name}_image input IMAGE)")
     return 0
 
 

@@ -258,6 +258,12 @@ def _parse_json(body: bytes) -> tuple[list[bytes], bool, int | None]:
 
 
 # -- the server ----------------------------------------------------------------------------------------------------
+class _HTTPServer(ThreadingHTTPServer):
+    # the listen backlog (socketserver's default is 5): a burst of new connections beyond it is reset by the kernel
+    # while the accept loop waits for the GIL, and those clients see "connection reset" instead of a queued request
+    request_queue_size = 1024
+
+
 class ClassifyServer:
     """The HTTP server: ``start()`` serves in a background thread (tests), ``serve_forever()`` blocks (CLI)."""
 
@@ -282,7 +288,7 @@ class ClassifyServer:
         self.started = time.time()
         handler = type("Handler", (_Handler,), {"app": self})
         try:
-            self.httpd = ThreadingHTTPServer((host, port), handler)
+            self.httpd = _HTTPServer((host, port), handler)
         except OSError as e:
             self.batcher.stop()
             raise InputError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
