@@ -9,4 +9,8 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1
 .venv/bin/python -m pip install -q -e '.[dev]'
+# TensorRT's type stubs for tests/test_trt_typecheck.py (mypy over vitq/trt): kept out of the venv, since an
+# installed stub package makes `import tensorrt` succeed without TensorRT
+[ -d build/typestubs/tensorrt ] || .venv/bin/python -m pip install -q --no-deps --target build/typestubs \
+    tensorrt-stubs==10.13.0.35.1
 .venv/bin/vitq --version
