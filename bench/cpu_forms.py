@@ -118,9 +118,11 @@ def _ort_configs(methods: list[str]):
     out = [("qdq_u8s8_pc_minmax", {**base}),
            ("qdq_u8s8_pc_rr_minmax", {**base, "reduce_range": True}),
            ("qdq_u8u8_pc_minmax", {**base, "weight_type": U8}),
-           ("qdq_s8s8_pc_rr_minmax", {**base, "activation_type": S8, "reduce_range": True}),
-           ("qop_u8s8_pc_rr_minmax", {**base, "quant_format": QuantFormat.QOperator, "reduce_range": True}),
-           ("qdq_u8s8_pc_rr_minmax_allmatmul", {**base, "reduce_range": True, "scope": "all_matmul"})]
+           ("qop_u8s8_pc_rr_minmax", {**base, "quant_format": QuantFormat.QOperator, "reduce_range": True})]
+    if "allmatmul" in methods:  # attention MatMuls quantized too
+        out.append(("qdq_u8s8_pc_rr_minmax_allmatmul", {**base, "reduce_range": True, "scope": "all_matmul"}))
+    if "s8s8" in methods:  # int8 activations (ORT turns them into uint8 on x86)
+        out.append(("qdq_s8s8_pc_rr_minmax", {**base, "activation_type": S8, "reduce_range": True}))
     if "percentile" in methods:
         out.append(("qdq_u8s8_pc_rr_percentile", {**base, "reduce_range": True,
                                                   "calibrate_method": CalibrationMethod.Percentile}))
@@ -313,8 +315,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--per-round", type=int, default=3)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    ap.add_argument("--methods", default="minmax,percentile", help="ORT calibration methods besides MinMax: "
-                                                                   "percentile, entropy")
+    ap.add_argument("--methods", default="percentile", help="ORT configurations besides the four MinMax ones: "
+                                                             "percentile, entropy, allmatmul, s8s8 (comma-separated)")
     ap.add_argument("--swin-eval", type=int, default=256)
     ap.add_argument("--build", type=Path, default=REPO / "build" / "cpu_forms")
     ap.add_argument("--out", type=Path, default=None)
@@ -333,6 +335,10 @@ def main(argv: list[str]) -> int:
             print(f"cpu_forms: unknown model {key!r} (one of: {', '.join(MODELS)})", file=sys.stderr)
             return 2
         results[key] = run_model(key, args, isa)
+    out = args.out or (Path(__file__).resolve().parent / "results" / "cpu_forms.json")
+    if out.is_file():  # a run of some models keeps the others' results
+        prev = json.loads(out.read_text()).get("results", {}).get("models", {})
+        results = {**{k: v for k, v in prev.items() if k not in results}, **results}
     print(_table(results, machine))
     load = os.getloadavg()
     path = write_result("cpu_forms", {"cpu_isa": isa, "threads": args.threads, "rounds": args.rounds,
@@ -341,6 +347,6 @@ def main(argv: list[str]) -> int:
                                       "models": results},
                         data="dev650 + 744 held-out sample images (calibration: 256 of the sample set, seed 0); "
                              "Swin-T: random weights, first --swin-eval of them, calibration 32",
-                        argv=argv, out=args.out)
+                        argv=argv, out=out)
     print(f"wrote {path}")
     return 0

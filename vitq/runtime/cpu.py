@@ -34,6 +34,14 @@ The forms vitq's ``lower_ort_cpu`` emits (``vitq.cpu_form`` in the artifact's me
 * ``s8s8``: the recipe's int8 activations and weights as they are (S8S8, ``sdot``/``smmla``). The form for arm64;
   on x86 ORT turns it into ``u8s8`` (see above): exact on vnni/amx only.
 
+Which kernels a vitq Q/DQ graph reaches at ORT's ``all`` level (``tests/test_cpu_forms.py`` checks the optimized
+graph): every Q/DQ MatMul (Linear weights and both attention GEMMs) becomes ``MatMulIntegerToFloat`` (a Q right
+after the MatMul would make it ``QLinearMatMul``; vitq's Linear is followed by its bias Add, so it is not), the bias
+Add + GELU become ``BiasGelu``, LayerNormalization stays one op. These fusions compute the same function up to float32
+rounding. ORT's ``AttentionFusion`` matches float attention only, and ``QAttention`` / ``DynamicQuantizeMatMul``
+come from ORT's dynamic quantizer (activation scales computed per run): a different function from a calibrated
+recipe, so vitq emits neither.
+
 This module reads only ``/proc`` and ``/sys`` (no third-party imports): the runtime uses it on devices.
 """
 
