@@ -217,3 +217,11 @@ def test_runtime_warns_once_when_the_cpu_lacks_the_form(tmp_path, monkeypatch):
     g = _tiny_artifact(tmp_path / "g.onnx", "u8u8")
     with pytest.warns(RuntimeWarning, match="faster"):
         Engine.load(g)
+
+
+def test_recipe_for_cpu_maps_presets_only():
+    assert cpu.recipe_for_cpu("w8a8", "avx2")[:2] == ("w7a8", "u8u8")
+    assert cpu.recipe_for_cpu("w8a8", "amx")[:2] == ("w8a8", "u8s8")
+    assert cpu.recipe_for_cpu("w4a8", "avx512")[:2] == ("w4a8", "u8u8")
+    assert cpu.recipe_for_cpu("mp:5", "avx2")[:2] == ("mp:5", "u8u8")
+    assert cpu.recipe_for_cpu("fp32", "arm64")[:2] == ("fp32", "s8s8")

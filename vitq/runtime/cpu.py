@@ -211,6 +211,20 @@ def choose_form(weight_bits: int, isa: str) -> tuple[str, int, str]:
                                f"(vpmaddwd, exact)")
 
 
+def recipe_for_cpu(recipe: str, isa: str) -> tuple[str, str, str]:
+    """A uniform preset name (``w{W}a{A}``) as compiled for ``isa``: ``(recipe, form, reason)``, e.g. ``("w8a8",
+    "avx2") -> ("w7a8", "u8u8", ...)``. Other recipes (fp32, mp:N, files) keep their name; the reason then names the
+    form only."""
+    import re
+
+    m = re.fullmatch(r"w(\d+)a(\d+)", recipe)
+    if m is None:
+        form = form_for(isa)
+        return recipe, form, f"{isa}: {form} int8 form"
+    form, bits, reason = choose_form(int(m.group(1)), isa)
+    return f"w{bits}a{m.group(2)}", form, reason
+
+
 def form_check(form: str | None, cpu: CpuInfo | None = None) -> str | None:
     """A one-line warning when the running CPU lacks what the artifact's form needs (exactness or speed); None
     when it fits (or the artifact names no form)."""
