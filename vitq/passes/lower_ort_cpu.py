@@ -119,8 +119,6 @@ class LowerOrtCpu(GraphPass):
         weights, s8 = self._weights_to_u8(g, nm) if self.form == "u8u8" else (0, 0)
         self.stats = {"activations_to_u8": rewritten, "left_as_is": skipped, "matmul_weights_to_u8": weights,
                       "matmul_weights_7bit_s8": s8}
-        if self.form != "u8u8":
-            self.stats.update(form=self.form, isa=self.isa)
         return ir.passes.PassResult(model, modified=True)
 
     @staticmethod
