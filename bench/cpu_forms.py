@@ -136,7 +136,9 @@ def _ort_quantize(fp32: Path, out: Path, xcal: np.ndarray, cfg: dict) -> Path:
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, quantize_static
 
-    if out.is_file():
+    src = hashlib.sha256(fp32.read_bytes()).hexdigest()
+    stamp = out.with_suffix(".src")
+    if out.is_file() and stamp.is_file() and stamp.read_text() == src:
         return out
     m = onnx.load(str(fp32))
     inits = {i.name for i in m.graph.initializer}
@@ -159,6 +161,7 @@ def _ort_quantize(fp32: Path, out: Path, xcal: np.ndarray, cfg: dict) -> Path:
     tmp = out.with_suffix(".tmp.onnx")
     quantize_static(str(fp32), str(tmp), Reader(), extra_options={"CalibTensorRangeSymmetric": False}, **kw)
     os.replace(tmp, out)
+    stamp.write_text(src)
     return out
 
 
@@ -234,6 +237,8 @@ def run_model(key: str, args, isa: str) -> dict:
         if c["kind"] == "vitq":
             c["exact_by_form"] = c["form"] == "u8u8" or here_exact
     for name, cfg_q in _ort_configs(args.methods):
+        if args.ort and name not in args.ort:
+            continue
         path = build / f"{key}-ort-{name}.onnx"
         t = time.perf_counter()
         try:
@@ -317,11 +322,13 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--methods", default="percentile", help="ORT configurations besides the four MinMax ones: "
                                                              "percentile, entropy, allmatmul, s8s8 (comma-separated)")
+    ap.add_argument("--ort", default="", help="only these ORT configurations (comma-separated names; default all)")
     ap.add_argument("--swin-eval", type=int, default=256)
     ap.add_argument("--build", type=Path, default=REPO / "build" / "cpu_forms")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     args.methods = args.methods.split(",")
+    args.ort = [n for n in args.ort.split(",") if n]
     if not SAMPLE1000.is_dir() or not DEV650.is_dir():
         print(f"cpu_forms: needs the shared image sets ({SAMPLE1000}, {DEV650})", file=sys.stderr)
         return 2
