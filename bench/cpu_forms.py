@@ -136,11 +136,11 @@ def _ort_quantize(fp32: Path, out: Path, xcal: np.ndarray, cfg: dict) -> Path:
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, quantize_static
 
-    src = hashlib.sha256(fp32.read_bytes()).hexdigest()
+    m = onnx.load(str(fp32))
+    src = hashlib.sha256(m.graph.SerializeToString()).hexdigest()  # the float graph (not its metadata)
     stamp = out.with_suffix(".src")
     if out.is_file() and stamp.is_file() and stamp.read_text() == src:
         return out
-    m = onnx.load(str(fp32))
     inits = {i.name for i in m.graph.initializer}
     name = m.graph.input[0].name
     gemms = [n.name for n in m.graph.node if n.op_type in ("MatMul", "Gemm", "Conv") and
