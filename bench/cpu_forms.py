@@ -230,7 +230,8 @@ def run_model(key: str, args, isa: str) -> dict:
     w8 = _compile(model, build / f"{key}-w8a8", "w8a8", calib_count)
     form, bits, reason = choose_form(8, isa)
     w7 = _compile(model, build / f"{key}-w7a8", "w7a8", calib_count)
-    vnni = _compile(model, build / f"{key}-w8a8-vnni", str(w8 / "recipe.json"), calib_count, cpu="vnni")
+    vnni = None if args.skip_vnni else \
+        _compile(model, build / f"{key}-w8a8-vnni", str(w8 / "recipe.json"), calib_count, cpu="vnni")
     cfg = PreprocessConfig.from_dict(json.loads((w8 / "report.json").read_text())["preprocess"])
     calib, evals = _sets(calib_count)
     x, y = _arrays(evals, cfg, build)
@@ -245,9 +246,10 @@ def run_model(key: str, args, isa: str) -> dict:
                             "recipe": f"w{bits}a8", "cpu": isa, "reason": reason, "default": True},
              "vitq w8a8 --cpu avx2 (u8u8)": {"kind": "vitq", "path": w8 / "model.onnx", "form": "u8u8",
                                              "recipe": "w8a8", "cpu": "avx2"},
-             "vitq w8a8 --cpu vnni (u8s8)": {"kind": "vitq", "path": vnni / "model.onnx", "form": form_for("vnni"),
+             "vitq w8a8 --cpu vnni (u8s8)": {"kind": "vitq", "path": (vnni or w8) / "model.onnx",
+                                             "form": form_for("vnni"),
                                              "recipe": "w8a8", "cpu": "vnni"}}
-    if bits == 8:  # on a VNNI/AMX CPU the default is the u8s8 w8a8 artifact itself
+    if bits == 8 or vnni is None:  # on a VNNI/AMX CPU the default is the u8s8 w8a8 artifact itself
         cands.pop("vitq w8a8 --cpu vnni (u8s8)")
     for c in cands.values():
         if c["kind"] == "vitq":
@@ -339,6 +341,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--methods", default="percentile", help="ORT configurations besides the four MinMax ones: "
                                                              "percentile, entropy, allmatmul, s8s8 (comma-separated)")
     ap.add_argument("--ort", default="", help="only these ORT configurations (comma-separated names; default all)")
+    ap.add_argument("--skip-vnni", action="store_true", help="leave out the vnni (u8s8) form of w8a8")
     ap.add_argument("--swin-eval", type=int, default=256)
     ap.add_argument("--build", type=Path, default=REPO / "build" / "cpu_forms")
     ap.add_argument("--out", type=Path, default=None)
