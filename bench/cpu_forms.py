@@ -311,12 +311,61 @@ def run_model(key: str, args, isa: str) -> dict:
     return out
 
 
+def gemm_forms(threads: int, rounds: int, per_round: int, M: int = 8 * 197, K: int = 192, N: int = 768) -> dict:
+    """One DeiT-Tiny fc1-sized Q/DQ GEMM (batch 8: 1576 x 192 x 768) in each form, interleaved with its float
+    MatMul: latency ratio to float, and the fused-vs-unoptimized relative error (the form's exactness here)."""
+    import onnx_ir as ir
+    from onnx import TensorProto as T
+    from onnx import helper as h
+    from onnx import numpy_helper as nph
+
+    from vitq.passes.infra import run_passes
+    from vitq.passes.lower_ort_cpu import LowerOrtCpu
+
+    rng = np.random.default_rng(0)
+    Wf = rng.standard_normal((K, N)).astype(np.float32) * 0.05
+    ws = np.abs(Wf).max(0) / 127
+    models = {"float": None}
+    for label, top, isa in (("u8u8 (avx2 form, 8-bit weights)", 127, "avx2"),
+                            ("u8s8 7-bit weights (avx2 form of w7)", 63, "avx2"),
+                            ("u8s8 8-bit weights (vnni form)", 127, "vnni")):
+        W = np.clip(np.round(Wf / ws * top / 127), -top, top).astype(np.int8)
+        init = [nph.from_array(W, "W"), nph.from_array((ws * 127 / top).astype(np.float32), "ws"),
+                nph.from_array(np.array(0.05, np.float32), "as"), nph.from_array(np.array(0, np.int8), "az"),
+                nph.from_array(np.zeros(N, np.int8), "wz")]
+        nodes = [h.make_node("QuantizeLinear", ["x", "as", "az"], ["xq"]),
+                 h.make_node("DequantizeLinear", ["xq", "as", "az"], ["xd"]),
+                 h.make_node("DequantizeLinear", ["W", "ws", "wz"], ["Wd"], axis=1),
+                 h.make_node("MatMul", ["xd", "Wd"], ["y"])]
+        g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, [1, M, K])],
+                         [h.make_tensor_value_info("y", T.FLOAT, [1, M, N])], init)
+        m = h.make_model(g, opset_imports=[h.make_opsetid("", 21)], ir_version=10)
+        models[label] = ir.serde.serialize_model(run_passes(m, [LowerOrtCpu(isa)], properties={"qdq"}))
+    g = h.make_graph([h.make_node("MatMul", ["x", "W"], ["y"])], "f",
+                     [h.make_tensor_value_info("x", T.FLOAT, [1, M, K])],
+                     [h.make_tensor_value_info("y", T.FLOAT, [1, M, N])], [nph.from_array(Wf, "W")])
+    models["float"] = h.make_model(g, opset_imports=[h.make_opsetid("", 21)], ir_version=10)
+    x = (rng.standard_normal((1, M, K)) * 2).astype(np.float32)
+    sess = {n: _session(m.SerializeToString(), threads) for n, m in models.items()}
+    out: dict = {"shape": [M, K, N]}
+    for n, m in models.items():
+        if n != "float":
+            a = sess[n].run(None, {"x": x})[0].astype(np.float64)
+            b = _session(m.SerializeToString(), threads, False).run(None, {"x": x})[0].astype(np.float64)
+            out[n] = {"fused_vs_unoptimized_rel_l2": float(np.linalg.norm(a - b) / np.linalg.norm(b))}
+    sess = {("fp32" if n == "float" else n): s for n, s in sess.items()}
+    lat = _latency(sess, x, [1], rounds, per_round)
+    for n, v in lat.items():
+        out.setdefault(n, {})["ratio_to_float"] = v["b1"]
+    return out
+
+
 def _table(results: dict, machine: dict) -> str:
     from vitq.table import format_table
 
     rows = []
     for key, r in results.items():
-        for n, c in r["candidates"].items():
+        for n, c in r.get("candidates", {}).items():
             if "agreement" not in c:
                 rows.append([key, n, "-", "-", "-", "-", c.get("error", "")[:40]])
                 continue
@@ -341,6 +390,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--methods", default="percentile", help="ORT configurations besides the four MinMax ones: "
                                                              "percentile, entropy, allmatmul, s8s8 (comma-separated)")
     ap.add_argument("--ort", default="", help="only these ORT configurations (comma-separated names; default all)")
+    ap.add_argument("--gemm", action="store_true", help="also time one DeiT-Tiny-sized GEMM in each form")
     ap.add_argument("--skip-vnni", action="store_true", help="leave out the vnni (u8s8) form of w8a8")
     ap.add_argument("--swin-eval", type=int, default=256)
     ap.add_argument("--build", type=Path, default=REPO / "build" / "cpu_forms")
@@ -356,7 +406,10 @@ def main(argv: list[str]) -> int:
     isa = running_cpu().isa
     machine = cpu_info()
     results = {}
-    for key in args.models.split(","):
+    if args.gemm:
+        results["gemm"] = gemm_forms(args.threads, args.rounds, args.per_round)
+        print(json.dumps(results["gemm"], indent=1))
+    for key in [k for k in args.models.split(",") if k]:
         if key not in MODELS:
             print(f"cpu_forms: unknown model {key!r} (one of: {', '.join(MODELS)})", file=sys.stderr)
             return 2
