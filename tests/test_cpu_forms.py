@@ -225,3 +225,13 @@ def test_recipe_for_cpu_maps_presets_only():
     assert cpu.recipe_for_cpu("w4a8", "avx512")[:2] == ("w4a8", "u8u8")
     assert cpu.recipe_for_cpu("mp:5", "avx2")[:2] == ("mp:5", "u8u8")
     assert cpu.recipe_for_cpu("fp32", "arm64")[:2] == ("fp32", "s8s8")
+
+
+def test_compile_rejects_an_unknown_cpu_before_any_work(tmp_path):
+    from vitq.compiler import CompileOptions, compile_model
+    from vitq.errors import InputError
+
+    with pytest.raises(InputError, match="unknown --cpu 'avx9'"):
+        compile_model(CompileOptions(model="deit_tiny_patch16_224", out=tmp_path / "a", cpu="avx9"),
+                      echo=lambda s: None)
+    assert not (tmp_path / "a").exists()

@@ -102,6 +102,13 @@ def compile_model(opts: CompileOptions, echo: Callable[[str], None] = print) -> 
     t_start = time.perf_counter()
     if opts.target not in TARGETS:
         raise InputError(f"unknown target {opts.target!r} (expected one of: {', '.join(TARGETS)})")
+    if opts.target == "ort":
+        from .runtime.cpu import resolve_isa
+
+        try:
+            resolve_isa(opts.cpu)  # an unknown --cpu fails before minutes of work
+        except ValueError as e:
+            raise InputError(str(e)) from None
     recipe: RecipeRequest = parse_recipe_arg(opts.recipe)
     if recipe.kind == "file":
         from .recipe.schema import Recipe
