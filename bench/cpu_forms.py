@@ -1,7 +1,12 @@
 """vitq's ORT CPU int8 forms against fp32 and ONNX Runtime's own ``quantize_static``, on the CPU that runs this.
 
     python -m bench cpu_forms [--models deit,swin] [--threads 2] [--rounds 8] [--per-round 3] [--batch 1 8]
-                              [--methods minmax,percentile] [--swin-eval 256] [--build build/cpu_forms]
+                              [--methods percentile] [--ort NAMES] [--skip-vnni] [--gemm] [--swin-eval 256]
+                              [--build build/cpu_forms]
+
+``--gemm``: also one DeiT-Tiny-sized Q/DQ GEMM (1576 x 192 x 768) in each form against its float MatMul: exactness
+(ORT fused vs unoptimized) and latency ratio; ``--models ""`` runs only that. Run with ``VITQ_SHARED_DATA`` set
+when the shared data is not at ``../shared/data``.
 
 Per model, in one process:
 
