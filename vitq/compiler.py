@@ -53,6 +53,7 @@ class CompileOptions:
     mixa_low_group: int | None = None  # dynamic low branch: one grid per this many features of a token (0: per token)
     mixa_low_softmax: str | None = None  # dynamic low branch's post-softmax grid: "uniform" | "log"
     reconstruct: int | None = None  # block reconstruction iterations per stage (vitq/quant/reconstruct.py); None: off
+    cpu: str = "avx2"  # --target ort: the CPU ISA lower_ort_cpu lowers for ("auto" or vitq.runtime.cpu.ISAS)
 
 
 @dataclass
@@ -100,6 +101,13 @@ def compile_model(opts: CompileOptions, echo: Callable[[str], None] = print) -> 
     t_start = time.perf_counter()
     if opts.target not in TARGETS:
         raise InputError(f"unknown target {opts.target!r} (expected one of: {', '.join(TARGETS)})")
+    if opts.target == "ort":
+        from .runtime.cpu import resolve_isa
+
+        try:
+            resolve_isa(opts.cpu)  # an unknown --cpu fails before minutes of work
+        except ValueError as e:
+            raise InputError(str(e)) from None
     recipe: RecipeRequest = parse_recipe_arg(opts.recipe)
     if recipe.kind == "file":
         from .recipe.schema import Recipe
@@ -301,8 +309,14 @@ def _quantize(opts, req, lm, calib, cfg, x_verify, stage: Path, report: dict, lo
     meta = artifact_metadata(opts.model, cfg.to_dict(), lm.num_classes, rec.name)
     with log.step("exporting the prepared (SQ-b folded) float model"):
         export_onnx(qmodel, prepared, image_size=(cfg.height, cfg.width), metadata=meta)
+    from .runtime.cpu import form_for, full_range_u8s8_exact, resolve_isa, running_cpu
+
+    try:
+        isa = resolve_isa(opts.cpu)[0]
+    except ValueError as e:
+        raise InputError(str(e)) from None
     with log.step(f"graph passes for target {opts.target}"):
-        proto, passes = build_deployable(prepared, rec, opts.target, sample_inputs=x_verify[:2])
+        proto, passes = build_deployable(prepared, rec, opts.target, sample_inputs=x_verify[:2], isa=isa)
     prepared.unlink()
     hint = ort_u8u8_hint(passes)
     if hint:
@@ -318,7 +332,9 @@ def _quantize(opts, req, lm, calib, cfg, x_verify, stage: Path, report: dict, lo
         _stop_on_trt_errors(TrtReport.from_dict(passes["trt_check"]), echo)
     onnx.save(proto, stage / ARTIFACT_MODEL)
     with log.step("verifying the Q/DQ graph on ONNX Runtime against the torch simulation"):
-        eng = Engine.load(stage / ARTIFACT_MODEL, backend="ort")
+        # a form this CPU cannot run exactly fused (e.g. --cpu vnni compiled on AVX2) is verified unoptimized
+        exact_here = form_for(isa) == "u8u8" or full_range_u8s8_exact(running_cpu().isa)
+        eng = Engine.load(stage / ARTIFACT_MODEL, backend="ort", optimization="auto" if exact_here else "disable")
         got = eng.run(x_verify).astype(np.float64)
         with torch.no_grad():
             ref = sim(torch.from_numpy(x_verify)).numpy().astype(np.float64)

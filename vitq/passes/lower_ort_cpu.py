@@ -1,22 +1,28 @@
-"""``lower_ort_cpu``: exact rewrites for ONNX Runtime's fast CPU int8 kernels.
+"""``lower_ort_cpu``: exact rewrites onto ONNX Runtime's fast CPU int8 kernels, for one instruction set.
 
-Symmetric int8 activations (``Q(x, s, 0:int8) [-> Clip(lo, hi)] -> DQ(s, 0:int8)``) are re-expressed as uint8 with
-zero point 128 (``Q(x, s, 128:uint8) [-> Clip(lo+128, hi+128)] -> DQ(s, 128:uint8)``): the same grid
-``{-128..127} * s``, so the function is unchanged bit for bit, and ORT's QDQ fusions pick their U8S8 kernels
-(MatMulIntegerToFloat / QLinearMatMul / QLinearConv with uint8 activations and int8 weights), which are faster than
-S8S8 on x86 (VNNI/AVX2 u8*s8 dot products).
+``isa`` (``avx2`` | ``avx512`` | ``vnni`` | ``amx`` | ``arm64``) picks the form (:mod:`vitq.runtime.cpu` has the
+MLAS kernel table behind it); every form keeps the recipe's grids, so the function is unchanged bit for bit on the
+unoptimized graph, and ORT's fused kernels compute it exactly on the ISA the form is for:
 
-Weights (DQ of an int8 initializer) that feed a MatMul are re-expressed as uint8 with zero point 128 as well (U8U8):
-on x86 without VNNI (AVX2), ORT's U8S8/S8S8 GEMM sums pairs of u8*s8 products in int16 (VPMADDUBSW), which
-saturates for full-range 8-bit weights: measured here on a single Q/DQ MatMul with random full-range int8 weights,
-21% relative error against the unfused graph, and 0.7-2% per DeiT-Tiny Linear. ORT's quantization docs name the
-two fixes, reduce_range (7-bit weights) and U8U8 (VPMADDWD, no saturation); U8U8 keeps the recipe's grid, so the
-function is unchanged, and it stays faster than the unfused float path (1.2 vs 1.7 ms on a 197x192x768 GEMM).
-Weights already within 7 bits (``|w| <= 64``: the ``w7a8`` preset, ORT's reduce_range) stay int8: the pair sums
-cannot saturate (``2 * 255 * 64 < 2^15``), so ORT's faster U8S8 kernel is exact. Conv and Gemm weights (measured
-exact) stay int8. Int4 activations stay int4 Q/DQ: ORT 1.31 runs
+* ``u8u8`` (avx2, avx512): symmetric int8 activations ``Q(x, s, 0:int8) [-> Clip(lo, hi)] -> DQ(s, 0:int8)`` become
+  uint8 with zero point 128 (``Q(x, s, 128:u8) [-> Clip(lo+128, hi+128)] -> DQ(s, 128:u8)``: the same grid
+  ``{-128..127} * s``); x86 ORT fuses uint8-activation Q/DQ MatMuls only (``QDQIsInt8Allowed()`` is false there)
+  into MatMulIntegerToFloat / QLinearMatMul. MatMul weights beyond 7 bits (``|w| > 64``) become uint8 zero point 128
+  too (U8U8, ``vpmaddwd``): ORT's U8S8 kernel sums u8*s8 pairs in int16 (``vpmaddubsw``), which saturates for
+  full-range weights (21% relative error measured on one such MatMul). 7-bit weights (the ``w7a8`` preset, ORT's
+  ``reduce_range``) stay int8 and run the faster U8S8 kernel exactly (``2 * 255 * 64 < 2^15``). Activation x
+  activation MatMuls (attention) are U8U8 (both operands uint8).
+* ``u8s8`` (vnni, amx): uint8 activations, int8 weights of any range: U8S8, which VNNI (``vpdpbusd``) and AMX
+  accumulate in int32, exactly. Attention MatMuls stay U8U8: on x86 ORT's ``QDQS8ToU8Transformer`` turns every int8
+  activation Q/DQ pair into uint8 anyway, so no activation operand reaches a GEMM as int8.
+* ``s8s8`` (arm64): nothing is rewritten: ORT fuses signed Q/DQ on ARM (``QDQIsInt8Allowed()``) and its
+  ``sdot``/``smmla`` GEMMs accumulate in int32. On x86 ORT converts its activations to uint8 itself, which makes it
+  the ``u8s8`` form there (not exact on avx2/avx512).
+
+Conv and Gemm weights (measured exact) stay int8. Int4 activations stay int4 Q/DQ: ORT 1.31 runs
 QuantizeLinear/DequantizeLinear on INT4 at opset 21 on CPU (checked in tests/test_pass_lower_ort_cpu.py), as
-emulated (dequantized) float math.
+emulated (dequantized) float math. The pass writes the form and ISA into the model's metadata
+(``vitq.cpu_form``, ``vitq.cpu_isa``), which the runtime checks against the CPU it runs on.
 """
 
 from __future__ import annotations
@@ -24,11 +30,11 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from ..runtime.cpu import ISAS, META_CPU_FORM, META_CPU_ISA, SAFE_S8, form_for, isa_from_flags
 from .infra import GraphPass
 from .irutil import Namer, add_initializer, const_array, consumers, drop_unused_initializers
 
 _ZP = 128
-SAFE_S8 = 64  # |w| <= 64: u8*s8 pair sums stay within int16 (2 * 255 * 64 = 32640)
 
 
 def _zero_int8_scalar(v: ir.Value | None) -> bool:
@@ -49,11 +55,22 @@ class LowerOrtCpu(GraphPass):
     PROVIDES = frozenset({"ort_lowered"})
     SEMANTICS = "exact"
 
+    def __init__(self, isa: str = "avx2"):
+        super().__init__()
+        if isa not in ISAS:
+            raise ValueError(f"lower_ort_cpu: unknown isa {isa!r} (expected one of: {', '.join(ISAS)})")
+        self.isa = isa
+        self.form = form_for(isa)
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         g = model.graph
         nm = Namer(g)
         rewritten = skipped = 0
-        for q in [n for n in g if n.op_type == "QuantizeLinear" and n.domain in ("", "ai.onnx")]:
+        model.metadata_props[META_CPU_FORM] = self.form
+        model.metadata_props[META_CPU_ISA] = self.isa
+        quantizers = [] if self.form == "s8s8" else \
+            [n for n in g if n.op_type == "QuantizeLinear" and n.domain in ("", "ai.onnx")]
+        for q in quantizers:
             if len(q.inputs) < 3 or not _zero_int8_scalar(q.inputs[2]):
                 continue
             sc = const_array(q.inputs[1])
@@ -99,11 +116,11 @@ class LowerOrtCpu(GraphPass):
                 if v is not None and v.is_initializer() and not v.uses() and not v.is_graph_output():
                     g.initializers.pop(v.name, None)
             rewritten += 1
-        weights, s8 = self._weights_to_u8(g, nm)
+        weights, s8 = self._weights_to_u8(g, nm) if self.form == "u8u8" else (0, 0)
         drop_unused_initializers(g)
         self.stats = {"activations_to_u8": rewritten, "left_as_is": skipped, "matmul_weights_to_u8": weights,
                       "matmul_weights_7bit_s8": s8}
-        return ir.passes.PassResult(model, modified=rewritten > 0 or weights > 0)
+        return ir.passes.PassResult(model, modified=True)
 
     @staticmethod
     def _weights_to_u8(g: ir.Graph, nm: Namer) -> tuple[int, int]:
@@ -146,7 +163,7 @@ def cpu_has_vnni(cpuinfo: str | None = None) -> bool | None:
     flags = next((ln.split(":", 1)[1].split() for ln in cpuinfo.splitlines() if ln.startswith("flags")), None)
     if flags is None:
         return None
-    return "avx512_vnni" in flags or "avx_vnni" in flags
+    return isa_from_flags(flags) in ("vnni", "amx")
 
 
 def ort_u8u8_hint(passes_report: dict, cpuinfo: str | None = None) -> str | None:
@@ -161,5 +178,6 @@ def ort_u8u8_hint(passes_report: dict, cpuinfo: str | None = None) -> str | None
             f"CPU (no VNNI); --recipe w7a8 (7-bit weights) is ~15% faster on ORT CPU at w8a8's accuracy")
 
 
-def lower_ort_cpu() -> LowerOrtCpu:
-    return LowerOrtCpu()
+def lower_ort_cpu(isa: str = "avx2") -> LowerOrtCpu:
+    """The pass for the ORT CPU form of ``isa`` (one of :data:`vitq.runtime.cpu.ISAS`)."""
+    return LowerOrtCpu(isa)

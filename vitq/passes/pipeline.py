@@ -23,13 +23,14 @@ from ..format import SCHEMA_PASSES as REPORT_SCHEMA, TARGETS
 
 
 
-def pipeline_for(recipe: Recipe, target: str) -> list[GraphPass]:
+def pipeline_for(recipe: Recipe, target: str, isa: str = "avx2") -> list[GraphPass]:
+    """The target's passes; ``isa``: the CPU instruction set the ort target lowers for (vitq.runtime.cpu.ISAS)."""
     if recipe.mixa is not None and target in TARGETS:  # MixA-Q: split_windows around insert_qdq
         from .split_windows import mixa_passes
 
-        return mixa_passes(recipe, target, pipeline_for)
+        return mixa_passes(recipe, target, lambda r, t: pipeline_for(r, t, isa))
     if target == "ort":
-        return [InsertQDQ(recipe), Cleanup(), ClipSub8Activations(), LowerOrtCpu(), FoldShiftZeroPoint()]
+        return [InsertQDQ(recipe), Cleanup(), ClipSub8Activations(), LowerOrtCpu(isa), FoldShiftZeroPoint()]
     if target in ("trt", "jetson"):
         return [InsertQDQ(recipe), Cleanup(), LowerTrt(), DynamicQdqFloat(), ClipSub8Activations(), Cleanup(),
                 TrtCheck()]
@@ -37,7 +38,7 @@ def pipeline_for(recipe: Recipe, target: str) -> list[GraphPass]:
 
 
 def build_deployable(model: onnx.ModelProto | str | Path, recipe: Recipe | dict | str | Path, target: str, *,
-                     validate: bool = True, sample_inputs: np.ndarray | None = None
+                     validate: bool = True, sample_inputs: np.ndarray | None = None, isa: str = "avx2"
                      ) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """Run the target's pass pipeline on the float export ``model`` (a ModelProto or a path; not modified).
 
@@ -50,6 +51,7 @@ def build_deployable(model: onnx.ModelProto | str | Path, recipe: Recipe | dict 
                 clip_sub8_activations (other sub-8-bit activations -> float Clip + int8 Q/DQ, exact) -> cleanup ->
                 trt_check (lint; TensorRT errors are reported, not raised: the caller decides)
 
+    ``isa``: the CPU instruction set ``--target ort`` lowers for (``lower_ort_cpu``'s form; ignored by trt/jetson).
     ``validate``: ONNX full checker after each changing pass. ``sample_inputs`` (``[N,3,H,W]`` float32): also check
     that the function-preserving passes (cleanup, lowering) keep ONNX Runtime's outputs (exact for lowering).
     Model-level ``metadata_props`` are kept. Returns ``(model_proto, report)``; report::
@@ -78,7 +80,7 @@ def build_deployable(model: onnx.ModelProto | str | Path, recipe: Recipe | dict 
     feeds = None
     if sample_inputs is not None:
         feeds = {m.graph.inputs[0].name: np.ascontiguousarray(sample_inputs, dtype=np.float32)}
-    passes = pipeline_for(recipe, target)
+    passes = pipeline_for(recipe, target, isa)
     pm = PassManager(passes, properties={"float"}, validate=validate, sample_feeds=feeds)
     pm.run(m)
     out = ir.serde.serialize_model(m)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Mapping
 
@@ -27,6 +28,22 @@ def _info(arg) -> TensorInfo:
 #: ONNX Runtime session option: compute type of MatMulNBits made by the int4 DQ -> MatMul fusion (0 unset, 1 fp32,
 #: 2 fp16, 3 bf16, 4 int8: activations re-quantized)
 QDQ_MATMULNBITS_ACCURACY = "session.qdq_matmulnbits_accuracy_level"
+
+_WARNED: set[str] = set()  # CPU-form warnings already given in this process
+
+
+def _cpu_form_note(meta: dict[str, str], optimization: str) -> str | None:
+    """The artifact's int8 form (``vitq.cpu_form``) against this CPU: a note, warned once per process. Unoptimized
+    sessions run no fused int8 kernels, so they have nothing to warn about."""
+    from .cpu import META_CPU_FORM, form_check
+
+    if optimization == "disable":
+        return None
+    msg = form_check(meta.get(META_CPU_FORM))
+    if msg and msg not in _WARNED:
+        _WARNED.add(msg)
+        warnings.warn(f"vitq: {msg}", RuntimeWarning, stacklevel=3)
+    return msg
 
 
 class OrtBackend:
@@ -87,6 +104,9 @@ class OrtBackend:
             raise InputError(f"int4_matmul must be exact or fast (got {int4_matmul!r})")
         self.optimization = optimization
         self.int4_matmul = int4_matmul
+        cpu_note = _cpu_form_note(meta, optimization)
+        if cpu_note:
+            self.notes.append(cpu_note)
         so.log_severity_level = 3
         try:
             self.session = ort.InferenceSession(model_src, sess_options=so,
