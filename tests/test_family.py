@@ -1,0 +1,186 @@
+"""The ViT family: one tiny random-weight configuration per architecture family (ViT with layer scale and register
+tokens, EVA02 with rotary embeddings and SwiGLU, BEiT v2 with relative position bias, Swin V2 in both timm
+implementations) goes through vitq's export, calibration (w8a8, w4a8) and the ORT and TensorRT graph pipelines,
+and the deployed Q/DQ graph on ONNX Runtime computes the torch simulation's function; MixA-Q windows on Swin V2;
+unsupported models are refused naming the class and what is missing.
+
+Bound: the graph and the simulation run the same quantizers, so they differ by float summation order only (a rare
+rounding flip at one quantizer propagates a grid step); the relative logit error is asserted to stay below 5% of
+the simulation's own quantization error (measured ~1e-7 relative on these models).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+timm = pytest.importorskip("timm")
+
+from vitq.errors import UnsupportedError  # noqa: E402
+from vitq.exporter.models import create_model, family_of  # noqa: E402
+from vitq.exporter.onnx_export import export_onnx, verify_against_torch  # noqa: E402
+from vitq.passes import build_deployable  # noqa: E402
+from vitq.passes.infra import ort_run  # noqa: E402
+from vitq.quant.pipeline import calibrate  # noqa: E402
+from vitq.quant.prepare import enumerate_points, model_chain, prepare_model  # noqa: E402
+from vitq.recipe import parse_recipe_arg  # noqa: E402
+
+#: family -> (timm name, tiny overrides); image size = kwargs["img_size"]
+TINY = {
+    "vit": ("deit3_small_patch16_224", dict(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2,
+                                            reg_tokens=2, num_classes=10)),
+    "eva02": ("eva02_tiny_patch14_224", dict(img_size=28, depth=2, embed_dim=64, num_heads=2, num_classes=10)),
+    "beitv2": ("beitv2_base_patch16_224", dict(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2,
+                                               num_classes=10)),
+    "swinv2": ("swinv2_tiny_window8_256", dict(img_size=64, depths=(2, 2), num_heads=(2, 4), embed_dim=32,
+                                               window_size=4, num_classes=10)),
+    "swinv2_cr": ("swinv2_cr_tiny_224", dict(img_size=64, depths=(2, 2), num_heads=(2, 4), embed_dim=32,
+                                             window_size=4, num_classes=10)),
+}
+N_IMAGES = 8
+
+
+def tiny_model(fam: str) -> torch.nn.Module:
+    """Random weights; biases, norms, layer scales, logit scales and tokens perturbed so that none is trivially
+    zero / one (timm initializes several of them to constants)."""
+    name, kw = TINY[fam]
+    torch.manual_seed(0)
+    m = timm.create_model(name, pretrained=False, **kw).eval()
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if n.endswith("bias") or any(k in n for k in ("norm", "gamma", "logit_scale", "token", "ls1", "ls2")):
+                p.add_(torch.randn_like(p) * 0.2)
+    return m
+
+
+def _images(fam: str, n: int = N_IMAGES) -> np.ndarray:
+    hw = TINY[fam][1]["img_size"]
+    return torch.randn(n, 3, hw, hw, generator=torch.Generator().manual_seed(2)).numpy()
+
+
+def _rel(a, b) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.fixture(scope="module", params=list(TINY))
+def fam(request):
+    return request.param
+
+
+def test_family_detection_prepare_and_chain_are_exact(fam):
+    """Detected family; the prepared copy (explicit attention, constant position biases, folded q/v biases) and
+    the stage chain (used by GPTQ, reconstruction and MixA-Q calibration) compute timm's function."""
+    m = tiny_model(fam)
+    family = family_of(m)
+    assert family == ("swin" if fam.startswith("swin") else "vit")
+    p = prepare_model(m)
+    x = torch.from_numpy(_images(fam, 2))
+    with torch.no_grad():
+        ref = m(x)
+        assert float((p(x) - ref).abs().max()) <= 1e-5
+        y = x
+        for _, f in model_chain(p, family):
+            y = f(y)
+        assert float((y - ref).abs().max()) <= 1e-5
+
+
+def test_sqb_and_optm_applicability_follow_the_data_flow():
+    """SQ-b groups are LayerNorm -> Linear edges of the data flow: pre-norm blocks have them, Swin V2's post-norm
+    blocks do not (only the v2_cr patch merging's norm -> reduction); OPT-m candidates are GELU-fed Linears:
+    EVA02's SwiGLU fc2 is not one."""
+    groups = {f: enumerate_points(prepare_model(tiny_model(f)), (TINY[f][1]["img_size"],) * 2) for f in TINY}
+    for f in ("vit", "eva02", "beitv2"):
+        g = groups[f].norm_groups
+        assert g["blocks.0.norm1"] == ["blocks.0.attn.qkv"] and g["blocks.1.norm2"] == ["blocks.1.mlp.fc1"]
+    assert not any(".blocks." in ln for ln in groups["swinv2"].norm_groups)
+    assert set(groups["swinv2_cr"].norm_groups) == {"stages.1.downsample.norm"}
+    assert not any(p.post_gelu for p in groups["eva02"].points)
+    for f in ("vit", "beitv2", "swinv2"):
+        assert {p.module for p in groups[f].points if p.post_gelu} >= {
+            ("layers.0.blocks.0.mlp.fc2" if f == "swinv2" else "blocks.0.mlp.fc2")}
+    # Swin V2's position-bias MLP runs on constants: folded into a buffer, never a quantization point
+    assert not any("cpb_mlp" in p.module or "meta_mlp" in p.module for f in ("swinv2", "swinv2_cr")
+                   for p in groups[f].points)
+
+
+@pytest.fixture(scope="module")
+def exported(fam, tmp_path_factory):
+    m = tiny_model(fam)
+    x = _images(fam)
+    hw = TINY[fam][1]["img_size"]
+    d = tmp_path_factory.mktemp(f"family_{fam}")
+    export_onnx(m, d / "fp32.onnx", image_size=(hw, hw))
+    ver = verify_against_torch(d / "fp32.onnx", m, x[:4])  # raises beyond 1e-4
+    assert ver["passed"]
+    return m, x, d
+
+
+@pytest.mark.parametrize("recipe", ["w8a8", "w4a8"])
+def test_family_compiles_and_graph_matches_simulation(exported, fam, recipe):
+    m, x, d = exported
+    hw = TINY[fam][1]["img_size"]
+    res = calibrate(m, family_of(m), x, parse_recipe_arg(recipe), model_name=fam, provenance={}, progress=False,
+                    methods={"gptq_images": N_IMAGES})
+    path = d / f"{recipe}.prepared.onnx"
+    export_onnx(res.model, path, image_size=(hw, hw))
+    with torch.no_grad():
+        sim = res.sim(torch.from_numpy(x)).numpy()
+        flt = res.model(torch.from_numpy(x)).numpy()
+    qerr = _rel(sim, flt)
+    assert qerr > 1e-3  # the quantization is really there
+    n_attn = sum(1 for l in res.recipe.layers if l.kind == "attn")
+    assert n_attn == sum(1 for b in m.modules() if type(b).__name__.endswith("Block") and hasattr(b, "attn"))
+    for target in ("ort", "trt"):
+        proto, rep = build_deployable(path, res.recipe, target, sample_inputs=x[:2])
+        got = ort_run(proto, {"input": x})[0]
+        assert got.shape == sim.shape
+        assert _rel(got, sim) < 0.05 * qerr, (fam, recipe, target, _rel(got, sim), qerr)
+        assert (got.argmax(1) == sim.argmax(1)).mean() >= 0.75
+        if target == "trt":
+            chk = rep["trt_check"]
+            assert chk["ok"], rep["trt_check_text"]
+            # every GEMM is quantized (no float MatMul left: position-bias MLPs are constants), w4 runs weight-only
+            assert {w["code"] for w in chk["warnings"]} <= {"INT4_WEIGHT"}, rep["trt_check_text"]
+
+
+def test_mixa_windows_on_swin_v2(tmp_path):
+    """MixA-Q on Swin V2 (post-norm blocks: the router reads the block input, not norm1's): the deployed
+    two-precision graph equals the MixA-Q simulation."""
+    from vitq.mixa.calib import attach, build_mixa_spec
+    from vitq.mixa.sim import MixaSim
+    from vitq.mixa.spec import MixaSpec
+
+    m = tiny_model("swinv2")
+    x = torch.from_numpy(_images("swinv2", 6))
+    res = calibrate(m, "swin", x.numpy(), parse_recipe_arg("w4a8"), model_name="swinv2", provenance={},
+                    progress=False, methods={"gptq": False, "observer": "minmax", "sqb": False})
+    spec = build_mixa_spec(res.model, res.sim, res.recipe, x, group=None, low_bits=4, routed=("linear", "attn"),
+                           ratios=0.5)
+    rec = attach(res.recipe, spec)
+    path = tmp_path / "swinv2.onnx"
+    export_onnx(res.model, path, image_size=(64, 64))
+    proto, rep = build_deployable(path, rec, "ort", sample_inputs=x[:2].numpy())
+    assert [p["name"] for p in rep["passes"]][:3] == ["split_windows", "insert_qdq", "split_windows_attn"]
+    assert rep["passes"][0]["stats"]["routers"] >= 1 and rep["passes"][0]["stats"]["split_layers"] > 0
+    sim = MixaSim(res.sim, MixaSpec.from_dict(rec.mixa, layers=rec.layers))
+    for b in (1, 3):
+        xb = x[:b].numpy()
+        got = ort_run(proto, {"input": xb})[0]
+        ref = sim(torch.from_numpy(xb)).numpy()
+        base = res.sim(torch.from_numpy(xb)).numpy()
+        assert _rel(base, ref) > 1e-3  # the routing does something
+        assert _rel(got, ref) < 0.05 * _rel(base, ref), (_rel(got, ref), _rel(base, ref))
+
+
+@pytest.mark.parametrize("name, kwargs, culprit", [
+    ("resnet18", {}, "ResNet"),
+    ("cait_xxs24_224", dict(depth=1, depth_token_only=1, img_size=32), "TalkingHeadAttn"),
+    ("vit_tiny_patch16_224", dict(depth=1, img_size=32, global_pool="map"), "AttentionPoolLatent"),
+])
+def test_unsupported_models_are_refused_naming_class_and_gap(name, kwargs, culprit):
+    with pytest.raises(UnsupportedError) as ei:
+        create_model(name, **kwargs)
+    msg = str(ei.value)
+    assert culprit in msg and name in msg
+    assert "supported attention" in msg or "not a ViT-family model" in msg
