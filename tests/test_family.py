@@ -189,3 +189,31 @@ def test_unsupported_models_are_refused_naming_class_and_gap(name, kwargs, culpr
     msg = str(ei.value)
     assert culprit in msg and name in msg
     assert "supported attention" in msg or "not a ViT-family model" in msg
+
+
+def _bench_models():
+    """``bench/models.py`` (the model matrix), imported with the repository root on the path."""
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    import bench.models
+
+    return bench.models
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", _bench_models().MODELS)
+def test_model_matrix(name, tmp_path):
+    """The full matrix at its real sizes (random weights, 8 images): fp32 export verified, w8a8 and w4a8 compile,
+    their ORT graphs agree with the simulation, trt_check is clean."""
+    from types import SimpleNamespace
+
+    args = SimpleNamespace(images=8, verify=4, recipes=["w8a8", "w4a8"], latency_runs=0)
+    row = _bench_models().one_model(name, args, tmp_path)
+    assert row["fp32"]["passed"], row
+    for r in args.recipes:
+        assert "error" not in row[r], row[r]
+        assert row[r]["agrees"] and row[r]["trt_check"]["ok"], row[r]

@@ -23,7 +23,6 @@ ATTENTION_KINDS = {
     "rope": "attention with rotary position embeddings, forward(x, rope) (EVA, EVA02)",
     "relpos": "attention with a relative position bias, forward(x, shared_rel_pos_bias) (BEiT, BEiT v2)",
 }
-FAMILIES = {"vit": "token sequence (ViT, DeiT, EVA, BEiT)", "swin": "windowed stages (Swin, Swin V2)"}
 _CHECKPOINT_WRAPPERS = ("state_dict", "model", "model_ema", "module")
 
 
