@@ -23,7 +23,7 @@ from vitq.exporter.onnx_export import export_onnx, verify_against_torch  # noqa:
 from vitq.passes import build_deployable  # noqa: E402
 from vitq.passes.infra import ort_run  # noqa: E402
 from vitq.quant.pipeline import calibrate  # noqa: E402
-from vitq.quant.prepare import enumerate_points, model_chain, prepare_model  # noqa: E402
+from vitq.quant.prepare import enumerate_points, head_module_name, model_chain, prepare_model  # noqa: E402
 from vitq.recipe import parse_recipe_arg  # noqa: E402
 
 #: family -> (timm name, tiny overrides); image size = kwargs["img_size"]
@@ -43,14 +43,19 @@ N_IMAGES = 8
 
 def tiny_model(fam: str) -> torch.nn.Module:
     """Random weights; biases, norms, layer scales, logit scales and tokens perturbed so that none is trivially
-    zero / one (timm initializes several of them to constants)."""
+    zero / one (timm initializes several of them to constants); the classifier redrawn at std 0.02 (EVA scales its
+    initial head by 1e-3, which would leave the logits all bias)."""
     name, kw = TINY[fam]
     torch.manual_seed(0)
     m = timm.create_model(name, pretrained=False, **kw).eval()
     with torch.no_grad():
         for n, p in m.named_parameters():
+            if n.startswith("head"):
+                continue
             if n.endswith("bias") or any(k in n for k in ("norm", "gamma", "logit_scale", "token", "ls1", "ls2")):
                 p.add_(torch.randn_like(p) * 0.2)
+        head = m.get_submodule(head_module_name(m))
+        torch.nn.init.trunc_normal_(head.weight, std=0.02)
     return m
 
 
