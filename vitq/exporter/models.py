@@ -12,20 +12,24 @@ import torch
 from ..artifacts import sha256_file
 from ..errors import InputError, ModelError, UnsupportedError
 
-#: timm model classes vitq knows how to quantize (DeiT is a VisionTransformer in timm).
-SUPPORTED_FAMILIES = {
-    "VisionTransformer": "vit",
-    "VisionTransformerDistilled": "vit",
-    "SwinTransformer": "swin",
+#: The attention variants vitq quantizes, by what identifies them structurally (attributes and the forward's
+#: keyword arguments), with the timm classes that use them. A model is supported when every transformer block holds
+#: one of these and the blocks sit in a layout vitq can restart stage by stage (``blocks`` of a token model, or
+#: ``layers``/``stages`` of windowed stages).
+ATTENTION_KINDS = {
+    "vit": "q@k^T softmax attention, forward(x, attn_mask) (ViT, DeiT, DeiT III, register/distillation tokens)",
+    "window": "window attention with a relative position bias table, forward(x, mask) (Swin)",
+    "cosine": "cosine window attention with a learned logit scale and a continuous position bias (Swin V2)",
+    "rope": "attention with rotary position embeddings, forward(x, rope) (EVA, EVA02)",
+    "relpos": "attention with a relative position bias, forward(x, shared_rel_pos_bias) (BEiT, BEiT v2)",
 }
-
 _CHECKPOINT_WRAPPERS = ("state_dict", "model", "model_ema", "module")
 
 
 @dataclass
 class LoadedModel:
     name: str
-    family: str  # "vit" | "swin"
+    family: str  # "vit" (token sequence) | "swin" (windowed stages): see :func:`family_of`
     model: torch.nn.Module
     weights: dict[str, Any] = field(default_factory=dict)  # report entry: source, sha256, random_init, notes
 
@@ -56,12 +60,107 @@ def create_model(name: str, **kwargs: Any) -> tuple[torch.nn.Module, str]:
         model = timm.create_model(name, pretrained=False, **kwargs)
     except Exception as e:
         raise ModelError(f"timm cannot create {name!r}: {e}") from None
+    return model.eval(), family_of(model, name)
+
+
+def _forward_params(m: torch.nn.Module) -> set[str]:
+    import inspect
+
+    try:
+        return set(inspect.signature(type(m).forward).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def _is_linear(m) -> bool:
+    return isinstance(m, torch.nn.Linear)
+
+
+def attention_kind(m: torch.nn.Module) -> str | None:
+    """The :data:`ATTENTION_KINDS` entry ``m`` is, or None. Structural: ``num_heads``, a Linear ``proj``, a fused
+    ``qkv`` Linear (or ``q_proj``/``k_proj``/``v_proj``), and the forward's keyword arguments (they decide which
+    position information reaches the attention logits)."""
+    if not hasattr(m, "num_heads") or not _is_linear(getattr(m, "proj", None)):
+        return None
+    fused = _is_linear(getattr(m, "qkv", None))
+    split = all(_is_linear(getattr(m, n, None)) for n in ("q_proj", "k_proj", "v_proj"))
+    if not (fused or split):
+        return None
+    params = _forward_params(m)
+    if "mask" in params and isinstance(getattr(m, "logit_scale", None), torch.nn.Parameter) and fused:
+        return "cosine"
+    if "rope" in params:
+        return "rope"
+    if "shared_rel_pos_bias" in params and fused:
+        return "relpos"
+    if "mask" in params and hasattr(m, "relative_position_bias_table") and fused:
+        return "window"
+    if "attn_mask" in params and fused and hasattr(m, "q_norm"):
+        return "vit"
+    return None
+
+
+def _attention_like(m: torch.nn.Module) -> bool:
+    return hasattr(m, "num_heads") and (hasattr(m, "proj") or hasattr(m, "qkv") or hasattr(m, "kv"))
+
+
+def _missing(m: torch.nn.Module) -> str:
+    """Why :func:`attention_kind` does not recognize an attention-like module (for the refusal message)."""
+    if not _is_linear(getattr(m, "proj", None)):
+        return "no Linear output projection 'proj'"
+    if not (_is_linear(getattr(m, "qkv", None)) or _is_linear(getattr(m, "q_proj", None))):
+        return "no fused 'qkv' (or q_proj/k_proj/v_proj) Linear"
+    return f"a forward({', '.join(sorted(_forward_params(m) - {'self'}))}) vitq has no quantization rule for"
+
+
+def transformer_blocks(model: torch.nn.Module) -> tuple[str, list[tuple[str, torch.nn.Module]]]:
+    """``(layout, [(path, block)])``: ``"tokens"`` for ``model.blocks``, ``"stages"`` for the blocks of
+    ``model.layers[i]`` / ``model.stages[i]``; ``("", [])`` when neither exists."""
+    blocks = getattr(model, "blocks", None)
+    if isinstance(blocks, (torch.nn.ModuleList, torch.nn.Sequential)) and len(blocks):
+        return "tokens", [(f"blocks.{i}", b) for i, b in enumerate(blocks)]
+    for attr in ("layers", "stages"):
+        stages = getattr(model, attr, None)
+        if isinstance(stages, (torch.nn.ModuleList, torch.nn.Sequential)) and len(stages) and \
+                all(hasattr(s, "blocks") for s in stages):
+            return "stages", [(f"{attr}.{i}.blocks.{j}", b) for i, s in enumerate(stages)
+                              for j, b in enumerate(s.blocks)]
+    return "", []
+
+
+def family_of(model: torch.nn.Module, name: str | None = None) -> str:
+    """``"vit"`` (a token sequence through ``model.blocks``) or ``"swin"`` (windowed stages), decided from the
+    module structure; raises :class:`UnsupportedError` naming the model class and what is missing."""
     cls = type(model).__name__
-    family = SUPPORTED_FAMILIES.get(cls)
-    if family is None:
-        raise UnsupportedError(f"model {name!r} is a {cls}; vitq supports ViT, DeiT and Swin "
-                               f"({', '.join(sorted(SUPPORTED_FAMILIES))})")
-    return model.eval(), family
+    what = f"model {name!r} ({cls})" if name else f"model {cls}"
+    kinds = ", ".join(ATTENTION_KINDS)
+    for path, m in model.named_modules():
+        if attention_kind(m) is None and _attention_like(m) and path:
+            raise UnsupportedError(f"{what}: module {path} ({type(m).__name__}) is an attention vitq cannot quantize: "
+                                   f"{_missing(m)} (supported attention: {kinds})")
+        if attention_kind(m) is not None and getattr(m, "gate", None) is not None:
+            raise UnsupportedError(f"{what}: module {path} ({type(m).__name__}) is a gated attention; vitq has no "
+                                   f"quantization rule for its sigmoid gate")
+    layout, blocks = transformer_blocks(model)
+    if not blocks:
+        raise UnsupportedError(f"{what} is not a ViT-family model: no transformer blocks ('blocks', or "
+                               f"'layers'/'stages' holding 'blocks') with a timm attention module "
+                               f"(supported attention: {kinds})")
+    for path, b in blocks:
+        attn = getattr(b, "attn", None)
+        if attn is None or attention_kind(attn) is None:
+            raise UnsupportedError(f"{what}: block {path} ({type(b).__name__}) has no 'attn' module of a supported "
+                                   f"kind ({kinds})")
+    if not hasattr(model, "patch_embed") or not hasattr(model, "forward_head"):
+        raise UnsupportedError(f"{what}: vitq needs a 'patch_embed' stem and a 'forward_head' classifier")
+    kinds_used = {attention_kind(b.attn) for _, b in blocks}
+    windowed = kinds_used <= {"window", "cosine"}
+    if layout == "stages" and windowed:
+        return "swin"
+    if layout == "tokens" and not (kinds_used & {"window", "cosine"}):
+        return "vit"
+    raise UnsupportedError(f"{what}: attention kinds {sorted(kinds_used)} in a '{layout}' block layout are not a "
+                           f"combination vitq supports (token blocks: vit/rope/relpos; stages: window/cosine)")
 
 
 def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], list[str]]:

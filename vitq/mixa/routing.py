@@ -79,16 +79,21 @@ def block_geometry(model: nn.Module, family: str, group: tuple[int, int] | None 
             out.append(BlockGeom(f"blocks.{i}", 0, "blocks.0", "tokens", table, n, prefix, (0, 0), grid,
                                  _pair(group)))
     elif family == "swin":
-        for s, stage in enumerate(model.layers):
-            for j, b in enumerate(stage.blocks):
-                res = _pair(b.input_resolution)
-                win = _pair(b.window_size)
-                shift = _pair(b.shift_size)
-                if group is not None and _pair(group) != win:
-                    raise UnsupportedError(f"MixA-Q windows: group {group} differs from the window size {win} of "
-                                           f"layers.{s}.blocks.{j} (Swin routes its own attention windows)")
-                out.append(BlockGeom(f"layers.{s}.blocks.{j}", s, f"layers.{s}.blocks.0", "windows",
-                                     swin_table(res, win, shift), res[0] * res[1], 0, shift, res, win))
+        from ..exporter.models import transformer_blocks
+
+        firsts: dict[str, str] = {}
+        for path, b in transformer_blocks(model)[1]:
+            stage_path = path.rsplit(".blocks.", 1)[0]
+            s = int(stage_path.rsplit(".", 1)[1])
+            first = firsts.setdefault(stage_path, path)
+            res = _pair(b.input_resolution if hasattr(b, "input_resolution") else b.feat_size)
+            win = _pair(b.window_size)
+            shift = _pair(b.shift_size)
+            if group is not None and _pair(group) != win:
+                raise UnsupportedError(f"MixA-Q windows: group {group} differs from the window size {win} of "
+                                       f"{path} (Swin routes its own attention windows)")
+            out.append(BlockGeom(path, s, first, "windows", swin_table(res, win, shift), res[0] * res[1], 0, shift,
+                                 res, win))
     else:
         raise UnsupportedError(f"MixA-Q: model family {family!r} is not supported")
     return out

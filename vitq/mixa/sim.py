@@ -178,13 +178,13 @@ class MixAttnHook(AttnHook):
         super().__init__(inner, qfn)
         self.router, self.block, self.vit = router, block, vit
 
-    def forward(self, x, attn_mask=None, is_causal: bool = False, mask=None):
+    def forward(self, x, attn_mask=None, is_causal: bool = False, mask=None, rope=None, shared_rel_pos_bias=None):
         mask = mask if mask is not None else attn_mask
         if self.vit and self.router.active(block := self.block) and self.router.cfg[block][2] > 0:
             pruned = self.router.tlevel(block) == 2  # [B, N]
             add = torch.zeros(pruned.shape, dtype=x.dtype).masked_fill(pruned, float("-inf"))[:, None, None, :]
             mask = add if mask is None else mask + add
-        return attention_forward(self.inner, x, mask, self.qfn, is_causal)
+        return attention_forward(self.inner, x, mask, self.qfn, is_causal, rope, shared_rel_pos_bias)
 
 
 def _set_inner(root: nn.Module, path: str, new: nn.Module) -> None:

@@ -3,7 +3,7 @@
 Runs on the float export, before ``insert_qdq`` (:func:`mixa_passes` builds the whole pipeline):
 
 1. **Router**, once per stage, at the input ``X`` of the stage's first block (the input of its ``norm1``
-   LayerNormalization): ``a = ReduceMean(Abs(X), axis=-1)`` (per token), ``Gather(a, table)`` (the static
+   LayerNormalization; post-norm blocks such as Swin V2's: the block's one float input, :func:`block_inputs`): ``a = ReduceMean(Abs(X), axis=-1)`` (per token), ``Gather(a, table)`` (the static
    group -> token table of :mod:`vitq.mixa.routing`; for shifted Swin blocks the table realizes the roll),
    ``ReduceL2`` over each group's tokens, ``TopK(k = G, sorted)`` -> the group order (descending importance, ties
    to the lower index), and its inverse permutation (``ScatterElements``). Token order = the groups' tokens in
@@ -66,6 +66,46 @@ def expanded_recipe(recipe: Recipe) -> Recipe:
     r = copy.copy(recipe)
     r.layers, r.mixa = layers, None
     return r
+
+
+def _in_scope(n: ir.Node, block: str) -> bool:
+    m = module_of(n)
+    return m is not None and (m == block or m.startswith(block + "."))
+
+
+def block_inputs(g: ir.Graph, blocks: set[str]) -> dict[str, tuple[ir.Node, ir.Value]]:
+    """Per block path, ``(first consumer node, X)``: the float activation entering the block. Pre-norm blocks: the
+    input of ``norm1`` (a LayerNormalization). Otherwise (post-norm, e.g. Swin V2: ``x + norm1(attn(x))``) the one
+    float, non-constant value produced outside the block's name scope and consumed inside it."""
+    out: dict[str, tuple[ir.Node, ir.Value]] = {}
+    nodes = list(g)
+    for n in nodes:
+        m = module_of(n)
+        if n.op_type == "LayerNormalization" and m and m.endswith(".norm1") and m[: -len(".norm1")] in blocks:
+            blk = m[: -len(".norm1")]
+            p = n.inputs[0].producer()
+            if blk not in out and (p is None or not _in_scope(p, blk)):
+                out[blk] = (n, n.inputs[0])
+    for blk in blocks - set(out):
+        found: dict[int, tuple[ir.Node, ir.Value]] = {}
+        for n in nodes:
+            if not _in_scope(n, blk):
+                continue
+            for v in n.inputs:
+                if v is None or v.const_value is not None or id(v) in found:
+                    continue
+                p = v.producer()
+                if p is not None and (_in_scope(p, blk) or p.op_type == "Constant"):
+                    continue
+                if v.type is None or v.type.dtype != ir.DataType.FLOAT:
+                    continue
+                found[id(v)] = (n, v)
+        if len(found) == 1:
+            out[blk] = next(iter(found.values()))
+        elif found:
+            raise GraphPassError(f"mixa: block {blk} has {len(found)} float inputs from outside its scope "
+                                 f"({', '.join(v.name or '?' for _, v in found.values())}); expected one")
+    return out
 
 
 class _Geom:
@@ -206,12 +246,7 @@ class SplitWindows(GraphPass):
         if not active:
             return ir.passes.PassResult(model, modified=False)
         by_mod = sites_by_module(find_sites(g))
-        ln_in: dict[str, tuple[ir.Node, ir.Value]] = {}
-        for n in g:
-            if n.op_type == "LayerNormalization":
-                m = module_of(n)
-                if m and m.endswith(".norm1"):
-                    ln_in.setdefault(m[: -len(".norm1")], (n, n.inputs[0]))
+        ln_in = block_inputs(g, {self.geoms[b.block].stage_first for b in active if b.block in self.geoms})
         routed = {l.module: l for l in spec.layers}
         for blk in active:
             geom = self.geoms.get(blk.block)
@@ -247,7 +282,7 @@ class SplitWindows(GraphPass):
         if key in self.routers:
             return self.routers[key]
         if geom.stage_first not in ln_in:
-            raise GraphPassError(f"mixa: no LayerNormalization for {geom.stage_first}.norm1 in the graph (the router "
+            raise GraphPassError(f"mixa: the input of block {geom.stage_first} is not found in the graph (the router "
                                  f"reads the stage input there)")
         ln, x = ln_in[geom.stage_first]
         tag = f"mixa.{geom.stage_first}.s{geom.shift[0]}"

@@ -65,7 +65,7 @@ from .reconstruct import reconstruct
 from .refine import refine_scales
 from .mp import greedy_mp
 from .optm import search_regions
-from .prepare import Graph, enumerate_points, prepare_model
+from .prepare import Graph, enumerate_points, is_attention, prepare_model
 from .search import SHIFT_MAX_BITS, LinearChoice, search_attn, search_conv, search_linear, subsample
 from .simulate import QuantSim
 from .sqb import fold_smoothing, fold_v_smoothing, group_foldable, search_alpha, search_v_smoothing, shared_params
@@ -411,7 +411,7 @@ def apply_recipe(model: nn.Module, family: str, recipe: Recipe) -> tuple[nn.Modu
     for l in recipe.layers:
         if l.module not in mods:
             raise RecipeError(f"recipe layer {l.module!r} does not exist in model {type(model).__name__}")
-        kind = "attn" if hasattr(mods[l.module], "qkv") else \
+        kind = "attn" if is_attention(mods[l.module]) else \
             ("conv" if isinstance(mods[l.module], nn.Conv2d) else "linear")
         if kind != l.kind:
             raise RecipeError(f"recipe layer {l.module!r}: kind {l.kind!r} but the model has a {kind}")

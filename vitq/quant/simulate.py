@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..exporter.models import SUPPORTED_FAMILIES
+from ..exporter.models import family_of
 from ..recipe.schema import LayerSpec, Recipe
 from .functional import fake_quant, fake_quant_dynamic, fake_quant_log_sqrt2
 from .observers import fake_quant_weight
@@ -148,7 +148,7 @@ class QuantSim(SimModule):
     def __init__(self, prepared_model: nn.Module, recipe: Recipe, family: str | None = None):
         super().__init__()
         self.model = copy.deepcopy(prepared_model).eval()
-        self.family = family or SUPPORTED_FAMILIES.get(type(prepared_model).__name__, "vit")
+        self.family = family or family_of(prepared_model)
         self.recipe = recipe
         self.wrappers: dict[str, nn.Module] = {}
         # Linears/convs first (they live inside attention modules), then attention wrappers.
