@@ -163,7 +163,6 @@ def test_mixa_windows_on_swin_v2(tmp_path):
     two-precision graph equals the MixA-Q simulation."""
     from vitq.mixa.calib import attach, build_mixa_spec
     from vitq.mixa.sim import MixaSim
-    from vitq.mixa.spec import MixaSpec
 
     m = tiny_model("swinv2")
     x = torch.from_numpy(_images("swinv2", 6))
@@ -177,7 +176,7 @@ def test_mixa_windows_on_swin_v2(tmp_path):
     proto, rep = build_deployable(path, rec, "ort", sample_inputs=x[:2].numpy())
     assert [p["name"] for p in rep["passes"]][:3] == ["split_windows", "insert_qdq", "split_windows_attn"]
     assert rep["passes"][0]["stats"]["routers"] >= 1 and rep["passes"][0]["stats"]["split_layers"] > 0
-    sim = MixaSim(res.sim, MixaSpec.from_dict(rec.mixa, layers=rec.layers))
+    sim = MixaSim(res.sim, rec.mixa)
     for b in (1, 6):  # dynamic batch
         xb = x[:b].numpy()
         got = ort_run(proto, {"input": xb})[0]
