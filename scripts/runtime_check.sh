@@ -86,7 +86,7 @@ else
   say "reusing $RT (reinstalling vitq)"
   "$RT/bin/python" -m pip install -q --no-deps --force-reinstall "$REPO"
 fi
-rm -rf "$REPO/build/lib" "$REPO"/*.egg-info  # setuptools' build leftovers
+rm -rf "$REPO/build/lib" "$REPO"/build/bdist.* "$REPO"/*.egg-info  # setuptools' build leftovers
 
 cd "$(mktemp -d)"  # outside the checkout: the installed vitq runs, not the source tree
 "$RT/bin/python" - <<'EOF'
