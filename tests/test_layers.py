@@ -3,9 +3,10 @@
 Every ``import`` statement of every vitq module counts, at module level and inside functions (a lazy import is still
 a dependency). The graph must have no cycle, between modules or between packages, and no forbidden edge:
 
-* ``vitq.runtime`` and ``vitq.plugins`` (and everything they import, transitively) use only the standard library,
-  numpy, onnx (+ its ml_dtypes), onnxruntime, Pillow and tqdm (TensorRT and cuda-python behind ``vitq[trt]``), and no
-  vitq compiler package (passes, recipe, quant, mixa, exporter, the compiler);
+* ``vitq.runtime`` and ``vitq.plugins``, and the tools a device runs on an artifact (``vitq eval``, ``bench``,
+  ``serve``, ``bundle verify``, ``export-triton``, ``check``), with everything they import transitively, use only the
+  standard library, numpy, onnx (+ its ml_dtypes), onnxruntime, Pillow and tqdm (TensorRT and cuda-python behind
+  ``vitq[trt]``), and no vitq compiler package (passes, recipe, quant, mixa, exporter, the compiler);
 * ``vitq.plugins`` imports no other vitq package but the artifact format and the errors: a leaf;
 * ``vitq.passes`` and ``vitq.recipe`` import neither torch nor timm, nor the torch side of vitq;
 * ``import vitq.cli`` (module level) reaches no torch, timm, onnx-ir or onnxscript: the runtime commands work on a
@@ -28,6 +29,8 @@ ROOT = Path(__file__).resolve().parents[1] / "vitq"
 RUNTIME_THIRD_PARTY = {"numpy", "onnx", "ml_dtypes", "onnxruntime", "PIL", "tqdm", "tensorrt", "cuda"}
 COMPILER_ONLY = ("vitq.passes", "vitq.recipe", "vitq.quant", "vitq.mixa", "vitq.exporter", "vitq.compiler",
                  "vitq.targets")
+RUNTIME_TOOLS = ("vitq.evaluate", "vitq.benchmark", "vitq.serve", "vitq.data", "vitq.trt.bundle", "vitq.triton",
+                 "vitq.regression")
 TORCH_SIDE = ("vitq.quant", "vitq.mixa", "vitq.exporter", "vitq.compiler")
 HEAVY = {"torch", "timm", "torchvision", "onnx_ir", "onnxscript"}
 
@@ -179,7 +182,7 @@ def violations(sources: dict[str, tuple[str, bool]]) -> list[str]:
     out = [f"import cycle between modules: {' <-> '.join(c)}" for c in cycles(graph)]
     out += [f"import cycle between packages: {' <-> '.join(c)}" for c in cycles(package_graph(graph))]
     mods = set(sources)
-    for layer in ("vitq.runtime", "vitq.plugins"):
+    for layer in ("vitq.runtime", "vitq.plugins", *RUNTIME_TOOLS):
         starts = [m for m in mods if in_pkg(m, [layer])]
         for m, path in sorted(reach(graph, starts).items()):
             chain = " -> ".join(path)
