@@ -15,7 +15,7 @@ from vitq.mixa.calib import attach, build_mixa_spec  # noqa: E402
 from vitq.mixa.sim import MixaSim  # noqa: E402
 from vitq.mixa.spec import MixaSpec  # noqa: E402
 from vitq.passes.infra import ort_run, run_passes  # noqa: E402
-from vitq.passes.pipeline import build_deployable  # noqa: E402
+from vitq.targets import build_deployable  # noqa: E402
 from vitq.passes.split_windows import SplitWindows  # noqa: E402
 
 # fixtures vit_setup / swin_setup (session-scoped, shared with test_mixa_dynamic.py): tests/conftest.py

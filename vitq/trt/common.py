@@ -145,6 +145,34 @@ class TrtBuildOptions:
         if self.workspace_mib is not None and int(self.workspace_mib) <= 0:
             raise InputError(f"workspace must be a positive number of MiB, got {self.workspace_mib}")
 
+    #: argparse dest -> flag of the ``TensorRT (--target trt|jetson)`` option group
+    FLAGS = {"batch_range": "--batch-range", "timing_cache": "--timing-cache", "opt_level": "--opt-level",
+             "hw_compat": "--hw-compat", "plugin_lib": "--plugin-lib"}
+
+    @staticmethod
+    def add_args(parser) -> None:
+        """The TensorRT option group of ``vitq compile``; each value checked by the parser the options apply."""
+        from ..options import arg_type
+
+        g = parser.add_argument_group("TensorRT (--target trt|jetson)")
+        g.add_argument("--batch-range", metavar="MIN:OPT:MAX", type=arg_type(parse_batch_range, "batch_range"),
+                       help=f"optimization-profile batch range, e.g. {DEFAULT_BATCH_RANGE} (default "
+                            f"{DEFAULT_BATCH_RANGE}), or one fixed batch N")
+        g.add_argument("--timing-cache", type=Path, metavar="FILE",
+                       help="persistent TensorRT timing cache (read if present, updated after the build)")
+        g.add_argument("--opt-level", type=arg_type(parse_opt_level, "opt_level"), metavar=f"0-{MAX_OPT_LEVEL}",
+                       help="TensorRT builder optimization level (TensorRT default 3)")
+        g.add_argument("--hw-compat", type=arg_type(parse_hw_compat, "hw_compat"),
+                       metavar="{" + ",".join(HW_COMPAT_LEVELS) + "}",
+                       help="TensorRT hardware compatibility level (default none)")
+        g.add_argument("--plugin-lib", type=Path, metavar="LIB.so",
+                       help="custom-op plugin library to load and serialize with the engine")
+
+    @classmethod
+    def given(cls, args: Any) -> list[str]:
+        """The flags of this group set on the command line."""
+        return [flag for dest, flag in cls.FLAGS.items() if getattr(args, dest, None) is not None]
+
     @classmethod
     def from_args(cls, args: Any) -> "TrtBuildOptions":
         """From an argparse namespace (``vitq compile`` options; absent attributes take defaults)."""
