@@ -41,7 +41,7 @@ from vitq.mixa.bitops import mixa_bitops  # noqa: E402
 from vitq.mixa.calib import attach, build_mixa_spec  # noqa: E402
 from vitq.mixa.sim import MixaSim  # noqa: E402
 from vitq.passes.infra import run_passes  # noqa: E402
-from vitq.passes.pipeline import build_deployable  # noqa: E402
+from vitq.targets import build_deployable  # noqa: E402
 from vitq.passes.split_windows import SplitWindows  # noqa: E402
 from vitq.quant.pipeline import apply_recipe, calibrate  # noqa: E402
 from vitq.recipe import parse_recipe_arg  # noqa: E402

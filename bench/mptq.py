@@ -17,6 +17,7 @@ threads are >10x slower).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -33,7 +34,7 @@ from vitq.data import load_array, open_image_set  # noqa: E402
 from vitq.evaluate import agreement, kl_mean, top1 as top1_of  # noqa: E402
 from vitq.exporter.models import data_config, load_model  # noqa: E402
 from vitq.quant.bitops import bitops_report  # noqa: E402
-from vitq.quant.pipeline import calibrate  # noqa: E402
+from vitq.quant.pipeline import collect_statistics, finish_calibration, start_calibration  # noqa: E402
 from vitq.recipe import RecipeRequest, parse_recipe_arg  # noqa: E402
 from vitq.runtime.preprocess import PreprocessConfig  # noqa: E402
 
@@ -45,6 +46,20 @@ TARGETS = {"w8a8": (0.3, 98.0), "w6a6": (1.0, None), "w4a8": (1.5, 93.0), "w4a4"
 @torch.no_grad()
 def predict(fn, x, bs=50):
     return torch.cat([fn(torch.from_numpy(x[i:i + bs])) for i in range(0, len(x), bs)])
+
+
+def calibrate_cached(model, family, x, req, cache: dict, *, model_name, provenance, methods):
+    """``vitq.quant.pipeline.calibrate`` with the (pre-SQ-b) statistics collected once and reused across
+    configurations: they depend on the model and the images only."""
+    c = start_calibration(model, family, x, methods=methods, progress=True)
+    if "stats" in cache:
+        t = time.time()
+        c.stats = copy.deepcopy(cache["stats"])
+        c.timings["collect_s"] = time.time() - t
+    else:
+        collect_statistics(c)
+        cache["stats"] = copy.deepcopy(c.stats)
+    return finish_calibration(c, req, model_name=model_name, provenance=provenance)
 
 
 def main():
@@ -101,8 +116,8 @@ def main():
     for label, preset, methods in runs:
         req = parse_recipe_arg(preset)
         t = time.time()
-        res = calibrate(lm.model, lm.family, xc, req, model_name=lm.name, provenance={"calib_count": len(xc)},
-                        progress=True, methods={**extra_methods, **methods, "stats_cache": cache})
+        res = calibrate_cached(lm.model, lm.family, xc, req, cache, model_name=lm.name,
+                               provenance={"calib_count": len(xc)}, methods={**extra_methods, **methods})
         tc = time.time() - t
         if args.save_recipes:
             Path(args.save_recipes).mkdir(parents=True, exist_ok=True)

@@ -40,7 +40,7 @@ from vitq.evaluate import agreement, kl_mean, kl_per_image, top1  # noqa: E402
 from vitq.exporter import export_onnx  # noqa: E402
 from vitq.exporter.models import data_config, load_model  # noqa: E402
 from vitq.mixa.sim import MixaSim  # noqa: E402
-from vitq.passes.pipeline import build_deployable  # noqa: E402
+from vitq.targets import build_deployable  # noqa: E402
 from vitq.quant.pipeline import apply_recipe  # noqa: E402
 from vitq.recipe.schema import Recipe  # noqa: E402
 from vitq.runtime import Engine  # noqa: E402

@@ -22,7 +22,7 @@ sys.path.insert(0, str(REPO))
 from vitq.data import load_array, open_image_set  # noqa: E402
 from vitq.exporter import export_onnx  # noqa: E402
 from vitq.exporter.models import data_config, load_model  # noqa: E402
-from vitq.passes.pipeline import build_deployable  # noqa: E402
+from vitq.targets import build_deployable  # noqa: E402
 from vitq.quant.pipeline import apply_recipe  # noqa: E402
 from vitq.recipe.schema import Recipe  # noqa: E402
 from vitq.runtime.preprocess import PreprocessConfig  # noqa: E402

@@ -11,7 +11,7 @@ pytest.importorskip("timm")
 from conftest import make_image_folder  # noqa: E402
 from vitq.cli import main  # noqa: E402
 from vitq.errors import InputError  # noqa: E402
-from vitq.mixa.compile import parse_bits_arg, parse_mixa_arg  # noqa: E402
+from vitq.mixa.config import parse_bits_arg, parse_mixa_arg  # noqa: E402
 from vitq.recipe.schema import Recipe  # noqa: E402
 
 MODEL = "deit_tiny_patch16_224"
@@ -135,6 +135,8 @@ def test_low_branch_defaults():
     import torch
 
     from vitq.mixa.compile import low_branch_defaults
+    from vitq.mixa.config import MixaConfig
+    from vitq.targets import get_target
 
     class W:
         def __init__(self, k):
@@ -143,8 +145,9 @@ def test_low_branch_defaults():
     rec = NS(layer=lambda n: NS(kind="linear" if n.startswith("fc") else "attn"))
     sim = NS(wrappers={"fc1": W(192), "fc2": W(768), "attn": object()})
 
-    def o(**kw):
-        return NS(**{"mixa_low_quant": None, "mixa_low_group": None, "mixa_low_softmax": None, "target": "ort", **kw})
+    def o(target="ort", mixa_low_quant=None, mixa_low_group=None, mixa_low_softmax=None):
+        return MixaConfig("1.2x", low_quant=mixa_low_quant, low_group=mixa_low_group,
+                          low_softmax=mixa_low_softmax).resolve(get_target(target))
 
     assert low_branch_defaults(o(), 4, rec, sim) == ("dynamic", 32, "log")
     assert low_branch_defaults(o(target="trt"), 4, rec, sim) == ("dynamic", 0, "log")

@@ -16,7 +16,7 @@ timm = pytest.importorskip("timm")
 from vitq.mixa.calib import attach, build_mixa_spec  # noqa: E402
 from vitq.mixa.sim import MixaSim  # noqa: E402
 from vitq.passes.infra import ort_run  # noqa: E402
-from vitq.passes.pipeline import build_deployable  # noqa: E402
+from vitq.targets import build_deployable  # noqa: E402
 from vitq.quant.functional import fake_quant_dynamic  # noqa: E402
 
 from test_mixa_graph import _rel  # noqa: E402

@@ -14,7 +14,7 @@ timm = pytest.importorskip("timm")
 from vitq.mixa.calib import attach, build_mixa_spec  # noqa: E402
 from vitq.mixa.sim import MixaSim  # noqa: E402
 from vitq.passes.infra import ort_run, run_passes  # noqa: E402
-from vitq.passes.pipeline import build_deployable  # noqa: E402
+from vitq.targets import build_deployable  # noqa: E402
 from vitq.passes.split_windows import SplitWindows  # noqa: E402
 from conftest import assert_same_function  # noqa: E402
 

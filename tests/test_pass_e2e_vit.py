@@ -23,7 +23,7 @@ torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")
 import torch.nn.functional as F  # noqa: E402
 
-from vitq.passes import build_deployable  # noqa: E402
+from vitq.targets import build_deployable  # noqa: E402
 from vitq.passes.infra import ort_run  # noqa: E402
 from vitq.quant.functional import channel_scale, fake_quant  # noqa: E402
 from vitq.recipe.schema import Recipe  # noqa: E402

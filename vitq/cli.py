@@ -24,6 +24,8 @@ from pathlib import Path
 from . import __version__
 from .errors import VitqError
 from .format import SCHEMA_BENCH_SET
+from .mixa.config import MixaConfig
+from .targets import add_target_args
 
 
 def _positive_int(s: str) -> int:
@@ -33,16 +35,6 @@ def _positive_int(s: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
     if v <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
-
-
-def _nonneg_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {s!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {v}")
     return v
 
 
@@ -66,43 +58,24 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("model", help="timm model name, e.g. deit_tiny_patch16_224, swin_tiny_patch4_window7_224")
     c.add_argument("--weights", type=Path, help="local weights (.pth via torch.load(weights_only=True), or "
                                                 ".safetensors); without it the model has random weights")
-    c.add_argument("--calib", type=Path, help="calibration image folder (labels.csv or ImageFolder layout)")
-    c.add_argument("--calib-count", type=_positive_int, default=256, help="calibration images (default 256)")
-    c.add_argument("--seed", type=int, default=0, help="seed for subset selection (default 0)")
-    c.add_argument("--recipe", default="fp32", help="fp32 | w8a8 | w7a8 | w6a6 | w4a8 | w4a4 | mp:<bits> | "
-                                                    "recipe.json (w7a8: 7-bit weights, exact fast int8 GEMMs on "
-                                                    "ORT CPU without VNNI)")
-    c.add_argument("--target", default="ort", choices=("ort", "trt", "jetson"), help="deployment target")
     c.add_argument("--out", required=True, type=Path, help="output artifact directory (replaced atomically)")
-    c.add_argument("--skip-bad", action="store_true", help="skip unreadable images instead of failing")
     c.add_argument("--tolerance", type=float, default=1e-4,
                    help="max |logit diff| allowed between ONNX Runtime and torch (default 1e-4)")
     c.add_argument("--quiet", "-q", action="store_true", help="print only the summary")
-    c.add_argument("--mixa", metavar="TARGET|RATIOS.json",
-                   help="MixA-Q mixed-precision activations: a bit-operation reduction vs the recipe's uniform base "
-                        "(e.g. 1.35x, ratios searched) or a JSON of per-block low-bit ratios")
-    c.add_argument("--mixa-bits", metavar="HIGH/LOW", help="MixA-Q activation bits of the two branches (default: "
-                   "the recipe's / 4; fp32/8 = float high branch)")
-    c.add_argument("--mixa-group", metavar="HxW", help="MixA-Q token group on ViT/DeiT (default 2x2)")
-    c.add_argument("--mixa-routed", choices=("linear+attn", "linear"), help="MixA-Q: route the attention "
-                   "operands too (default linear+attn)")
-    c.add_argument("--mixa-low-quant", choices=("static", "dynamic"),
-                   help="MixA-Q low branch's activation quantizers: dynamic scales per token computed at run time "
-                        "(default at 4 low bits: the accurate one; on TensorRT the QuantLinearA4 plugin's dynamic "
-                        "mode) or static scales calibrated on the branch's own tokens (the paper's; default at 8 "
-                        "low bits, which ONNX Runtime runs natively)")
-    c.add_argument("--mixa-low-group", metavar="G", type=_nonneg_int,
-                   help="dynamic low branch: one grid per G consecutive features of a token (0: one per token). "
-                        "Default 32 on --target ort where every Linear allows it, else per token (the TensorRT "
-                        "plugin takes 32, 64, 128 or 256; its grouped mode has not run on a GPU yet)")
-    c.add_argument("--mixa-low-softmax", choices=("uniform", "log"),
-                   help="dynamic low branch's post-softmax grid per query row: log-sqrt(2) relative to the row max "
-                        "(default at 4 bits: lower error, same bits) or uniform")
-    c.add_argument("--reconstruct", metavar="STEPS", type=_positive_int, nargs="?", const=200,
+    r = c.add_argument_group("recipe and calibration")
+    r.add_argument("--recipe", default="fp32", help="fp32 | w8a8 | w7a8 | w6a6 | w4a8 | w4a4 | mp:<bits> | "
+                                                    "recipe.json (w7a8: 7-bit weights, exact fast int8 GEMMs on "
+                                                    "ORT CPU without VNNI)")
+    r.add_argument("--calib", type=Path, help="calibration image folder (labels.csv or ImageFolder layout)")
+    r.add_argument("--calib-count", type=_positive_int, default=256, help="calibration images (default 256)")
+    r.add_argument("--seed", type=int, default=0, help="seed for subset selection (default 0)")
+    r.add_argument("--skip-bad", action="store_true", help="skip unreadable images instead of failing")
+    r.add_argument("--reconstruct", metavar="STEPS", type=_positive_int, nargs="?", const=200,
                    help="block-wise reconstruction after calibration: weight rounding and activation scales "
                         "fitted per transformer block, STEPS steps each (default 200; 5-15 minutes for "
                         "DeiT-Tiny on 2 cores); replaces GPTQ. Off by default")
-    _add_trt_args(c)
+    MixaConfig.add_args(c)
+    add_target_args(c)
     c.set_defaults(func=cmd_compile)
 
     e = sub.add_parser("eval", help="accuracy of an artifact on a labeled image folder",
@@ -160,29 +133,14 @@ def _emit(result, args, summary: str) -> None:
 def cmd_compile(args) -> int:
     from .compiler import CompileOptions, compile_model, summarize_report
 
-    opts = CompileOptions(model=args.model, out=args.out, weights=args.weights, calib=args.calib,
-                          calib_count=args.calib_count, seed=args.seed, recipe=args.recipe, target=args.target,
-                          skip_bad=args.skip_bad, tolerance=args.tolerance, mixa=args.mixa,
-                          mixa_bits=args.mixa_bits, mixa_group=args.mixa_group, mixa_routed=args.mixa_routed,
-                          mixa_low_quant=args.mixa_low_quant, mixa_low_group=args.mixa_low_group,
-                          mixa_low_softmax=args.mixa_low_softmax,
-                          reconstruct=args.reconstruct)
-    if args.target != "ort":
-        from .trt.common import TrtBuildOptions
-
-        opts.trt = TrtBuildOptions.from_args(args)
-        if args.target == "jetson":
-            opts.trt.check_for_jetson()  # before minutes of calibration
+    opts = CompileOptions.from_args(args)
     echo = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr))
     report = compile_model(opts, echo=echo)
     print(summarize_report(report))
-    extra = {"ort": "", "trt": ", build_engine.sh" + (", model.engine" if (report.get("tensorrt") or {}).get("engine")
-                                                      else ""),
-             "jetson": ", manifest.json, README.md, build_engine.sh, plugins/"}[args.target]
+    extra = "".join(f", {f}" for f in opts.target.output_files(report))
     print(f"wrote {args.out}/ (model.onnx, model.fp32.onnx, report.json{extra})")
-    if args.target == "jetson":
-        print(f"copy {args.out}/ to the Jetson and follow its README.md (check it with: vitq bundle verify "
-              f"{args.out})")
+    for line in opts.target.next_steps(args.out):
+        print(line)
     return 0
 
 
@@ -374,23 +332,6 @@ def _add_backend_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=("auto", "ort", "trt"), default="auto",
                    help="auto (default): from the artifact (.onnx: ONNX Runtime, .engine: TensorRT; a directory: its "
                         "model.engine where TensorRT imports, else model.onnx); ort; trt")
-
-
-def _add_trt_args(c: argparse.ArgumentParser) -> None:
-    """TensorRT options of ``vitq compile`` (consumed by --target trt|jetson; see vitq/trt)."""
-    g = c.add_argument_group("TensorRT (--target trt|jetson)")
-    g.add_argument("--batch-range", metavar="MIN:OPT:MAX", default=None,
-                   help="optimization-profile batch range, e.g. 1:8:32 (default 1:8:32), or one fixed batch N")
-    g.add_argument("--timing-cache", type=Path, metavar="FILE",
-                   help="persistent TensorRT timing cache (read if present, updated after the build)")
-    g.add_argument("--opt-level", type=int, choices=range(0, 6), metavar="0-5",
-                   help="TensorRT builder optimization level (TensorRT default 3)")
-    g.add_argument("--hw-compat", choices=("none", "ampere+"), default="none",
-                   help="TensorRT hardware compatibility level (default none; --target trt only: TensorRT has no "
-                        "hardware-compatible engines on Jetson)")
-    g.add_argument("--plugin-lib", type=Path, metavar="LIB.so",
-                   help="custom-op plugin library to load for the build (recorded in model.engine.json, loaded by "
-                        "the runtime; not embedded in the engine)")
 
 
 def cmd_bundle_verify(args) -> int:

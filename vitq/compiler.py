@@ -9,7 +9,6 @@ directory atomically::
 from __future__ import annotations
 
 import copy
-
 import datetime as _dt
 import shutil
 import time
@@ -21,12 +20,12 @@ import numpy as np
 
 from . import __version__
 from .artifacts import atomic_output_dir, check_writable_parent, sha256_file, write_json_atomic
-from .errors import InputError, UnsupportedError
-from .plugins.specs import ACT_GROUPS
+from .errors import InputError, VerificationError
+from .mixa.config import MixaConfig
 from .recipe import RecipeRequest, parse_recipe_arg
-from .format import ARTIFACT_FP32, ARTIFACT_MODEL, ARTIFACT_REPORT, META_TARGET, SCHEMA_REPORT, TARGETS
+from .format import ARTIFACT_FP32, ARTIFACT_MODEL, ARTIFACT_REPORT, META_TARGET, SCHEMA_REPORT
 from .runtime.preprocess import PreprocessConfig
-
+from .targets import PackageJob, Target, build_deployable, get_target, target_from_args
 
 
 @dataclass
@@ -38,22 +37,21 @@ class CompileOptions:
     calib_count: int = 256
     seed: int = 0
     recipe: str = "fp32"
-    target: str = "ort"
+    target: str | Target = "ort"  # a target name (default options), or a Target carrying its options
     skip_bad: bool = False
     verify_count: int = 8
     tolerance: float = 1e-4
     progress: bool | None = None
-    trt: Any = None  # vitq.trt.common.TrtBuildOptions for --target trt|jetson (None: defaults)
-    mixa: str | None = None        # MixA-Q: "1.35x" (target reduction) or a ratios .json (vitq/mixa/compile.py)
-    mixa_bits: str | None = None   # "8/4", "fp32/8"
-    mixa_group: str | None = None  # ViT token group, "2x2"
-    mixa_routed: str | None = None  # "linear+attn" (default) | "linear"
-    # MixA-Q low branch; None: vitq.mixa.compile.low_branch_defaults (4 low bits: dynamic, groups of 32 on ort, log)
-    mixa_low_quant: str | None = None  # "static" (the paper's) | "dynamic" (per-token low-branch activations)
-    mixa_low_group: int | None = None  # dynamic low branch: one grid per this many features of a token (0: per token)
-    mixa_low_softmax: str | None = None  # dynamic low branch's post-softmax grid: "uniform" | "log"
+    mixa: MixaConfig | str | None = None  # MixA-Q: its options, or just the --mixa value (1.35x, ratios.json)
     reconstruct: int | None = None  # block reconstruction iterations per stage (vitq/quant/reconstruct.py); None: off
-    cpu: str = "avx2"  # --target ort: the CPU ISA lower_ort_cpu lowers for ("auto" or vitq.runtime.cpu.ISAS)
+
+    @classmethod
+    def from_args(cls, args) -> "CompileOptions":
+        """From ``vitq compile``'s argparse namespace: the target with its option group, MixA-Q's options."""
+        return cls(model=args.model, out=args.out, weights=args.weights, calib=args.calib,
+                   calib_count=args.calib_count, seed=args.seed, recipe=args.recipe, target=target_from_args(args),
+                   skip_bad=args.skip_bad, tolerance=args.tolerance, mixa=MixaConfig.from_args(args),
+                   reconstruct=args.reconstruct)
 
 
 @dataclass
@@ -75,6 +73,24 @@ class _Log:
         return _Step()
 
 
+@dataclass
+class _Job:
+    """One compile: the validated request (every input error is raised before any model work), then the loaded
+    model and data the steps share."""
+
+    opts: CompileOptions
+    recipe: RecipeRequest
+    target: Target
+    mixa: MixaConfig | None
+    log: _Log
+    report: dict[str, Any]
+    echo: Callable[[str], None]
+    lm: Any = None  # vitq.exporter.LoadedModel
+    cfg: PreprocessConfig | None = None
+    calib: Any = None  # vitq.data image subset, or None
+    x_verify: np.ndarray | None = None
+
+
 def _verification_inputs(opts: CompileOptions, cfg: PreprocessConfig) -> tuple[np.ndarray, str]:
     """Real images for export verification: the first ``verify_count`` of the calibration set, else a seeded batch
     of synthetic images pushed through the model's own preprocessing (so value ranges are realistic)."""
@@ -94,20 +110,38 @@ def _verification_inputs(opts: CompileOptions, cfg: PreprocessConfig) -> tuple[n
 
 
 def compile_model(opts: CompileOptions, echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the compile pipeline; returns the report (also written to ``out/report.json``)."""
-    from .exporter import check_onnx, data_config, export_onnx, load_model, verify_against_torch
-    from .exporter.onnx_export import artifact_metadata
-
+    """Run the compile pipeline (validate, export, calibrate, MixA-Q, lower for the target, verify, package); returns
+    the report (also written to ``out/report.json``)."""
     t_start = time.perf_counter()
-    if opts.target not in TARGETS:
-        raise InputError(f"unknown target {opts.target!r} (expected one of: {', '.join(TARGETS)})")
-    if opts.target == "ort":
-        from .runtime.cpu import resolve_isa
+    job = _validate(opts, echo)
+    check_writable_parent(Path(opts.out))  # fail before minutes of work
+    verify_desc = _load(job)
+    with atomic_output_dir(opts.out) as stage:
+        _export(job, stage, verify_desc)
+        if job.recipe.quantized:
+            qmodel, rec, sim, layer_stats = _calibrate(job)
+            if job.mixa is not None or rec.mixa is not None:  # MixA-Q (vitq/mixa/compile.py)
+                from .mixa.compile import apply_mixa
 
-        try:
-            resolve_isa(opts.cpu)  # an unknown --cpu fails before minutes of work
-        except ValueError as e:
-            raise InputError(str(e)) from None
+                rec, sim = apply_mixa(job.mixa, rec, qmodel, sim, job.lm, job.calib, job.cfg, job.report, job.log,
+                                      echo, seed=opts.seed, skip_bad=opts.skip_bad)
+            rec.save(stage / "recipe.json")
+            passes = _lower(job, rec, qmodel, stage)
+            _verify_qdq(job, rec, qmodel, sim, stage / ARTIFACT_MODEL)
+            _recipe_report(job, rec, layer_stats, passes)
+        else:
+            shutil.copyfile(stage / ARTIFACT_FP32, stage / ARTIFACT_MODEL)  # the deployable model is the export
+            checked = job.target.check_float_graph(stage / ARTIFACT_MODEL, echo)
+            if checked is not None:
+                job.report["passes"] = checked
+        _package(job, stage, t_start)
+    return job.report
+
+
+def _validate(opts: CompileOptions, echo: Callable[[str], None]) -> _Job:
+    """Resolve the target, the recipe request and the MixA-Q options; raise :class:`InputError` for bad input."""
+    target = get_target(opts.target)
+    mixa = MixaConfig(opts.mixa) if isinstance(opts.mixa, str) else opts.mixa
     recipe: RecipeRequest = parse_recipe_arg(opts.recipe)
     if recipe.kind == "file":
         from .recipe.schema import Recipe
@@ -118,131 +152,63 @@ def compile_model(opts: CompileOptions, echo: Callable[[str], None] = print) -> 
                          f"{'a recipe file (already calibrated)' if recipe.kind == 'file' else 'not quantized'}")
     if recipe.quantized and recipe.kind != "file" and opts.calib is None:
         raise InputError(f"recipe {recipe.name!r} needs calibration images: pass --calib DIR")
-    for flag, val in (("--mixa-low-quant", opts.mixa_low_quant), ("--mixa-low-group", opts.mixa_low_group),
-                      ("--mixa-low-softmax", opts.mixa_low_softmax)):
-        if val is not None and opts.mixa is None:
-            raise InputError(f"{flag} needs --mixa (a recipe file's mixa section already fixes its quantizers)")
-    if opts.mixa_low_quant is not None and opts.mixa_low_quant not in ("static", "dynamic"):
-        raise InputError(f"--mixa-low-quant {opts.mixa_low_quant!r}: expected static or dynamic")
-    if opts.mixa_low_group is not None:
-        if opts.mixa_low_quant == "static":
-            raise InputError("--mixa-low-group needs the dynamic low branch (groups split a token's dynamic grid): "
-                             "drop --mixa-low-quant static")
-        if opts.mixa_low_group == 1 or opts.mixa_low_group < 0:
-            raise InputError(f"--mixa-low-group {opts.mixa_low_group}: expected a group size >= 2 (e.g. 32), or 0 "
-                             f"for one grid per token")
-        if opts.target != "ort" and opts.mixa_low_group not in ACT_GROUPS:
-            raise InputError(f"--mixa-low-group {opts.mixa_low_group} with --target {opts.target}: the TensorRT "
-                             f"plugin (QuantLinearA4) takes groups of {', '.join(map(str, ACT_GROUPS[1:]))}")
-    if opts.mixa_low_softmax is not None:
-        if opts.mixa_low_softmax not in ("uniform", "log"):
-            raise InputError(f"--mixa-low-softmax {opts.mixa_low_softmax!r}: expected uniform or log")
-        if opts.mixa_low_quant == "static":
-            raise InputError("--mixa-low-softmax needs the dynamic low branch (the grid is per query row, computed "
-                             "at run time): drop --mixa-low-quant static")
-    trt_opts = None
-    if opts.target != "ort":
-        from .trt.common import TrtBuildOptions
-
-        trt_opts = opts.trt if opts.trt is not None else TrtBuildOptions()
-    check_writable_parent(Path(opts.out))  # fail before minutes of work
-    log = _Log(echo=echo)
+    if mixa is not None:
+        if not recipe.quantized:
+            raise InputError(f"--mixa mixes the activation bits of a quantized recipe; recipe {opts.recipe!r} is "
+                             f"not quantized")
+        mixa.resolve(target)
     report: dict[str, Any] = {"schema": SCHEMA_REPORT, "vitq_version": __version__,
                               "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                              "target": opts.target}
-    calib = None
+                              "target": target.name, "target_options": target.options.to_dict()}
+    return _Job(opts, recipe, target, mixa, _Log(echo=echo), report, echo)
+
+
+def _load(job: _Job) -> str:
+    """Open the calibration images, load the model, start the report, decode the verification images (a corrupt
+    one fails now). Returns what the verification images are."""
+    from .exporter import data_config, load_model
+
+    opts, report, echo = job.opts, job.report, job.echo
     if opts.calib is not None:  # open (and list) the image folder before minutes of model work
         from .data import open_image_set
 
-        calib = open_image_set(opts.calib).subset(opts.calib_count, seed=opts.seed)
-    with log.step(f"loading {opts.model}"):
-        lm = load_model(opts.model, opts.weights)
+        job.calib = open_image_set(opts.calib).subset(opts.calib_count, seed=opts.seed)
+    with job.log.step(f"loading {opts.model}"):
+        job.lm = lm = load_model(opts.model, opts.weights)
     if lm.weights["random_init"]:
         echo("[vitq] WARNING: no --weights given: the model has RANDOM weights; accuracy numbers are meaningless")
-    cfg_dict = data_config(lm.model)
-    cfg = PreprocessConfig.from_dict(cfg_dict)
+    job.cfg = cfg = PreprocessConfig.from_dict(data_config(lm.model))
     report["model"] = lm.describe()
     report["weights"] = lm.weights
     report["preprocess"] = cfg.to_dict()
-    report["recipe"] = {"name": recipe.name, "kind": recipe.kind, "file": None, "layers": []}
+    report["recipe"] = {"name": job.recipe.name, "kind": job.recipe.kind, "file": None, "layers": []}
     report["calibration"] = None
-    if calib is not None:
-        report["calibration"] = {**calib.describe(), "seed": opts.seed, "requested": opts.calib_count,
+    if job.calib is not None:
+        report["calibration"] = {**job.calib.describe(), "seed": opts.seed, "requested": opts.calib_count,
                                  "used": False, "note": "fp32 recipe: calibration images only verify the export"}
     report["bitops"] = None  # filled by quantized recipes: {"total", "fp32_equivalent", "ratio", "per_layer"}
-    x_verify, verify_desc = _verification_inputs(opts, cfg)  # decodes images now: a corrupt one fails early
-
-    with atomic_output_dir(opts.out) as stage:
-        fp32_path = stage / ARTIFACT_FP32
-        meta = artifact_metadata(opts.model, cfg.to_dict(), lm.num_classes, recipe.name)
-        with log.step("exporting to ONNX (opset 21, dynamic batch)"):
-            export_onnx(lm.model, fp32_path, image_size=(cfg.height, cfg.width), metadata=meta)
-        with log.step("verifying the export (ONNX checker, ONNX Runtime vs torch)"):
-            check_onnx(fp32_path)
-            ver = verify_against_torch(fp32_path, lm.model, x_verify, tolerance=opts.tolerance)
-            ver["inputs"] = where = verify_desc
-            ver["onnx_checker"] = "passed (full_check)"
-        report["verification"] = {"export": ver}
-        echo(f"[vitq] export verified: max |logit diff| {ver['max_abs_diff']:.2e} <= {opts.tolerance:.0e} "
-             f"on {where}")
-        model_path = stage / ARTIFACT_MODEL
-        if recipe.quantized:
-            _quantize(opts, recipe, lm, calib, cfg, x_verify, stage, report, log, echo)
-        else:
-            shutil.copyfile(fp32_path, model_path)  # fp32 recipe: the deployable model is the float export
-            if opts.target != "ort":
-                from .passes.trt_check import check
-
-                chk = check(str(model_path))
-                report["passes"] = {"target": opts.target, "trt_check": chk.to_dict()}
-                _stop_on_trt_errors(chk, echo)
-        bundle_manifest = None
-        if opts.target == "trt":
-            from .trt.builder import build_trt_target
-            from .trt.bundle import _copy_plugins, _custom_ops, default_plugin_sources
-
-            plugins_dir = _copy_plugins(default_plugin_sources(), stage) if _custom_ops(model_path) else None
-            with log.step("TensorRT engine (or the script that builds it on the target)"):
-                report["tensorrt"] = build_trt_target(model_path, stage, trt_opts, echo=echo, plugins_dir=plugins_dir)
-            report["tensorrt"]["plugin_sources"] = plugins_dir
-            if report["tensorrt"].get("reason"):  # name the final folder, not the staging one
-                report["tensorrt"]["reason"] = report["tensorrt"]["reason"].replace(f"{stage.name}/",
-                                                                                    f"{Path(opts.out).name}/")
-            if report["tensorrt"].get("engine") is None:
-                echo(f"[vitq] {report['tensorrt']['reason']}")
-        elif opts.target == "jetson":
-            from .trt.bundle import default_plugin_sources, populate_bundle
-
-            recipe_file = stage / "recipe.json"
-            recipe_hash = sha256_file(recipe_file) if recipe_file.is_file() else f"preset:{recipe.name}"
-            with log.step("Jetson bundle (plugin sources, build_engine.sh, manifest)"):
-                bundle_manifest = populate_bundle(stage, model_path, model_name=opts.model, recipe_hash=recipe_hash,
-                                                  preprocess=cfg.to_dict(), opts=trt_opts,
-                                                  num_classes=lm.num_classes,
-                                                  plugin_sources_dir=default_plugin_sources())
-            report["jetson"] = {"bundle": True, "manifest": "manifest.json", "recipe_hash": recipe_hash,
-                                "custom_ops": bundle_manifest["plugins"]["custom_ops"],
-                                "engine": "built on the device: ./build_engine.sh (see README.md)"}
-        report["artifacts"] = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-                               for p in sorted(stage.iterdir()) if p.is_file() and not p.name.startswith(".")}
-        report["timings_s"] = {**log.steps, "total": round(time.perf_counter() - t_start, 3)}
-        write_json_atomic(stage / ARTIFACT_REPORT, report)
-        if bundle_manifest is not None:
-            from .trt.bundle import finalize_bundle
-
-            finalize_bundle(stage, bundle_manifest)  # last: hashes every file, report.json included
-    return report
+    job.x_verify, verify_desc = _verification_inputs(opts, cfg)
+    return verify_desc
 
 
-def _stop_on_trt_errors(chk, echo) -> None:
-    """``--target trt|jetson``: print the trt_check report; its errors stop the build (TensorRT would reject the
-    graph or silently run it in float)."""
-    echo(chk.format_text())
-    if not chk.ok:
-        raise UnsupportedError(f"TensorRT cannot build this graph ({len(chk.errors)} trt_check error"
-                               f"{'s' if len(chk.errors) != 1 else ''}; see the report above)",
-                               hint="use a recipe TensorRT supports (int8/int4 weights, int8/int4 activations) or "
-                                    "--target ort")
+def _export(job: _Job, stage: Path, verify_desc: str) -> None:
+    """The float export (``model.fp32.onnx``), checked by the ONNX checker and against torch."""
+    from .exporter import check_onnx, export_onnx, verify_against_torch
+    from .exporter.onnx_export import artifact_metadata
+
+    opts, log, lm, cfg, x_verify = job.opts, job.log, job.lm, job.cfg, job.x_verify
+    fp32_path = stage / ARTIFACT_FP32
+    meta = artifact_metadata(opts.model, cfg.to_dict(), lm.num_classes, job.recipe.name)
+    with log.step("exporting to ONNX (opset 21, dynamic batch)"):
+        export_onnx(lm.model, fp32_path, image_size=(cfg.height, cfg.width), metadata=meta)
+    with log.step("verifying the export (ONNX checker, ONNX Runtime vs torch)"):
+        check_onnx(fp32_path)
+        ver = verify_against_torch(fp32_path, lm.model, x_verify, tolerance=opts.tolerance)
+        ver["inputs"] = verify_desc
+        ver["onnx_checker"] = "passed (full_check)"
+    job.report["verification"] = {"export": ver}
+    job.echo(f"[vitq] export verified: max |logit diff| {ver['max_abs_diff']:.2e} <= {opts.tolerance:.0e} "
+             f"on {verify_desc}")
 
 
 #: The Q/DQ graph on ONNX Runtime and the torch simulation compute the same quantizers (each Q/DQ pair equals
@@ -263,78 +229,72 @@ CASCADE_FACTOR = 2.0
 SIM_REL_FLOOR = 0.1
 
 
-def _quantize(opts, req, lm, calib, cfg, x_verify, stage: Path, report: dict, log: _Log, echo) -> None:
-    """Calibrate (or re-apply a recipe file), export the prepared float model, run the target's graph passes and
-    verify the deployable Q/DQ graph against the torch simulation."""
-    import torch
-
+def _calibrate(job: _Job):
+    """Calibrate the preset (MPTQ-ViT), or re-apply a recipe file. Returns ``(prepared float model, recipe,
+    simulation, per-layer statistics)``."""
     from .data import load_array
-    from .exporter import export_onnx
-    from .exporter.onnx_export import artifact_metadata
-    from .passes.lower_ort_cpu import ort_u8u8_hint
-    from .passes.pipeline import build_deployable
-    from .quant.bitops import bitops_report
-    from .quant.pipeline import apply_recipe, calibrate
+    from .quant.pipeline import QuantMethods, apply_recipe, calibrate
     from .recipe.schema import Recipe
-    from .runtime.engine import Engine
 
-    layer_stats: dict = {}
+    opts, req, log, lm, calib = job.opts, job.recipe, job.log, job.lm, job.calib
     if req.kind == "file":
         rec = Recipe.load(req.path)
         if rec.model != opts.model:
             raise InputError(f"recipe file {req.path} is for model {rec.model!r}, not {opts.model!r}")
         with log.step(f"applying recipe {req.path}"):
             qmodel, sim = apply_recipe(lm.model, lm.family, rec)
-    else:
-        with log.step(f"reading {len(calib)} calibration images"):
-            x_calib, _ = load_array(calib, cfg, skip_bad=opts.skip_bad, progress=opts.progress,
-                                    desc="calibration images")
-        provenance = {"weights_sha256": lm.weights.get("sha256"), "random_init": lm.weights["random_init"],
-                      "calib_sha256": calib.fingerprint(), "calib_count": int(len(x_calib)), "seed": opts.seed,
-                      "vitq_version": __import__("vitq").__version__}
-        with log.step(f"calibrating {req.name} (MPTQ-ViT)"):
-            methods = {"recon": {"iters": int(opts.reconstruct)}} if opts.reconstruct else None
-            res = calibrate(lm.model, lm.family, x_calib, req, model_name=opts.model, provenance=provenance,
-                            progress=opts.progress if opts.progress is not None else True, methods=methods)
-        qmodel, rec, sim, layer_stats = res.model, res.recipe, res.sim, res.layer_stats
-        report["calibration"]["used"] = True
-        report["calibration"].pop("note", None)
-        report["calibration"]["timings_s"] = res.timings
-    if opts.mixa is not None or rec.mixa is not None:  # MixA-Q (vitq/mixa/compile.py)
-        from .mixa.compile import apply_mixa
+        return qmodel, rec, sim, {}
+    with log.step(f"reading {len(calib)} calibration images"):
+        x_calib, _ = load_array(calib, job.cfg, skip_bad=opts.skip_bad, progress=opts.progress,
+                                desc="calibration images")
+    provenance = {"weights_sha256": lm.weights.get("sha256"), "random_init": lm.weights["random_init"],
+                  "calib_sha256": calib.fingerprint(), "calib_count": int(len(x_calib)), "seed": opts.seed,
+                  "vitq_version": __version__}
+    with log.step(f"calibrating {req.name} (MPTQ-ViT)"):
+        methods = QuantMethods(recon={"iters": int(opts.reconstruct)}) if opts.reconstruct else None
+        res = calibrate(lm.model, lm.family, x_calib, req, model_name=opts.model, provenance=provenance,
+                        progress=opts.progress if opts.progress is not None else True, methods=methods)
+    cal = job.report["calibration"]
+    cal["used"] = True
+    cal.pop("note", None)
+    cal["timings_s"] = res.timings
+    return res.model, res.recipe, res.sim, res.layer_stats
 
-        rec, sim = apply_mixa(opts, rec, qmodel, sim, lm, calib, cfg, report, log, echo)
-    rec.save(stage / "recipe.json")
-    prepared = stage / ".prepared.onnx"
-    meta = artifact_metadata(opts.model, cfg.to_dict(), lm.num_classes, rec.name)
-    with log.step("exporting the prepared (SQ-b folded) float model"):
-        export_onnx(qmodel, prepared, image_size=(cfg.height, cfg.width), metadata=meta)
-    from .runtime.cpu import form_for, full_range_u8s8_exact, resolve_isa, running_cpu
 
-    try:
-        isa = resolve_isa(opts.cpu)[0]
-    except ValueError as e:
-        raise InputError(str(e)) from None
-    with log.step(f"graph passes for target {opts.target}"):
-        proto, passes = build_deployable(prepared, rec, opts.target, sample_inputs=x_verify[:2], isa=isa)
-    prepared.unlink()
-    hint = ort_u8u8_hint(passes)
-    if hint:
-        echo(f"[vitq] note: {hint}")
-        report.setdefault("notes", []).append(hint)
+def _lower(job: _Job, rec, qmodel, stage: Path) -> dict:
+    """Export the prepared float model, run the target's passes, let the target check the result, and write
+    ``model.onnx``. Returns the passes report."""
     import onnx
 
-    tgt = next((p for p in proto.metadata_props if p.key == META_TARGET), None) or proto.metadata_props.add()
-    tgt.key, tgt.value = META_TARGET, opts.target
-    if opts.target != "ort":
-        from .passes.trt_check import TrtReport
+    from .exporter import export_onnx
+    from .exporter.onnx_export import artifact_metadata
 
-        _stop_on_trt_errors(TrtReport.from_dict(passes["trt_check"]), echo)
+    opts, target, log, cfg = job.opts, job.target, job.log, job.cfg
+    prepared = stage / ".prepared.onnx"
+    meta = artifact_metadata(opts.model, cfg.to_dict(), job.lm.num_classes, rec.name)
+    with log.step("exporting the prepared (SQ-b folded) float model"):
+        export_onnx(qmodel, prepared, image_size=(cfg.height, cfg.width), metadata=meta)
+    with log.step(f"graph passes for target {target.name}"):
+        proto, passes = build_deployable(prepared, rec, target, sample_inputs=job.x_verify[:2])
+    prepared.unlink()
+    for note in target.check_lowered(passes, job.echo):
+        job.echo(f"[vitq] note: {note}")
+        job.report.setdefault("notes", []).append(note)
+    tgt = next((p for p in proto.metadata_props if p.key == META_TARGET), None) or proto.metadata_props.add()
+    tgt.key, tgt.value = META_TARGET, target.name
     onnx.save(proto, stage / ARTIFACT_MODEL)
-    with log.step("verifying the Q/DQ graph on ONNX Runtime against the torch simulation"):
-        # a form this CPU cannot run exactly fused (e.g. --cpu vnni compiled on AVX2) is verified unoptimized
-        exact_here = form_for(isa) == "u8u8" or full_range_u8s8_exact(running_cpu().isa)
-        eng = Engine.load(stage / ARTIFACT_MODEL, backend="ort", optimization="auto" if exact_here else "disable")
+    return passes
+
+
+def _verify_qdq(job: _Job, rec, qmodel, sim, model_path: Path) -> None:
+    """The deployable graph on ONNX Runtime against the torch simulation (tolerances above)."""
+    import torch
+
+    from .runtime.engine import Engine
+
+    x_verify = job.x_verify
+    with job.log.step("verifying the Q/DQ graph on ONNX Runtime against the torch simulation"):
+        eng = Engine.load(model_path, backend="ort", optimization=job.target.verify_optimization())
         got = eng.run(x_verify).astype(np.float64)
         with torch.no_grad():
             ref = sim(torch.from_numpy(x_verify)).numpy().astype(np.float64)
@@ -350,16 +310,20 @@ def _quantize(opts, req, lm, calib, cfg, x_verify, stage: Path, report: dict, lo
                "qdq_vs_float64_sim_rel_l2": float(np.linalg.norm(got - ref64) / max(np.linalg.norm(ref64), 1e-30)),
                "tolerance_rel_l2": tol, "n": int(len(x_verify)),
                "passed": rel <= tol}
-    report["verification"]["qdq_vs_simulation"] = ver
-    echo(f"[vitq] Q/DQ graph vs simulation: relative logit error {rel:.2e} (quantization error of the simulation "
-         f"{qerr:.2e}), top-1 agreement {agree * 100:.1f}%")
+    job.report["verification"]["qdq_vs_simulation"] = ver
+    job.echo(f"[vitq] Q/DQ graph vs simulation: relative logit error {rel:.2e} (quantization error of the "
+             f"simulation {qerr:.2e}), top-1 agreement {agree * 100:.1f}%")
     if not ver["passed"]:
-        from .errors import VerificationError
-
         raise VerificationError(f"the Q/DQ graph disagrees with the simulation of recipe {rec.name!r}: relative "
                                 f"logit error {rel:.3e} > {tol:.3e} (simulation's own quantization error {qerr:.3e}, "
                                 f"float32 vs float64 simulation {cascade:.3e})")
-    report["recipe"] = {"name": rec.name, "kind": req.kind, "file": "recipe.json",
+
+
+def _recipe_report(job: _Job, rec, layer_stats: dict, passes: dict) -> None:
+    from .quant.bitops import bitops_report
+
+    report = job.report
+    report["recipe"] = {"name": rec.name, "kind": job.recipe.kind, "file": "recipe.json",
                         "defaults": rec.defaults, "layers": [
                             {"module": l.module, "kind": l.kind, "w_bits": l.weight_bits, "a_bits": l.act_bits,
                              "smooth": l.smooth is not None, "optm": l.input_regions is not None,
@@ -370,6 +334,23 @@ def _quantize(opts, req, lm, calib, cfg, x_verify, stage: Path, report: dict, lo
         report["recipe"]["reconstruction"] = layer_stats["__recon__"]
     report["bitops"] = bitops_report(rec)
     report["passes"] = {k: v for k, v in passes.items() if k != "trt_check_text"}
+
+
+def _package(job: _Job, stage: Path, t_start: float) -> None:
+    """The target's packaging, then ``report.json`` (hashes of every artifact), then what the packaging finishes
+    after it."""
+    report = job.report
+    packaged = job.target.package(PackageJob(stage=stage, out=Path(job.opts.out), model_path=stage / ARTIFACT_MODEL,
+                                             model_name=job.opts.model, recipe_name=job.recipe.name,
+                                             preprocess=job.cfg.to_dict(), num_classes=job.lm.num_classes,
+                                             step=job.log.step, echo=job.echo))
+    report.update(packaged.report)
+    report["artifacts"] = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+                           for p in sorted(stage.iterdir()) if p.is_file() and not p.name.startswith(".")}
+    report["timings_s"] = {**job.log.steps, "total": round(time.perf_counter() - t_start, 3)}
+    write_json_atomic(stage / ARTIFACT_REPORT, report)
+    if packaged.finalize is not None:
+        packaged.finalize(stage)
 
 
 def summarize_report(r: dict) -> str:

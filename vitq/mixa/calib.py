@@ -38,6 +38,7 @@ from ..quant.search import SHIFT_MAX_BITS, best_act_scale, subsample
 from ..quant.simulate import QuantSim, _t
 from ..errors import UnsupportedError
 from ..recipe.schema import ATTN_OPERANDS, LayerSpec, QuantSpec, Recipe, RegionSpec
+from .config import LOW_QUANT, LOW_SOFTMAX
 from .routing import BlockGeom, block_geometry
 from .sim import Router, layer_layout, routed_modules
 from ..recipe.mixa import FLOAT_BITS, MixaBlock, MixaLayer, MixaSpec, n_low_groups
@@ -231,12 +232,6 @@ def _calib_attn(base: LayerSpec, st: dict, level: int, bits: int) -> LayerSpec:
         if getattr(base, r) is not None:
             setattr(s, r, QuantSpec(bits, [float(out[r].scale)], method="search", shift=out[r].shift))
     return s
-
-
-LOW_QUANT = ("static", "dynamic")
-
-
-LOW_SOFTMAX = ("uniform", "log")
 
 
 def dynamic_branch(base: LayerSpec, bits: int, group: int = 0, softmax: str = "uniform") -> LayerSpec:

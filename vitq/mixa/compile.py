@@ -1,5 +1,5 @@
 """``vitq compile ... --mixa 1.35x|ratios.json [--mixa-bits 8/4]``: build the recipe's ``mixa`` section inside
-the compile pipeline and report it.
+the compile pipeline and report it (the options: :class:`vitq.mixa.config.MixaConfig`).
 
 * ``--mixa 1.35x`` (or ``1.35``): a target bit-operation reduction against the recipe's uniform base; ratios are
   searched (:func:`vitq.mixa.search.search_ratios`) on the first ``SEARCH_IMAGES`` calibration images.
@@ -17,56 +17,11 @@ Adds ``report["mixa"]``: ``bitops_reduction`` (float, vs the uniform base), ``ra
 
 from __future__ import annotations
 
-import json
-import re
-from pathlib import Path
-
 from ..errors import InputError
-from ..recipe.mixa import FLOAT_BITS
+from .config import MixaConfig
 
 SEARCH_IMAGES = 16
 CALIB_IMAGES = 32
-_TARGET = re.compile(r"^(\d+(?:\.\d+)?)x?$")
-
-
-def parse_mixa_arg(arg: str) -> tuple[str, object]:
-    """``("target", 1.35)`` or ``("ratios", {...})``."""
-    m = _TARGET.match(arg.strip())
-    if m:
-        t = float(m.group(1))
-        if t < 1.0:
-            raise InputError(f"--mixa {arg}: the bit-operation reduction target must be >= 1 (e.g. 1.35x)")
-        return "target", t
-    p = Path(arg)
-    if not p.is_file():
-        raise InputError(f"--mixa {arg!r}: expected a reduction target like 1.35x or a ratios .json file")
-    try:
-        d = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise InputError(f"--mixa {p}: not valid JSON: line {e.lineno}: {e.msg}") from None
-    if not isinstance(d, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and
-                                          0 <= v <= 0.8 for v in d.values()):
-        raise InputError(f"--mixa {p}: expected an object of block -> ratio in [0, 0.8]")
-    return "ratios", {str(k): float(v) for k, v in d.items()}
-
-
-def parse_bits_arg(arg: str | None, recipe) -> tuple[int, int]:
-    base = recipe.defaults.get("act_bits")
-    if arg is None:
-        if not isinstance(base, int):
-            raise InputError("--mixa needs --mixa-bits H/L for a recipe without uniform activation bits")
-        return base, 4
-    m = re.match(r"^(fp32|\d+)/(\d+)$", arg.strip())
-    if not m:
-        raise InputError(f"--mixa-bits {arg!r}: expected HIGH/LOW, e.g. 8/4 or fp32/8")
-    hi = FLOAT_BITS if m.group(1) == "fp32" else int(m.group(1))
-    lo = int(m.group(2))
-    for b in (hi, lo):
-        if not (2 <= b <= 8 or b == FLOAT_BITS):
-            raise InputError(f"--mixa-bits {arg}: bits must be 2..8 (or 32/fp32 for a float high branch)")
-    if lo > hi:
-        raise InputError(f"--mixa-bits {arg}: the low branch has more bits than the high one")
-    return hi, lo
 
 
 def _explicit_ratios(spec, given: dict) -> dict:
@@ -89,20 +44,16 @@ def _explicit_ratios(spec, given: dict) -> dict:
     return {b.block: out.get(b.block, d) for b in spec.blocks}
 
 
-#: the default group of the dynamic low branch's Linear inputs (features per grid), where every Linear allows it
-DEFAULT_LOW_GROUP = 32
-
-
-def low_branch_defaults(opts, low_bits: int, rec, sim) -> tuple[str, int, str]:
+def low_branch_defaults(config: MixaConfig, low_bits: int, rec, sim) -> tuple[str, int, str]:
     """(low_quant, low_group, low_softmax) of ``--mixa``: the options given, else the measured-best defaults.
 
     At 4 low bits the low branch is dynamic (the paper's static per-tensor scales lose 1.2 top-1 and 3 agreement
     points at 1.35x on DeiT-Tiny; dynamic, grouped by 32, with the log-sqrt(2) post-softmax grid: 0.2 and 0.15,
-    README), grouped by 32 features where every quantized Linear's input allows it, on ``--target ort`` (the TensorRT
-    plugin's grouped mode has not run on a GPU yet: per token there), with the log-sqrt(2) softmax grid. At 8 low
+    README), grouped by the target's default group (``config.default_low_group``, :meth:`MixaConfig.resolve`)
+    where every quantized Linear's input allows it, else per token, with the log-sqrt(2) softmax grid. At 8 low
     bits (e.g. the ORT-native fp32/8 pair) static int8, which ONNX Runtime runs natively.
     ``--mixa-low-group`` / ``--mixa-low-softmax`` imply the dynamic branch."""
-    lq, lg, ls = (getattr(opts, a, None) for a in ("mixa_low_quant", "mixa_low_group", "mixa_low_softmax"))
+    lq, lg, ls = config.low_quant, config.low_group, config.low_softmax
     if lq is None:
         lq = "dynamic" if low_bits == 4 or lg is not None or ls is not None else "static"
     if lq != "dynamic":
@@ -110,15 +61,17 @@ def low_branch_defaults(opts, low_bits: int, rec, sim) -> tuple[str, int, str]:
     if lg is None:
         ks = [int(w.float_weight.shape[1]) for name, w in getattr(sim, "wrappers", {}).items()
               if rec.layer(name) is not None and rec.layer(name).kind == "linear"]
-        ort = getattr(opts, "target", "ort") == "ort"
-        lg = DEFAULT_LOW_GROUP if ort and ks and all(k % DEFAULT_LOW_GROUP == 0 for k in ks) else 0
+        d = config.default_low_group
+        lg = d if d and ks and all(k % d == 0 for k in ks) else 0
     if ls is None:
         ls = "log" if low_bits == 4 else "uniform"
     return lq, lg, ls
 
 
-def apply_mixa(opts, rec, prepared, sim, lm, calib, cfg, report: dict, log, echo):
-    """Returns ``(recipe with mixa, MixaSim)``; fills ``report["mixa"]``."""
+def apply_mixa(config: MixaConfig | None, rec, prepared, sim, lm, calib, cfg, report: dict, log, echo, *,
+               seed: int = 0, skip_bad: bool = False):
+    """Build the recipe's ``mixa`` section for ``config`` (resolved against the target), or use the recipe file's
+    (``config`` None). Returns ``(recipe with mixa, MixaSim)``; fills ``report["mixa"]``."""
     import torch
 
     from .bitops import mixa_bitops
@@ -126,30 +79,23 @@ def apply_mixa(opts, rec, prepared, sim, lm, calib, cfg, report: dict, log, echo
     from .search import search_ratios, units_of, unit_name
     from .sim import MixaSim
     info = None
-    if opts.mixa is None:  # recipe file with a mixa section
+    if config is None:  # recipe file with a mixa section
         spec = rec.mixa
         msim = MixaSim(sim, spec)
     else:
         if rec.mixa is not None:
             raise InputError("--mixa given, but the recipe file already has a mixa section (drop one of them)")
-        kind, val = parse_mixa_arg(opts.mixa)
-        hi, lo = parse_bits_arg(opts.mixa_bits, rec)
+        kind, val = config.kind, config.value
+        hi, lo = config.branch_bits(rec)
         if calib is None:
             raise InputError("--mixa needs calibration images for the branch quantizers: pass --calib DIR")
         from ..data import load_array
 
         n = max(CALIB_IMAGES, SEARCH_IMAGES)
-        x, _ = load_array(calib.subset(min(n, len(calib)), seed=opts.seed), cfg, skip_bad=opts.skip_bad)
-        group = None
-        if lm.family == "vit":
-            g = opts.mixa_group or "2x2"
-            try:
-                group = tuple(int(v) for v in g.lower().split("x"))
-                assert len(group) == 2
-            except (ValueError, AssertionError):
-                raise InputError(f"--mixa-group {g!r}: expected HxW, e.g. 2x2") from None
-        routed = tuple((opts.mixa_routed or "linear+attn").split("+"))
-        low_quant, low_group, low_softmax = low_branch_defaults(opts, lo, rec, sim)
+        x, _ = load_array(calib.subset(min(n, len(calib)), seed=seed), cfg, skip_bad=skip_bad)
+        group = config.token_group if lm.family == "vit" else None
+        routed = config.routed_roles
+        low_quant, low_group, low_softmax = low_branch_defaults(config, lo, rec, sim)
         with log.step("MixA-Q: calibrating the branch quantizers on their own tokens/windows"):
             spec = build_mixa_spec(prepared, sim, rec, x[:CALIB_IMAGES], group=group, high_bits=hi, low_bits=lo,
                                    routed=routed, ratios=0.0, calib_ratios=0.6, low_quant=low_quant,

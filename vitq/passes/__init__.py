@@ -10,8 +10,9 @@
                        (other sub-8-bit activations -> float Clip + int8 Q/DQ, exact; used by both targets)
 * :mod:`.split_windows` MixA-Q: router + two-precision subgraphs per routed block (ViT token groups, Swin windows)
 * :mod:`.trt_check`    TensorRT lint (errors / warnings, text formatter)
-* :mod:`.pipeline`     ``build_deployable(model, recipe, target) -> (ModelProto, report)``
+* :mod:`.pipeline`     ``run_pipeline(model, recipe, passes, target=...) -> (ModelProto, report)``; the pass lists
+                       live with the targets (:func:`vitq.targets.build_deployable`)
 """
 
 from .infra import GraphPass, GraphPassError, PassManager, PassRecord, run_passes  # noqa: F401
-from .pipeline import TARGETS, build_deployable  # noqa: F401
+from .pipeline import run_pipeline  # noqa: F401

@@ -50,12 +50,14 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
 
 import numpy as np
 import torch
 from torch import nn
 
+from ..errors import InputError
 from ..recipe import RecipeRequest
 from ..recipe.schema import LayerSpec, QuantSpec, Recipe, RecipeError, RegionSpec, SmoothSpec
 from . import observers as ob
@@ -70,12 +72,51 @@ from .search import SHIFT_MAX_BITS, LinearChoice, search_attn, search_conv, sear
 from .simulate import QuantSim
 from .sqb import fold_smoothing, fold_v_smoothing, group_foldable, search_alpha, search_v_smoothing, shared_params
 
-DEFAULT_METHODS = {"observer": "search", "sqb": True, "optm": True, "mp": True, "head_bits": (8, 8),
-                   "mp_batch": 16, "sqb_bits": None, "gptq": True, "gptq_images": 128,
-                   "gptq_target": "quant", "gptq_rescale": False, "refine": ("attn",), "refine_images": 32,
-                   "refine_holdout": None, "embed_bits": None,
-                   "gptq_max_bits": 7, "shift_max_bits": SHIFT_MAX_BITS, "vsmooth": False, "optm_max_bits": 7,
-                   "recon": None}
+@dataclass(frozen=True)
+class QuantMethods:
+    """The calibration's method switches (ablations and experiments); the defaults are the documented contract
+    (module docstring). A dict of the same keys converts with :meth:`of`; an unknown key is an error."""
+
+    observer: str = "search"  # "search" | "minmax" (plain min/max observers, no search, no refinement, no GPTQ)
+    sqb: bool = True
+    optm: bool = True
+    mp: bool = True
+    head_bits: tuple[int, int] = (8, 8)
+    mp_batch: int = 16
+    sqb_bits: tuple[int, int] | None = None  # (w, a) bits SQ-b's alpha is searched at; None: the request's
+    gptq: bool = True
+    gptq_images: int = 128
+    gptq_target: str = "quant"  # "quant" | "float"
+    gptq_rescale: bool = False
+    refine: tuple[str, ...] = ("attn",)
+    refine_images: int = 32
+    refine_holdout: int | None = None
+    embed_bits: tuple[int, int] | None = None
+    gptq_max_bits: int = 7
+    shift_max_bits: int = SHIFT_MAX_BITS
+    vsmooth: bool = False
+    optm_max_bits: int = 7
+    recon: dict | bool | None = None
+
+    def __post_init__(self):
+        if self.observer not in ("search", "minmax"):
+            raise InputError(f"calibration method observer={self.observer!r}: expected 'search' or 'minmax'")
+        if self.gptq_target not in ("quant", "float"):
+            raise InputError(f"calibration method gptq_target={self.gptq_target!r}: expected 'quant' or 'float'")
+
+    @classmethod
+    def of(cls, methods: "QuantMethods | Mapping[str, Any] | None") -> "QuantMethods":
+        """``methods`` itself, the defaults (None), or the defaults overridden by a dict's keys."""
+        if methods is None:
+            return cls()
+        if isinstance(methods, QuantMethods):
+            return methods
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(methods) - known)
+        if unknown:
+            raise InputError(f"unknown calibration method key(s) {', '.join(map(repr, unknown))} (expected: "
+                             f"{', '.join(sorted(known))})")
+        return cls(**methods)
 
 
 @dataclass
@@ -85,6 +126,48 @@ class CalibrationResult:
     sim: QuantSim
     layer_stats: dict = field(default_factory=dict)  # module -> {sqnr_db, w_bits, a_bits, method, ...}
     timings: dict = field(default_factory=dict)
+
+
+@dataclass
+class Calibration:
+    """The state one calibration's steps share, in the order :func:`calibrate` runs them: :func:`start_calibration`
+    (prepared copy, quantization points), :func:`collect_statistics`, then :func:`finish_calibration`'s steps
+    (bit plan, SQ-b, v-smoothing, per-layer scales, the recipe, Greedy MP, scale refinement, GPTQ, block
+    reconstruction, per-layer statistics)."""
+
+    prepared: nn.Module
+    family: str
+    x: torch.Tensor
+    graph: Graph
+    meth: QuantMethods
+    progress: bool | None
+    t0: float
+    timings: dict[str, float] = field(default_factory=dict)
+    stats: dict | None = None
+    layer_stats: dict[str, dict] = field(default_factory=dict)
+    smooth: dict[str, SmoothSpec] = field(default_factory=dict)
+    # bit plan
+    bits_w: list[int] = field(default_factory=list)
+    bits_a: list[int] = field(default_factory=list)
+    search_bits: tuple[int, int] = (8, 8)
+    lib: dict[str, dict] = field(default_factory=dict)
+    recipe: Recipe | None = None
+    sim: QuantSim | None = None
+
+    @property
+    def minmax(self) -> bool:
+        return self.meth.observer == "minmax"
+
+    def fixed_bits(self, p) -> tuple[int, int] | None:
+        """Bits a layer keeps whatever the preset (the head; the patch embedding with ``embed_bits``)."""
+        if p.is_head:
+            return tuple(self.meth.head_bits)
+        if self.meth.embed_bits and p.kind == "conv":
+            return tuple(self.meth.embed_bits)
+        return None
+
+    def log(self, msg: str) -> None:
+        _log(self.progress, msg)
 
 
 def _log(progress, msg):
@@ -99,61 +182,91 @@ def _db(ref: float, err: float) -> float:
 
 
 def calibrate(model: nn.Module, family: str, calib_x: np.ndarray, request: RecipeRequest, *, model_name: str,
-              provenance: dict, progress: bool | None = None, methods: dict | None = None) -> CalibrationResult:
-    meth = {**DEFAULT_METHODS, **(methods or {})}
-    timings: dict[str, float] = {}
+              provenance: dict, progress: bool | None = None,
+              methods: QuantMethods | Mapping[str, Any] | None = None) -> CalibrationResult:
+    """MPTQ-ViT calibration of ``request`` (a uniform or ``mp:`` preset) on ``calib_x`` (module docstring)."""
+    c = start_calibration(model, family, calib_x, methods=methods, progress=progress)
+    collect_statistics(c)
+    return finish_calibration(c, request, model_name=model_name, provenance=provenance)
+
+
+def start_calibration(model: nn.Module, family: str, calib_x: np.ndarray, *,
+                      methods: QuantMethods | Mapping[str, Any] | None = None,
+                      progress: bool | None = None) -> Calibration:
+    """Prepare a copy of ``model`` (explicit attention path) and enumerate its quantization points."""
+    meth = QuantMethods.of(methods)
     t0 = time.time()
     torch.manual_seed(0)
     prepared = prepare_model(model)
     x = torch.from_numpy(np.ascontiguousarray(calib_x, dtype=np.float32))
     graph = enumerate_points(prepared, image_size=tuple(x.shape[-2:]))
-    timings["prepare_s"] = time.time() - t0
+    c = Calibration(prepared, family, x, graph, meth, progress, t0)
+    c.timings["prepare_s"] = time.time() - t0
+    return c
 
+
+def collect_statistics(c: Calibration) -> None:
+    """One float forward over the calibration images: per-point statistics (before SQ-b)."""
     t = time.time()
-    cache = meth.get("stats_cache")  # benchmarks: reuse the (pre-SQ-b) statistics across configurations
-    if cache is not None and "stats" in cache:
-        stats = copy.deepcopy(cache["stats"])
-    else:
-        stats = collect_stats(prepared, graph, x, progress=progress)
-        if cache is not None:
-            cache["stats"] = copy.deepcopy(stats)
-    timings["collect_s"] = time.time() - t
-    _log(progress, f"statistics over {len(x)} images in {timings['collect_s']:.1f}s")
+    c.stats = collect_stats(c.prepared, c.graph, c.x, progress=c.progress)
+    c.timings["collect_s"] = time.time() - t
+    c.log(f"statistics over {len(c.x)} images in {c.timings['collect_s']:.1f}s")
 
-    if request.kind == "uniform" or (request.kind == "mp" and not meth["mp"]):
+
+def finish_calibration(c: Calibration, request: RecipeRequest, *, model_name: str,
+                       provenance: dict) -> CalibrationResult:
+    """The steps after the statistics, in order; returns the calibrated recipe and its simulation."""
+    _plan_bits(c, request)
+    _sq_b(c)
+    _v_smoothing(c)
+    _layer_scales(c)
+    _initial_recipe(c, request, model_name, provenance)
+    _greedy_mp(c, request)
+    _refine(c)
+    recon = c.meth.recon
+    if recon is True:
+        recon = {}
+    float_ref = copy.deepcopy(c.prepared) if recon is not None else None
+    # block reconstruction rounds the weights itself (SignRound from round-to-nearest; measured better than
+    # starting it from GPTQ's rounding, see reconstruct.py), so GPTQ is skipped when it fits the weights
+    gptq_on = c.meth.gptq and not c.minmax and not (recon is not None and recon.get("weights", True))
+    if gptq_on:
+        _gptq(c)
+    if recon is not None:
+        _reconstruct(c, float_ref, recon, gptq_on)
+        del float_ref
+    _final_layer_stats(c)
+    c.timings["total_s"] = time.time() - c.t0
+    return CalibrationResult(c.prepared, c.recipe, c.sim, c.layer_stats, c.timings)
+
+
+def _plan_bits(c: Calibration, request: RecipeRequest) -> None:
+    """The candidate bit-widths: one (w, a) pair for a uniform preset (and for ``mp:`` with ``mp=False``, the naive
+    baseline), {8, 6, 4} for Greedy MP; and the bits SQ-b searches at."""
+    meth = c.meth
+    if request.kind == "uniform" or (request.kind == "mp" and not meth.mp):
         if request.kind == "mp":
             wb, ab = 4, next((a for a in (8, 6, 4) if math.sqrt(4 * a) <= request.mp_target_bits + 1e-9), 4)
         else:
             wb, ab = request.weight_bits, request.act_bits
-        bits_w, bits_a = [wb], [ab]
-        search_bits = (wb, ab)
+        c.bits_w, c.bits_a = [wb], [ab]
+        c.search_bits = (wb, ab)
     elif request.kind == "mp":
-        bits_w, bits_a = [8, 6, 4], [8, 6, 4]
-        search_bits = (6, 6)
+        c.bits_w, c.bits_a = [8, 6, 4], [8, 6, 4]
+        c.search_bits = (6, 6)
     else:
         raise RecipeError(f"recipe request {request.name!r} ({request.kind}) is not calibrated")
-    if meth["sqb_bits"]:
-        search_bits = tuple(meth["sqb_bits"])
-    head_w, head_a = meth["head_bits"]
-    embed_bits = tuple(meth["embed_bits"]) if meth.get("embed_bits") else None
+    if meth.sqb_bits:
+        c.search_bits = tuple(meth.sqb_bits)
 
-    def fixed_bits(p) -> tuple[int, int] | None:
-        """Bits a layer keeps whatever the preset (the head; the patch embedding with ``embed_bits``)."""
-        if p.is_head:
-            return head_w, head_a
-        if embed_bits is not None and p.kind == "conv":
-            return embed_bits
-        return None
 
-    minmax = meth["observer"] == "minmax"
-
-    # ---- SQ-b ----
+def _sq_b(c: Calibration) -> None:
+    """SQ-b: per LayerNorm -> Linear group, alpha searched on the quantized output error and folded into the copy."""
     t = time.time()
-    smooth: dict[str, SmoothSpec] = {}
-    layer_stats: dict[str, dict] = {}
-    if meth["sqb"]:
+    prepared, stats, layer_stats = c.prepared, c.stats, c.layer_stats
+    if c.meth.sqb:
         shared = shared_params(prepared)
-        for ln_name, lins in graph.norm_groups.items():
+        for ln_name, lins in c.graph.norm_groups.items():
             lins = [l for l in lins if l in stats]
             if not lins:
                 continue
@@ -164,7 +277,7 @@ def calibrate(model: nn.Module, family: str, calib_x: np.ndarray, request: Recip
                 continue
             st = stats[lins[0]]
             ws = [prepared.get_submodule(l).weight.detach() for l in lins]
-            ch = search_alpha(st.sample, st.chmin, st.chmax, ws, *search_bits)
+            ch = search_alpha(st.sample, st.chmin, st.chmax, ws, *c.search_bits)
             for l in lins:
                 layer_stats.setdefault(l, {})["sqb"] = (
                     f"alpha={ch.alpha}" if ch.alpha is not None else "off (no gain)") + \
@@ -176,45 +289,53 @@ def calibrate(model: nn.Module, family: str, calib_x: np.ndarray, request: Recip
             st.chmin, st.chmax = (st.chmin - ch.z) / ch.s, (st.chmax - ch.z) / ch.s
             st.amax = float(torch.maximum(st.chmin.abs(), st.chmax.abs()).max())
             for l in lins:
-                smooth[l] = SmoothSpec(ch.alpha, ch.s.tolist(), ch.z.tolist())
-    timings["sqb_s"] = time.time() - t
-    _log(progress, f"SQ-b: {len(smooth)} layers smoothed in {timings['sqb_s']:.1f}s")
+                c.smooth[l] = SmoothSpec(ch.alpha, ch.s.tolist(), ch.z.tolist())
+    c.timings["sqb_s"] = time.time() - t
+    c.log(f"SQ-b: {len(c.smooth)} layers smoothed in {c.timings['sqb_s']:.1f}s")
 
-    # ---- v -> proj smoothing (SmoothQuant on the attention output, folded into qkv's v rows and proj) ----
-    if meth["vsmooth"] and not minmax:
-        t = time.time()
-        shared = shared_params(prepared)
-        n_v = 0
-        for p in graph.points:
-            proj_name = p.module + ".proj"
-            if p.kind != "attn" or proj_name not in stats or not hasattr(prepared.get_submodule(p.module), "qkv"):
-                continue
-            attn_mod = prepared.get_submodule(p.module)
-            if any(id(q) in shared for m in (attn_mod.qkv, attn_mod.proj) for q in m.parameters()):
-                layer_stats.setdefault(proj_name, {})["vsmooth"] = "skipped: shared parameters"
-                continue
-            ch = search_v_smoothing(stats[p.module], stats[proj_name], attn_mod.proj.weight.detach(), *search_bits)
-            layer_stats.setdefault(proj_name, {})["vsmooth"] = ch.reason
-            if ch.alpha is None:
-                continue
-            with torch.no_grad():
-                fold_v_smoothing(attn_mod, ch.s)
-            smooth[proj_name] = SmoothSpec(ch.alpha, ch.s.tolist(), [0.0] * ch.s.numel(), into="v")
-            n_v += 1
-        if n_v:  # re-collect: the v and proj-input statistics changed (float function unchanged)
-            stats = collect_stats(prepared, graph, x, progress=progress)
-        timings["vsmooth_s"] = time.time() - t
-        _log(progress, f"v->proj smoothing: {n_v} attention layers in {timings['vsmooth_s']:.1f}s")
 
-    # ---- per-layer scales, for every bit-width the request needs ----
+def _v_smoothing(c: Calibration) -> None:
+    """v -> proj smoothing (SmoothQuant on the attention output, folded into qkv's v rows and proj); opt-in."""
+    if not c.meth.vsmooth or c.minmax:
+        return
     t = time.time()
-    lib: dict[str, dict] = {}
-    for p in graph.points:
-        st = stats[p.module]
+    prepared, stats = c.prepared, c.stats
+    shared = shared_params(prepared)
+    n_v = 0
+    for p in c.graph.points:
+        proj_name = p.module + ".proj"
+        if p.kind != "attn" or proj_name not in stats or not hasattr(prepared.get_submodule(p.module), "qkv"):
+            continue
+        attn_mod = prepared.get_submodule(p.module)
+        if any(id(q) in shared for m in (attn_mod.qkv, attn_mod.proj) for q in m.parameters()):
+            c.layer_stats.setdefault(proj_name, {})["vsmooth"] = "skipped: shared parameters"
+            continue
+        ch = search_v_smoothing(stats[p.module], stats[proj_name], attn_mod.proj.weight.detach(), *c.search_bits)
+        c.layer_stats.setdefault(proj_name, {})["vsmooth"] = ch.reason
+        if ch.alpha is None:
+            continue
+        with torch.no_grad():
+            fold_v_smoothing(attn_mod, ch.s)
+        c.smooth[proj_name] = SmoothSpec(ch.alpha, ch.s.tolist(), [0.0] * ch.s.numel(), into="v")
+        n_v += 1
+    if n_v:  # re-collect: the v and proj-input statistics changed (float function unchanged)
+        c.stats = collect_stats(prepared, c.graph, c.x, progress=c.progress)
+    c.timings["vsmooth_s"] = time.time() - t
+    c.log(f"v->proj smoothing: {n_v} attention layers in {c.timings['vsmooth_s']:.1f}s")
+
+
+def _layer_scales(c: Calibration) -> None:
+    """Per layer, for every bit-width the request needs: weight scales (per-channel MSE clipping) and the input
+    scale chosen by the layer's output error; OPT-m for post-GELU fc2 inputs; attention operands on the matmul
+    outputs."""
+    t = time.time()
+    meth, minmax, prepared = c.meth, c.minmax, c.prepared
+    for p in c.graph.points:
+        st = c.stats[p.module]
         entry: dict = {}
-        ls = layer_stats.setdefault(p.module, {})
+        ls = c.layer_stats.setdefault(p.module, {})
         if p.kind == "attn":
-            for a in ([head_a] if False else bits_a):
+            for a in c.bits_a:
                 if minmax:
                     ch = {r: ob.scale_from_clip(st.amax[r], a).reshape(1) for r in ("q", "k", "attn", "v")}
                     specs = {r: QuantSpec(a, [float(ch[r])], method="minmax") for r in ch}
@@ -222,36 +343,36 @@ def calibrate(model: nn.Module, family: str, calib_x: np.ndarray, request: Recip
                 else:
                     samples = {r: st.sample(r) for r in ("q", "k", "attn", "v")}
                     ch = search_attn(samples, st.amax, {r: a for r in ("q", "k", "attn", "v")},
-                                     shifted=a <= meth["shift_max_bits"])
-                    specs = {r: QuantSpec(a, [float(c.scale)], method=_meth(c.method), shift=c.shift)
-                             for r, c in ch.items()}
+                                     shifted=a <= meth.shift_max_bits)
+                    specs = {r: QuantSpec(a, [float(cc.scale)], method=_meth(cc.method), shift=cc.shift)
+                             for r, cc in ch.items()}
                     sq = 0.5 * (_db(ch["k"].ref, ch["k"].err) + _db(ch["v"].ref, ch["v"].err))
                 entry[("a", a)] = LayerSpec(p.module, "attn", p.macs, **specs)
                 ls.setdefault("sqnr_db", {})[f"a{a}"] = sq
-            lib[p.module] = entry
+            c.lib[p.module] = entry
             continue
         mod = prepared.get_submodule(p.module)
         w = mod.weight.detach()
-        fb = fixed_bits(p)
-        wl = [fb[0]] if fb else bits_w
-        al = [fb[1]] if fb else bits_a
+        fb = c.fixed_bits(p)
+        wl = [fb[0]] if fb else c.bits_w
+        al = [fb[1]] if fb else c.bits_a
         for wb in wl:
             ws = ob.weight_minmax(w, wb) if minmax else ob.weight_mse(w, wb)
             entry[("w", wb)] = QuantSpec(wb, ws.tolist(), axis=0, method="minmax" if minmax else "mse")
         for a in al:
             wb = a if a in wl else wl[-1]
             wspec = entry[("w", wb)]
-            spec = LayerSpec(p.module, p.kind, p.macs, weight=wspec, smooth=smooth.get(p.module))
+            spec = LayerSpec(p.module, p.kind, p.macs, weight=wspec, smooth=c.smooth.get(p.module))
             xs = st.sample if p.kind == "conv" else subsample(st.sample)
             if minmax:
                 spec.input = QuantSpec(a, [float(ob.scale_from_clip(st.amax, a))], method="minmax")
                 sq = None
             elif p.kind == "conv":
-                c = search_conv(xs, mod, wb, a, st.amax)
-                spec.input = QuantSpec(a, [float(c.a.scale)], method=_meth(c.a.method))
-                sq = _db(c.a.ref, c.a.err)
-            elif p.post_gelu and meth["optm"] and a <= meth["optm_max_bits"]:
-                rc = search_regions(xs, w, wb, a, st.amax, float(st.chmin.min()), shifted=a <= meth["shift_max_bits"])
+                cc = search_conv(xs, mod, wb, a, st.amax)
+                spec.input = QuantSpec(a, [float(cc.a.scale)], method=_meth(cc.a.method))
+                sq = _db(cc.a.ref, cc.a.err)
+            elif p.post_gelu and meth.optm and a <= meth.optm_max_bits:
+                rc = search_regions(xs, w, wb, a, st.amax, float(st.chmin.min()), shifted=a <= meth.shift_max_bits)
                 ls.setdefault("optm", {})[f"a{a}"] = rc.reason
                 ref = float((xs @ w.t()).double().pow(2).sum())
                 if rc.use:
@@ -264,129 +385,145 @@ def calibrate(model: nn.Module, family: str, calib_x: np.ndarray, request: Recip
                                            shift=rc.plain.a.shift)
                     sq = _db(ref, rc.err_plain)
             else:
-                c = search_linear(xs, w, wb, a, st.amax, shifted=a <= meth["shift_max_bits"])
-                spec.input = QuantSpec(a, [float(c.a.scale)], method=_meth(c.a.method), shift=c.a.shift)
-                sq = _db(c.a.ref, c.a.err)
+                cc = search_linear(xs, w, wb, a, st.amax, shifted=a <= meth.shift_max_bits)
+                spec.input = QuantSpec(a, [float(cc.a.scale)], method=_meth(cc.a.method), shift=cc.a.shift)
+                sq = _db(cc.a.ref, cc.a.err)
             entry[("a", a)] = spec
             ls.setdefault("sqnr_db", {})[f"w{wb}a{a}"] = sq
-        lib[p.module] = entry
-    timings["scales_s"] = time.time() - t
-    _log(progress, f"scales for {len(graph.points)} layers in {timings['scales_s']:.1f}s")
+        c.lib[p.module] = entry
+    c.timings["scales_s"] = time.time() - t
+    c.log(f"scales for {len(c.graph.points)} layers in {c.timings['scales_s']:.1f}s")
+
+
+def _initial_recipe(c: Calibration, request: RecipeRequest, model_name: str, provenance: dict) -> None:
+    """Every layer at the first candidate bits (the preset's), and its simulation."""
 
     def spec_at(p, w, a):
-        e = lib[p.module]
+        e = c.lib[p.module]
         if p.kind == "attn":
             return e[("a", a)]
-        if fixed_bits(p):
-            w, a = fixed_bits(p)
+        if c.fixed_bits(p):
+            w, a = c.fixed_bits(p)
         s = copy.copy(e[("a", a)])
         s.weight = e[("w", w)]
         return s
 
-    w0, a0 = (bits_w[0], bits_a[0])
-    layers = [spec_at(p, w0, a0) for p in graph.points]
-    name = request.name
+    w0, a0 = (c.bits_w[0], c.bits_a[0])
+    head_w, head_a = c.meth.head_bits
+    layers = [spec_at(p, w0, a0) for p in c.graph.points]
     defaults = {"weight_bits": w0, "act_bits": a0, "head_bits": [head_w, head_a]}
-    recipe = Recipe(name, model_name, layers, defaults, dict(provenance))
-    sim = QuantSim(prepared, recipe, family)
+    c.recipe = Recipe(request.name, model_name, layers, defaults, dict(provenance))
+    c.sim = QuantSim(c.prepared, c.recipe, c.family)
 
-    if request.kind == "mp" and meth["mp"]:
-        t = time.time()
-        n = min(int(meth["mp_batch"]), len(x))
-        modules = [p.module for p in graph.points if not fixed_bits(p)]
-        state, info = greedy_mp(sim, lib, modules, x[:n], request.mp_target_bits,
-                                log=(lambda m: _log(progress, m)))
-        recipe.layers = [sim.wrappers[p.module].qfn.spec if p.kind == "attn" else sim.wrappers[p.module].spec
-                         for p in graph.points]
-        recipe.defaults = {"weight_bits": None, "act_bits": None, "head_bits": [head_w, head_a],
-                           "mp_target_bits": request.mp_target_bits, "avg_bits": round(info["avg_bits"], 4),
-                           "mp_candidates": [8, 6, 4], "mp_metric": "sqrt(total_bitops / total_macs)"}
-        timings["mp_s"] = time.time() - t
-        for m, (wb, ab) in state.items():
-            layer_stats[m]["mp"] = {"w_bits": wb, "a_bits": ab}
-        layer_stats["__mp__"] = {k: v for k, v in info.items() if k != "sensitivity"}
-        layer_stats["__mp_sensitivity__"] = info["sensitivity"]
-    roles = tuple(meth["refine"]) if not minmax else ()
+
+def _greedy_mp(c: Calibration, request: RecipeRequest) -> None:
+    """``mp:<bits>``: Greedy MP over {8, 6, 4} under the average bit-width target."""
+    if not (request.kind == "mp" and c.meth.mp):
+        return
+    t = time.time()
+    sim, recipe, graph = c.sim, c.recipe, c.graph
+    head_w, head_a = c.meth.head_bits
+    n = min(int(c.meth.mp_batch), len(c.x))
+    modules = [p.module for p in graph.points if not c.fixed_bits(p)]
+    state, info = greedy_mp(sim, c.lib, modules, c.x[:n], request.mp_target_bits, log=c.log)
+    recipe.layers = [sim.wrappers[p.module].qfn.spec if p.kind == "attn" else sim.wrappers[p.module].spec
+                     for p in graph.points]
+    recipe.defaults = {"weight_bits": None, "act_bits": None, "head_bits": [head_w, head_a],
+                       "mp_target_bits": request.mp_target_bits, "avg_bits": round(info["avg_bits"], 4),
+                       "mp_candidates": [8, 6, 4], "mp_metric": "sqrt(total_bitops / total_macs)"}
+    c.timings["mp_s"] = time.time() - t
+    for m, (wb, ab) in state.items():
+        c.layer_stats[m]["mp"] = {"w_bits": wb, "a_bits": ab}
+    c.layer_stats["__mp__"] = {k: v for k, v in info.items() if k != "sensitivity"}
+    c.layer_stats["__mp_sensitivity__"] = info["sensitivity"]
+
+
+def _refine(c: Calibration) -> None:
+    """Scale refinement of the sub-8-bit roles ``refine`` names, kept only if the held-out calibration KL drops."""
+    recipe, sim, x, stats = c.recipe, c.sim, c.x, c.stats
+    roles = tuple(c.meth.refine) if not c.minmax else ()
     targets = [(l.module, r) for l in recipe.layers for r in roles
-               if (l.kind == "attn") == (r != "input") and not fixed_bits(graph.get(l.module))
+               if (l.kind == "attn") == (r != "input") and not c.fixed_bits(c.graph.get(l.module))
                and getattr(l, r, None) is not None and getattr(l, r).bits < 8]
-    if targets:
-        t = time.time()
-        n = min(int(meth["refine_images"]), len(x))
-        before = list(recipe.layers)
-        hh = meth["refine_holdout"]
-        hold = slice(n, len(x) if hh is None else min(len(x), n + int(hh)))
-        kl0 = _holdout_kl(sim, x[hold], stats["__logits__"][hold])
-        rr = refine_scales(sim, recipe, x[:n], stats["__logits__"][:n], targets, log=(lambda m: _log(progress, m)))
-        kl1 = _holdout_kl(sim, x[hold], stats["__logits__"][hold])
-        kept = rr and (kl0 is None or kl1 < kl0)
-        if rr and not kept:  # the refined scales fit the refinement batch but not held-out calibration images
-            recipe.layers = before
-            for l in before:
-                sim.set_layer(l)
-        if rr:
-            _log(progress, f"scale refinement {'kept' if kept else 'reverted'}: held-out calibration KL "
-                           f"{kl0 if kl0 is None else round(kl0, 4)} -> {kl1 if kl1 is None else round(kl1, 4)}")
-        layer_stats["__refine__"] = {"kept": bool(kept), "holdout_kl_before": kl0, "holdout_kl_after": kl1,
-                                     "holdout_images": hold.stop - hold.start}
-        for k, v in rr.items():
-            m, r = k.rsplit(":", 1)
-            layer_stats.setdefault(m, {}).setdefault("refine", {})[r] = {**v, "kept": bool(kept)}
-        timings["refine_s"] = time.time() - t
-    recon = meth.get("recon")
-    if recon is True:
-        recon = {}
-    float_ref = copy.deepcopy(prepared) if recon is not None else None
-    # block reconstruction rounds the weights itself (SignRound from round-to-nearest; measured better than
-    # starting it from GPTQ's rounding, see reconstruct.py), so GPTQ is skipped when it fits the weights
-    gptq_on = meth["gptq"] and not minmax and not (recon is not None and recon.get("weights", True))
-    if gptq_on:
-        t = time.time()
-        n = min(int(meth["gptq_images"]), len(x))
-        rescale = None
-        if meth["gptq_rescale"]:
-            def rescale(m, w):
-                old = recipe.layer(m).weight
-                return QuantSpec(old.bits, ob.weight_mse(w, old.bits).tolist(), axis=0, method="mse")
-        todo = [l.module for l in recipe.layers if l.weight is not None and l.weight.bits <= meth["gptq_max_bits"]]
-        g = sequential_gptq(sim, prepared, x[:n], todo,
-                            target=meth["gptq_target"], rescale=rescale, log=(lambda m: _log(progress, m)))
-        new = g.pop("__weights__")
-        new_specs = g.pop("__specs__")
-        recipe.layers = [new_specs.get(l.module, l) for l in recipe.layers]
-        for m, v in g.items():
-            layer_stats.setdefault(m, {})["gptq"] = {"err_rtn": v["err_rtn"], "err_gptq": v["err_gptq"],
-                                                     "used": v["used"]}
-        if new:
-            recipe.weight_tensors = {m: w.detach().numpy().copy() for m, w in new.items()}
-            sim = QuantSim(prepared, recipe, family)
-        timings["gptq_s"] = time.time() - t
-    if recon is not None:
-        t = time.time()
-        n = len(x) if not recon.get("images") else min(int(recon["images"]), len(x))
-        rr = reconstruct(sim, float_ref, recipe, x[:n], recon, log=(lambda m: _log(progress, m)), progress=progress)
-        new = rr.pop("weights")
-        with torch.no_grad():
-            for m, w in new.items():
-                prepared.get_submodule(m).weight.copy_(w)
-        if new:
-            tensors = dict(recipe.weight_tensors or {})
-            tensors.update({m: w.detach().numpy().copy() for m, w in new.items()})
-            recipe.weight_tensors = tensors
-            recipe.defaults["weight_rounding"] = "gptq+signround" if gptq_on else "signround"
-        recipe.defaults["recon"] = {k: v for k, v in rr["options"].items()}
-        layer_stats["__recon__"] = rr
-        del float_ref
-        timings["recon_s"] = time.time() - t
-        _log(progress, f"block reconstruction: {len(rr['stages'])} stages in {timings['recon_s']:.0f}s")
-    for l in recipe.layers:
-        ls = layer_stats.setdefault(l.module, {})
+    if not targets:
+        return
+    t = time.time()
+    n = min(int(c.meth.refine_images), len(x))
+    before = list(recipe.layers)
+    hh = c.meth.refine_holdout
+    hold = slice(n, len(x) if hh is None else min(len(x), n + int(hh)))
+    kl0 = _holdout_kl(sim, x[hold], stats["__logits__"][hold])
+    rr = refine_scales(sim, recipe, x[:n], stats["__logits__"][:n], targets, log=c.log)
+    kl1 = _holdout_kl(sim, x[hold], stats["__logits__"][hold])
+    kept = rr and (kl0 is None or kl1 < kl0)
+    if rr and not kept:  # the refined scales fit the refinement batch but not held-out calibration images
+        recipe.layers = before
+        for l in before:
+            sim.set_layer(l)
+    if rr:
+        c.log(f"scale refinement {'kept' if kept else 'reverted'}: held-out calibration KL "
+              f"{kl0 if kl0 is None else round(kl0, 4)} -> {kl1 if kl1 is None else round(kl1, 4)}")
+    c.layer_stats["__refine__"] = {"kept": bool(kept), "holdout_kl_before": kl0, "holdout_kl_after": kl1,
+                                   "holdout_images": hold.stop - hold.start}
+    for k, v in rr.items():
+        m, r = k.rsplit(":", 1)
+        c.layer_stats.setdefault(m, {}).setdefault("refine", {})[r] = {**v, "kept": bool(kept)}
+    c.timings["refine_s"] = time.time() - t
+
+
+def _gptq(c: Calibration) -> None:
+    """GPTQ on every weight at up to ``gptq_max_bits``, sequentially on the quantized model; the new weights go to
+    the prepared model and ``Recipe.weight_tensors``."""
+    t = time.time()
+    meth, recipe = c.meth, c.recipe
+    n = min(int(meth.gptq_images), len(c.x))
+    rescale = None
+    if meth.gptq_rescale:
+        def rescale(m, w):
+            old = recipe.layer(m).weight
+            return QuantSpec(old.bits, ob.weight_mse(w, old.bits).tolist(), axis=0, method="mse")
+    todo = [l.module for l in recipe.layers if l.weight is not None and l.weight.bits <= meth.gptq_max_bits]
+    g = sequential_gptq(c.sim, c.prepared, c.x[:n], todo, target=meth.gptq_target, rescale=rescale, log=c.log)
+    new = g.pop("__weights__")
+    new_specs = g.pop("__specs__")
+    recipe.layers = [new_specs.get(l.module, l) for l in recipe.layers]
+    for m, v in g.items():
+        c.layer_stats.setdefault(m, {})["gptq"] = {"err_rtn": v["err_rtn"], "err_gptq": v["err_gptq"],
+                                                   "used": v["used"]}
+    if new:
+        recipe.weight_tensors = {m: w.detach().numpy().copy() for m, w in new.items()}
+        c.sim = QuantSim(c.prepared, recipe, c.family)
+    c.timings["gptq_s"] = time.time() - t
+
+
+def _reconstruct(c: Calibration, float_ref: nn.Module, recon: dict, gptq_on: bool) -> None:
+    """Block-wise reconstruction (opt-in): sub-8-bit weights re-rounded and activation scales re-fitted per block."""
+    t = time.time()
+    recipe, x = c.recipe, c.x
+    n = len(x) if not recon.get("images") else min(int(recon["images"]), len(x))
+    rr = reconstruct(c.sim, float_ref, recipe, x[:n], recon, log=c.log, progress=c.progress)
+    new = rr.pop("weights")
+    with torch.no_grad():
+        for m, w in new.items():
+            c.prepared.get_submodule(m).weight.copy_(w)
+    if new:
+        tensors = dict(recipe.weight_tensors or {})
+        tensors.update({m: w.detach().numpy().copy() for m, w in new.items()})
+        recipe.weight_tensors = tensors
+        recipe.defaults["weight_rounding"] = "gptq+signround" if gptq_on else "signround"
+    recipe.defaults["recon"] = {k: v for k, v in rr["options"].items()}
+    c.layer_stats["__recon__"] = rr
+    c.timings["recon_s"] = time.time() - t
+    c.log(f"block reconstruction: {len(rr['stages'])} stages in {c.timings['recon_s']:.0f}s")
+
+
+def _final_layer_stats(c: Calibration) -> None:
+    for l in c.recipe.layers:
+        ls = c.layer_stats.setdefault(l.module, {})
         ls["w_bits"], ls["a_bits"] = l.weight_bits, l.act_bits
         key = f"a{l.act_bits}" if l.kind == "attn" else f"w{l.weight_bits}a{l.act_bits}"
         sq = ls.get("sqnr_db", {})
         ls["sqnr"] = sq.get(key) if isinstance(sq, dict) else sq
-    timings["total_s"] = time.time() - t0
-    return CalibrationResult(prepared, recipe, sim, layer_stats, timings)
 
 
 @torch.no_grad()

@@ -155,6 +155,36 @@ class TrtBuildOptions:
         self.workspace_mib = int(workspace_mib) if workspace_mib is not None else None
         self.extra = dict(extra or {})
 
+    #: argparse dest -> flag of the ``TensorRT (--target trt|jetson)`` option group
+    FLAGS = {"batch_range": "--batch-range", "timing_cache": "--timing-cache", "opt_level": "--opt-level",
+             "hw_compat": "--hw-compat", "plugin_lib": "--plugin-lib"}
+
+    @staticmethod
+    def add_args(parser) -> None:
+        """The TensorRT option group of ``vitq compile``; each value checked by the parser the options apply."""
+        from ..options import arg_type
+
+        g = parser.add_argument_group("TensorRT (--target trt|jetson)")
+        g.add_argument("--batch-range", metavar="MIN:OPT:MAX", type=arg_type(parse_batch_range, "batch_range"),
+                       help=f"optimization-profile batch range, e.g. {DEFAULT_BATCH_RANGE} (default "
+                            f"{DEFAULT_BATCH_RANGE}), or one fixed batch N")
+        g.add_argument("--timing-cache", type=Path, metavar="FILE",
+                       help="persistent TensorRT timing cache (read if present, updated after the build)")
+        g.add_argument("--opt-level", type=arg_type(parse_opt_level, "opt_level"), metavar=f"0-{MAX_OPT_LEVEL}",
+                       help="TensorRT builder optimization level (TensorRT default 3)")
+        g.add_argument("--hw-compat", type=arg_type(parse_hw_compat, "hw_compat"),
+                       metavar="{" + ",".join(HW_COMPAT_LEVELS) + "}",
+                       help="TensorRT hardware compatibility level (default none; --target trt only: TensorRT "
+                            "has no hardware-compatible engines on Jetson)")
+        g.add_argument("--plugin-lib", type=Path, metavar="LIB.so",
+                       help="custom-op plugin library to load for the build (recorded in model.engine.json, "
+                            "loaded by the runtime; not embedded in the engine)")
+
+    @classmethod
+    def given(cls, args: Any) -> list[str]:
+        """The flags of this group set on the command line."""
+        return [flag for dest, flag in cls.FLAGS.items() if getattr(args, dest, None) is not None]
+
     @classmethod
     def from_args(cls, args: Any) -> "TrtBuildOptions":
         """From an argparse namespace (``vitq compile`` options; absent attributes take defaults)."""
