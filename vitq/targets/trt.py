@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from ..errors import UnsupportedError
 from ..trt.common import TrtBuildOptions
