@@ -83,7 +83,7 @@ def one_model(name: str, args, tmp: Path) -> dict:
     import torch
 
     from vitq.exporter import data_config, export_onnx, load_model, verify_against_torch
-    from vitq.passes import build_deployable
+    from vitq.targets import build_deployable
     from vitq.passes.infra import ort_run
     from vitq.quant.pipeline import calibrate
     from vitq.recipe import parse_recipe_arg

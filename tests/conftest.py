@@ -9,6 +9,10 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# The ort target lowers for the compiling machine's CPU by default (--cpu auto); the suite pins the form so that
+# graph-structure assertions hold on every machine. Tests of the other forms and of detection set it themselves.
+os.environ.setdefault("VITQ_CPU_ISA", "avx2")
+
 SHARED = Path(os.environ.get("VITQ_SHARED_DATA", REPO.parent / "shared" / "data"))
 DEIT_WEIGHTS = SHARED / "weights" / "deit_tiny_patch16_224.wvfunc_matdump.pth"
 DEV650 = SHARED / "imagenet-val-dev650"

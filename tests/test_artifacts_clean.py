@@ -18,7 +18,7 @@ pytest.importorskip("timm")
 from test_mixa_core import tiny_vit  # noqa: E402
 
 from vitq.exporter.onnx_export import export_onnx  # noqa: E402
-from vitq.passes import build_deployable  # noqa: E402
+from vitq.targets import build_deployable  # noqa: E402
 from vitq.plugins.expand import expand_plugins, has_plugins  # noqa: E402
 from vitq.quant.pipeline import calibrate  # noqa: E402
 from vitq.recipe import parse_recipe_arg  # noqa: E402

@@ -164,7 +164,7 @@ def test_form_exact_on_this_cpu_iff_its_arithmetic_says_so(isa, tmp_path):
     unoptimized graph, on the CPU running the tests. The u8u8 form is exact on every CPU; u8s8 and s8s8 (ORT turns
     int8 activations into uint8 on x86, making it U8S8) are exact where U8S8 accumulates in int32 (VNNI, AMX, ARM)
     and, on a CPU without VNNI, show the int16 saturation the runtime warns about (on this saturating MatMul)."""
-    here = cpu.running_cpu().isa
+    here = cpu.detect().isa  # the hardware itself, not the suite's pinned VITQ_CPU_ISA (conftest)
     m, feeds = _saturating_matmul()
     p = LowerOrtCpu(isa)
     low = ir.serde.serialize_model(run_passes(m, [p], properties={"qdq"}))

@@ -21,7 +21,7 @@ timm = pytest.importorskip("timm")
 from vitq.errors import UnsupportedError  # noqa: E402
 from vitq.exporter.models import create_model, family_of  # noqa: E402
 from vitq.exporter.onnx_export import export_onnx, verify_against_torch  # noqa: E402
-from vitq.passes import build_deployable  # noqa: E402
+from vitq.targets import build_deployable  # noqa: E402
 from vitq.passes.infra import ort_run  # noqa: E402
 from vitq.quant.pipeline import calibrate  # noqa: E402
 from vitq.quant.prepare import enumerate_points, head_module_name, model_chain, prepare_model  # noqa: E402
