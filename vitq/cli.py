@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--mixa-low-group", metavar="G", type=_nonneg_int,
                    help="dynamic low branch: one grid per G consecutive features of a token (0: one per token). "
                         "Default 32 on --target ort where every Linear allows it, else per token (the TensorRT "
-                        "plugin takes 32, 64, 128 or 256; its grouped mode has not run on a GPU yet)")
+                        "plugin takes 32, 64, 128 or 256; opt in for TensorRT targets)")
     c.add_argument("--mixa-low-softmax", choices=("uniform", "log"),
                    help="dynamic low branch's post-softmax grid per query row: log-sqrt(2) relative to the row max "
                         "(default at 4 bits: lower error, same bits) or uniform")
@@ -286,7 +286,7 @@ def _add_report_parser(sub) -> None:
                    help="vitq bench --json result to include (repeatable)")
     r.add_argument("--points", type=Path, action="append", default=[], metavar="POINTS.json",
                    help="accuracy/bit-ops points for the Pareto plot: [{label, top1, bitops_ratio|avg_bits, "
-                        "kind}] or a benchmark JSON with rows (bench/mptq.py) (repeatable)")
+                        "kind}] or a benchmark JSON with rows (repeatable)")
     r.add_argument("--out", type=Path, help="output HTML (default DIR/report.html); PNGs go beside it")
     r.set_defaults(func=cmd_report)
 

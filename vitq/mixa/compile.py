@@ -96,10 +96,10 @@ DEFAULT_LOW_GROUP = 32
 def low_branch_defaults(opts, low_bits: int, rec, sim) -> tuple[str, int, str]:
     """(low_quant, low_group, low_softmax) of ``--mixa``: the options given, else the measured-best defaults.
 
-    At 4 low bits the low branch is dynamic (the paper's static per-tensor scales lose 1.2 top-1 and 3 agreement
-    points at 1.35x on DeiT-Tiny; dynamic, grouped by 32, with the log-sqrt(2) post-softmax grid: 0.2 and 0.15,
-    README), grouped by 32 features where every quantized Linear's input allows it, on ``--target ort`` (the TensorRT
-    plugin's grouped mode has not run on a GPU yet: per token there), with the log-sqrt(2) softmax grid. At 8 low
+    At 4 low bits the low branch is dynamic (the paper's static per-tensor scales lose far more top-1 and agreement
+    against the uniform base on DeiT-Tiny; docs/mixa.md), grouped by 32 features where every quantized Linear's
+    input allows it, on ``--target ort`` (per token on TensorRT targets, whose grouped plugin mode is opt-in), with
+    the log-sqrt(2) softmax grid. At 8 low
     bits (e.g. the ORT-native fp32/8 pair) static int8, which ONNX Runtime runs natively.
     ``--mixa-low-group`` / ``--mixa-low-softmax`` imply the dynamic branch."""
     lq, lg, ls = (getattr(opts, a, None) for a in ("mixa_low_quant", "mixa_low_group", "mixa_low_softmax"))

@@ -3,5 +3,5 @@
 - :mod:`vitq.plugins.specs`: op definitions and numpy reference implementations (the semantic truth).
 - :mod:`vitq.plugins.lowering`: ``lower_trt`` (int4-activation linear -> ``QuantLinearA4`` plugin node) and
   ``expand_plugins`` (back to standard ONNX opset 21).
-- ``kernels/`` (CUDA, C API) and ``trt/`` (TensorRT IPluginV3): see ``NOTES.md`` for what was compiled and run.
+- ``kernels/`` (CUDA, C API) and ``trt/`` (TensorRT IPluginV3): see docs/plugins.md for what was compiled and run.
 """

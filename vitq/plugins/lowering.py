@@ -21,7 +21,7 @@ Patterns lowered (everything else, including int8-activation Q/DQ, stays native)
     weight DequantizeLinear is per-axis over axis 0 (transB=0: W [K,N], axis 1).
 
 The plugin node stores W as an int8 initializer [N, K] (one int8 per weight, int4 values in [-8, 7]); the TensorRT
-plugin packs it for the CUDA kernel (two int4 per byte, see ``NOTES.md``).
+plugin packs it for the CUDA kernel (two int4 per byte, see docs/plugins.md).
 """
 
 from __future__ import annotations

@@ -20,9 +20,9 @@ QuantLinearA4
 WindowRoute / WindowMerge
     Fused window importance + top-k + gather of windows into a "high" and a "low" group, and the exact scatter back.
     **These are only worth shipping as plugins if a GPU measurement shows they beat TensorRT's native
-    TopK/Gather/ScatterElements chain.** No GPU was available when they were written, so the native chain stays the
+    TopK/Gather/ScatterElements chain.** Until such a measurement exists the native chain stays the
     default (``OpSpec.shipped = False``): the lowering pass never emits them, and no TensorRT wrapper exists for them.
-    The CUDA kernels exist so that the measurement can be made (``bench/plugins_gpu.py``).
+    The CUDA kernels exist so that the measurement can be made (``python -m bench gpu``).
 """
 
 from __future__ import annotations
@@ -273,7 +273,7 @@ QUANT_LINEAR_A4 = OpSpec(
     inputs=(
         TensorSpec("X", "float32", "[..., K]"),
         TensorSpec("W_q", "int8", "[N, K]", doc="one int8 per weight (int4 values in [-8,7] when weight_bits=4), "
-                                              "row n = output channel; the CUDA side packs it (see NOTES.md)"),
+                                              "row n = output channel; the CUDA side packs it (see docs/plugins.md)"),
         TensorSpec("w_scale", "float32", "[N]", doc="per-output-channel symmetric weight scale"),
         TensorSpec("bias", "float32", "[N]", optional=True),
     ),
@@ -346,7 +346,7 @@ def window_merge_ref(y_high: np.ndarray, y_low: np.ndarray, idx_high: np.ndarray
 
 
 _NOT_SHIPPED = ("Not emitted by lower_trt: ship only if a GPU measurement beats TensorRT's native "
-                "TopK/Gather/ScatterElements chain (none made yet: no GPU was available).",)
+                "TopK/Gather/ScatterElements chain on TensorRT.",)
 
 WINDOW_ROUTE = OpSpec(
     name="WindowRoute",

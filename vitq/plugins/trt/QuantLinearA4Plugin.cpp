@@ -224,7 +224,7 @@ int32_t QuantLinearA4Plugin::enqueue(PluginTensorDesc const* inputDesc, PluginTe
         return path;
     }
     // Two kernels after the weights: quantize X once per row, then the pipelined GEMM. The weights are constant;
-    // preparing them (pad, pack) on every call costs 2-7 us on an H100 at DeiT-T / Swin-T shapes (session 11).
+    // preparing them (pad, pack) on every call costs 2-7 us on an H100 at DeiT-T / Swin-T shapes.
     // TODO(perf): prepare once into a plugin-owned buffer.
     char* ws = static_cast<char*>(workspace);
     size_t const wqBytes = alignTo256(vitq_prepared_weight_bytes(static_cast<int>(n), static_cast<int>(k), path));
