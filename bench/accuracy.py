@@ -24,6 +24,7 @@ say how much of a difference is the recipe.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -33,7 +34,7 @@ import numpy as np
 
 from bench.common import DEIT_WEIGHTS, DEV650, REPO, SAMPLE1000, write_result
 from vitq.data import ImageSet, iter_batches, open_image_set
-from vitq.evaluate import compare_logits, log_softmax, paired_interval
+from vitq.evaluate import compare_logits, paired_interval
 from vitq.runtime import Engine
 from vitq.table import format_table
 
@@ -75,26 +76,33 @@ def perturbed(x: np.ndarray, noise: float, seed: int, offset: int) -> np.ndarray
     return (x * (1.0 + noise * rng.standard_normal(x.shape))).astype(np.float32)
 
 
-def run_logits(engines: dict[str, Engine], images: ImageSet, draws: int, noise: float, batch: int = 32):
-    """Logits of every engine on every draw (0: unperturbed): ``{name: [draw][N, C]}``, labels."""
-    cfg = next(iter(engines.values())).preprocess
-    out = {n: [[] for _ in range(draws + 1)] for n in engines}
-    labels, done = [], 0
-    for x, y, _ in iter_batches(images, cfg, batch):
+def engine_logits(eng: Engine, images: ImageSet, draws: int, noise: float, cache: Path | None,
+                  batch: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """Logits ``[draws + 1, N, C]`` of one engine on every draw (0: unperturbed) and the labels, cached under
+    ``cache`` by the model file's and the image set's hashes (so separate processes can fill the cache)."""
+    path = None
+    if cache is not None:
+        h = hashlib.sha256(Path(eng.path).read_bytes()).hexdigest()[:16]
+        path = cache / f"{h}-{images.fingerprint()[:16]}-d{draws}-n{noise:g}.npz"
+        if path.is_file():
+            z = np.load(path)
+            return z["logits"], z["labels"]
+    out, labels, done = [[] for _ in range(draws + 1)], [], 0
+    for x, y, _ in iter_batches(images, eng.preprocess, batch):
         for d in range(draws + 1):
-            xd = perturbed(x, noise, d, done)
-            for n, e in engines.items():
-                out[n][d].append(np.asarray(e.run(xd), dtype=np.float32))
+            out[d].append(np.asarray(eng.run(perturbed(x, noise, d, done)), dtype=np.float32))
         labels.append(y)
         done += len(x)
-        print(f"\r[accuracy] {images.root.name}: {done}/{len(images)}", end="", file=sys.stderr, flush=True)
+        print(f"\r[accuracy] {Path(eng.path).parent.name} on {images.root.name}: {done}/{len(images)}", end="",
+              file=sys.stderr, flush=True)
     print(file=sys.stderr)
-    return {n: [np.concatenate(v) for v in per] for n, per in out.items()}, np.concatenate(labels)
-
-
-def kl_per_image(ref: np.ndarray, q: np.ndarray) -> np.ndarray:
-    lp, lq = log_softmax(ref), log_softmax(q)
-    return (np.exp(lp) * (lp - lq)).sum(axis=1)
+    logits, labels = np.stack([np.concatenate(o) for o in out]), np.concatenate(labels)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.stem + ".tmp.npz")
+        np.savez(tmp, logits=logits, labels=labels)
+        tmp.replace(path)
+    return logits, labels
 
 
 def score(q: np.ndarray, ref: np.ndarray, y: np.ndarray, boot: int) -> dict:
@@ -117,6 +125,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--count", type=int, help="score a seeded subset of this many images per set (smoke runs)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--build", type=Path, default=REPO / "build" / "bench")
+    ap.add_argument("--cache-only", action="store_true", help="only compute and cache the logits of --recipes (fp32: "
+                    "the fp32 export) without writing results; runs in parallel processes fill the cache")
     ap.add_argument("--out", type=Path, help="result file (default bench/results/accuracy.json)")
     args = ap.parse_args(argv)
     if not (DEIT_WEIGHTS.is_file() and DEV650.is_dir() and SAMPLE1000.is_dir()):
@@ -125,17 +135,21 @@ def main(argv: list[str]) -> int:
         return 2
     t0 = time.time()
     recipes = [r for r in args.recipes.split(",") if r]
-    dirs = {"fp32": artifact("fp32", args.calib_count, args.build)}
-    dirs.update({r: artifact(r, args.calib_count, args.build) for r in recipes})
-    engines = {"fp32": Engine.load(dirs["fp32"] / "model.fp32.onnx", backend="ort", threads=args.threads)}
-    engines.update({r: Engine.load(dirs[r] / "model.onnx", backend="ort", threads=args.threads) for r in recipes})
+    names = recipes if args.cache_only else ["fp32", *recipes]
+    dirs = {r: artifact(r, args.calib_count, args.build) for r in names}
+    engines = {r: Engine.load(dirs[r] / ("model.fp32.onnx" if r == "fp32" else "model.onnx"), backend="ort",
+                              threads=args.threads) for r in names}
     sets = {"dev650": open_image_set(DEV650).subset(args.count),
             "heldout": heldout_set(args.calib_count).subset(args.count)}
-    logits, labels = {}, {}
+    cache = args.build / "logits"
+    logits, labels = {s: {} for s in sets}, {}
     for s, images in sets.items():
-        logits[s], labels[s] = run_logits(engines, images, args.realizations, args.noise)
-    logits["all"] = {n: [np.concatenate([logits[s][n][d] for s in sets]) for d in range(args.realizations + 1)]
-                     for n in engines}
+        for n, e in engines.items():
+            logits[s][n], labels[s] = engine_logits(e, images, args.realizations, args.noise, cache)
+    if args.cache_only:
+        print(f"cached logits of {', '.join(names)} in {cache} ({time.time() - t0:.0f} s)")
+        return 0
+    logits["all"] = {n: np.concatenate([logits[s][n] for s in sets], axis=1) for n in engines}
     labels["all"] = np.concatenate([labels[s] for s in sets])
     rows, table = [], []
     for r in recipes:

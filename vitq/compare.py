@@ -116,7 +116,8 @@ def compare_artifact(directory: str | os.PathLike, *, images: ImageSet | None = 
     quant = Engine.load(quant_path, backend="ort", threads=threads)
     recipe = rep.get("recipe") or {}
     result: dict[str, Any] = {
-        "schema": "vitq.compare/1", "vitq_version": __version__, "dir": str(d), "model": rep.get("model"),
+        "schema": "vitq.compare/1", "vitq_version": __version__, "dir": str(d),
+        "model": (rep.get("model") or {}).get("name"),
         "recipe": recipe.get("name") if isinstance(recipe, dict) else recipe,
         "random_weights": bool((rep.get("weights") or {}).get("random_init", False)),
         "threads": threads, "cpu": cpu_info(),
