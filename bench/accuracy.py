@@ -127,6 +127,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--build", type=Path, default=REPO / "build" / "bench")
     ap.add_argument("--cache-only", action="store_true", help="only compute and cache the logits of --recipes (fp32: "
                     "the fp32 export) without writing results; runs in parallel processes fill the cache")
+    ap.add_argument("--sets", help="only these of dev650,heldout (default both, and their union 'all')")
     ap.add_argument("--out", type=Path, help="result file (default bench/results/accuracy.json)")
     args = ap.parse_args(argv)
     if not (DEIT_WEIGHTS.is_file() and DEV650.is_dir() and SAMPLE1000.is_dir()):
@@ -141,6 +142,8 @@ def main(argv: list[str]) -> int:
                               threads=args.threads) for r in names}
     sets = {"dev650": open_image_set(DEV650).subset(args.count),
             "heldout": heldout_set(args.calib_count).subset(args.count)}
+    if args.sets:
+        sets = {k: v for k, v in sets.items() if k in args.sets.split(",")}
     cache = args.build / "logits"
     logits, labels = {s: {} for s in sets}, {}
     for s, images in sets.items():
@@ -149,11 +152,14 @@ def main(argv: list[str]) -> int:
     if args.cache_only:
         print(f"cached logits of {', '.join(names)} in {cache} ({time.time() - t0:.0f} s)")
         return 0
-    logits["all"] = {n: np.concatenate([logits[s][n] for s in sets], axis=1) for n in engines}
-    labels["all"] = np.concatenate([labels[s] for s in sets])
+    scored = list(sets)
+    if len(sets) == 2:
+        logits["all"] = {n: np.concatenate([logits[s][n] for s in sets], axis=1) for n in engines}
+        labels["all"] = np.concatenate([labels[s] for s in sets])
+        scored.append("all")
     rows, table = [], []
     for r in recipes:
-        for s in ("dev650", "heldout", "all"):
+        for s in scored:
             row = {"recipe": r, "set": s, **score(logits[s][r][0], logits[s]["fp32"][0], labels[s], args.boot)}
             if args.realizations:
                 draws = [score(logits[s][r][d], logits[s]["fp32"][d], labels[s], 200)
@@ -171,12 +177,14 @@ def main(argv: list[str]) -> int:
     print(format_table(table, ["recipe", "images", "n", "fp32 top-1", "top-1", "vs fp32 [95% paired]",
                                "agreement %", "KL"], title="DeiT-Tiny, deployed ONNX Runtime graphs vs fp32"))
     data = (f"{MODEL}, real weights ({DEIT_WEIGHTS.name}); calibration: {args.calib_count} images of "
-            f"{SAMPLE1000.name} (seed 0); scored on {DEV650.name} ({len(sets['dev650'])}) + the {SAMPLE1000.name} "
-            f"images calibration did not use ({len(sets['heldout'])})")
+            f"{SAMPLE1000.name} (seed 0); scored on " + " + ".join(
+                {"dev650": f"{DEV650.name} ({len(sets[s])})",
+                 "heldout": f"the {SAMPLE1000.name} images calibration did not use ({len(sets[s])})"}[s] for s in sets))
     path = write_result("accuracy", {"model": MODEL, "calib_count": args.calib_count, "boot": args.boot,
                                      "noise": args.noise if args.realizations else None,
                                      "fp32": {s: float((logits[s]["fp32"][0].argmax(1) == labels[s]).mean() * 100)
-                                              for s in ("dev650", "heldout", "all")},
+                                              for s in scored},
+                                     "n": {s: int(len(labels[s])) for s in scored},
                                      "rows": rows}, data=data, argv=argv, out=args.out)
     print(f"wrote {path} ({time.time() - t0:.0f} s)")
     return 0

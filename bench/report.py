@@ -59,8 +59,8 @@ def _rows(results: Any) -> list[dict]:
 def render_accuracy(d: dict) -> list[str]:
     r = d["results"]
     fp = r.get("fp32", {})
-    sets = ("dev650", "heldout", "all")
-    n = {s: next((x["n"] for x in r["rows"] if x["set"] == s), None) for s in sets}
+    sets = [s for s in ("dev650", "heldout", "all") if s in fp]
+    n = r.get("n") or {s: next((x["n"] for x in r["rows"] if x["set"] == s), None) for s in sets}
     out = [f"fp32 top-1: " + ", ".join(f"{s} ({n[s]} images) {_f(fp.get(s))}" for s in sets) + ".", "",
            "Top-1 difference to fp32 with its paired 95% bootstrap interval; *noise*: the interval holds 0.", ""]
     rows = []
@@ -68,6 +68,8 @@ def render_accuracy(d: dict) -> list[str]:
         lo, hi = x["delta_top1_ci95"]
         rows.append([x["recipe"], x["set"], x["n"], x["top1"], f"{x['delta_top1']:+.2f} [{lo:+.2f}, {hi:+.2f}]"
                      + (" *noise*" if x["within_noise"] else ""), x["agreement"], _f(x["kl"], 4)])
+    if not rows:
+        return out[:1]
     out += _table(["recipe", "images", "n", "top-1", "vs fp32 [95%]", "agreement with fp32 %", "KL(fp32 ‖ q)"],
                   rows)
     real = [x for x in r["rows"] if x.get("realizations")]
