@@ -14,33 +14,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from vitq.compare import cpu_info  # noqa: F401  (re-exported: the machine a result ran on)
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 SHARED = Path(os.environ.get("VITQ_SHARED_DATA", REPO.parent / "shared" / "data"))
 DEIT_WEIGHTS = SHARED / "weights" / "deit_tiny_patch16_224.wvfunc_matdump.pth"
 DEV650 = SHARED / "imagenet-val-dev650"
 SAMPLE1000 = SHARED / "imagenet-sample-eli1000"
-
-# the CPU features that decide which int8 kernels ONNX Runtime (MLAS) and torch pick
-_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8",
-          "amx_bf16", "asimd", "asimddp", "i8mm", "sve")
-
-
-def cpu_info() -> dict[str, Any]:
-    """CPU model name, logical cores and the ISA flags relevant to int8 inference (from /proc/cpuinfo)."""
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, val = line.partition(":")
-            key = key.strip()
-            if key == "model name" and model in ("", platform.machine(), platform.processor()):
-                model = val.strip()
-            elif key in ("flags", "Features") and not flags:
-                flags = set(val.split())
-    except OSError:
-        pass
-    return {"model": model, "cores": os.cpu_count(), "machine": platform.machine(),
-            "flags": [f for f in _FLAGS if f in flags]}
 
 
 def versions() -> dict[str, str]:

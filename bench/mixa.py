@@ -1,49 +1,46 @@
 """MixA-Q on DeiT-Tiny (real weights): token-group mixed-precision activations, measured on imagenet-val-dev650.
 
-    python bench/mixa.py [--groups 2x2] [--routed linear+attn,linear] [--targets 1.2,1.35,1.5]
-                         [--prune 0.1,0.2,0.3] [--calib 32] [--search-batch 16] [--eval N] [--append] [--replot]
+    python -m bench mixa [--groups 2x2] [--routed linear+attn,linear] [--targets 1.2,1.35,1.5]
+                         [--low-quant static,dynamic:32:log] [--prune 0.1,0.2,0.3] [--calib 32]
+                         [--search-batch 16] [--eval N] [--append] [--replot] [--save-recipes DIR]
 
-Base: the W4A8 recipe of ``bench/mptq.py`` (``bench/results/recipes/w4a8.json``, re-applied with
-``apply_recipe``; calibrated here on 256 images when the file is absent). Low branch: W4A4 (weights shared), its
+Base: the W4A8 recipe calibrated on 256 sample images (cached in ``build/bench/recipes/w4a8.json``, re-applied
+with ``apply_recipe``). Low branch: W4A4 (weights shared), its
 activation quantizers calibrated on the low tokens of ``--calib`` images at ``--calib-ratio``. Ratios per block:
 :func:`vitq.mixa.search.search_ratios` on ``--search-batch`` calibration images (KL vs the base), one greedy run
 per configuration; each target takes the first point of the greedy trace that reaches it.
 
-Rows: uniform recipes (w8a8, w6a6, w4a8, w4a4 from ``bench/results/recipes``), MixA-Q points, SparseViT-style
+Rows: uniform recipes (w8a8, w6a6, w4a8, w4a4 from ``build/bench/recipes`` when present), MixA-Q points, SparseViT-style
 pruning points (base precision, a uniform fraction of groups skipped in every block), and the native ORT pair
 (high fp32, low W8A8) in simulation. Per row: top-1, drop vs fp32 and vs the W4A8 base, top-1 agreement with fp32,
 bit-operations per image and the reduction vs the uniform W4A8 base. Writes ``bench/results/mixa.json`` after
-every row and ``bench/results/mixa.png`` (top-1 vs bit-operations).
+every row and ``build/bench/mixa.png`` (top-1 vs bit-operations).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from bench.common import REPO, RESULTS, SHARED, write_result
+from vitq.data import load_array, open_image_set
+from vitq.exporter.models import data_config, load_model
+from vitq.mixa.bitops import mixa_bitops
+from vitq.mixa.calib import attach, build_mixa_spec
+from vitq.mixa.search import search_ratios
+from vitq.mixa.sim import MixaSim
+from vitq.quant.bitops import bitops_report
+from vitq.quant.pipeline import apply_recipe, calibrate
+from vitq.recipe import parse_recipe_arg
+from vitq.recipe.schema import Recipe
+from vitq.runtime.preprocess import PreprocessConfig
 
-from vitq.data import load_array, open_image_set  # noqa: E402
-from vitq.exporter.models import data_config, load_model  # noqa: E402
-from vitq.mixa.bitops import mixa_bitops  # noqa: E402
-from vitq.mixa.calib import attach, build_mixa_spec  # noqa: E402
-from vitq.mixa.search import search_ratios  # noqa: E402
-from vitq.mixa.sim import MixaSim  # noqa: E402
-from vitq.quant.bitops import bitops_report  # noqa: E402
-from vitq.quant.pipeline import apply_recipe, calibrate  # noqa: E402
-from vitq.recipe import parse_recipe_arg  # noqa: E402
-from vitq.recipe.schema import Recipe  # noqa: E402
-from vitq.runtime.preprocess import PreprocessConfig  # noqa: E402
-
-SHARED = Path(os.environ.get("VITQ_SHARED_DATA", REPO.parent / "shared" / "data"))
-RECIPES = REPO / "bench" / "results" / "recipes"
+RECIPES = REPO / "build" / "bench" / "recipes"
+PLOT = REPO / "build" / "bench" / "mixa.png"
 
 
 @torch.no_grad()
@@ -51,8 +48,14 @@ def predict(fn, x, bs=50):
     return torch.cat([fn(torch.from_numpy(x[i:i + bs])) for i in range(0, len(x), bs)])
 
 
-def main():
-    ap = argparse.ArgumentParser()
+def _save(res: dict, out: Path, argv: list[str]) -> None:
+    write_result("mixa", res, data=f"deit_tiny_patch16_224, real weights; calibration and ratio search on the "
+                 f"sample set; scored on imagenet-val-dev650 ({res['eval']} images), torch simulation",
+                 argv=argv, out=out)
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench mixa")
     ap.add_argument("--groups", default="2x2")
     ap.add_argument("--routed", default="linear+attn,linear")
     ap.add_argument("--targets", default="1.2,1.35,1.5")
@@ -64,25 +67,22 @@ def main():
     ap.add_argument("--calib-ratio", type=float, default=0.6)
     ap.add_argument("--search-batch", type=int, default=16)
     ap.add_argument("--eval", type=int, default=None)
-    ap.add_argument("--base", default="w4a8", help="base recipe: a name in bench/results/recipes (e.g. "
-                    "w4a8+recon, from bench/mptq.py --configs w4a8+recon) or a recipe .json path")
+    ap.add_argument("--base", default="w4a8", help="base recipe: a preset name (cached in build/bench/recipes) "
+                    "or a recipe .json path")
     ap.add_argument("--uniform", default="w8a8,w6a6,w4a8,w4a4")
     ap.add_argument("--native", action=argparse.BooleanOptionalAction, default=True)
-    ap.add_argument("--uniform-from-mptq", action=argparse.BooleanOptionalAction, default=True,
-                    help="take the uniform rows (other than the W4A8 base) from bench/results/mptq.json when it "
-                         "holds them for the same eval set (same recipes and simulation)")
     ap.add_argument("--save-recipes", default=None, metavar="DIR", help="write each MixA-Q point's recipe here "
-                    "(e.g. for bench/heldout.py)")
-    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "mixa.json"))
+                    "(compile one with vitq compile MODEL --recipe FILE)")
+    ap.add_argument("--out", type=Path, default=RESULTS / "mixa.json")
     ap.add_argument("--append", action="store_true", help="keep the rows (and searches) already in --out and add "
                     "this run's (e.g. a later run with --groups '' --uniform '' --prune ...)")
     ap.add_argument("--replot", action="store_true", help="only redraw the PNG from --out's JSON")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.replot:
-        res = json.loads(Path(args.out).read_text())
-        plot(res, Path(args.out).with_suffix(".png"))
+        res = json.loads(Path(args.out).read_text())["results"]
+        plot(res, PLOT)
         print_table(res)
-        return
+        return 0
     torch.manual_seed(0)
     t0 = time.time()
     lm = load_model("deit_tiny_patch16_224", SHARED / "weights" / "deit_tiny_patch16_224.wvfunc_matdump.pth")
@@ -99,9 +99,10 @@ def main():
     ref = predict(lm.model, xd)
     fp32_top1 = float((ref.argmax(-1) == yd).float().mean() * 100)
     res = {"model": "deit_tiny_patch16_224", "eval": len(xd), "calib": len(xc), "search_batch": len(xs),
-           "fp32_top1": fp32_top1, "torch_threads": torch.get_num_threads(), "args": vars(args), "rows": []}
+           "fp32_top1": fp32_top1, "torch_threads": torch.get_num_threads(),
+           "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "rows": []}
     if args.append and Path(args.out).is_file():
-        old = json.loads(Path(args.out).read_text())
+        old = json.loads(Path(args.out).read_text())["results"]
         if old.get("eval") != len(xd):
             raise SystemExit(f"--append: {args.out} was measured on {old.get('eval')} images, not {len(xd)}")
         res["rows"] = old["rows"]
@@ -117,7 +118,7 @@ def main():
         xcal, _ = load_array(calib_all.subset(256, seed=0), cfg)
         r = calibrate(lm.model, lm.family, xcal, parse_recipe_arg(name), model_name=lm.name,
                       provenance={"calib_count": 256}, progress=True)
-        if not name.endswith(".json") and "+" not in name:  # what bench/mptq.py would have saved
+        if not name.endswith(".json") and "+" not in name:  # a preset: cache it
             RECIPES.mkdir(parents=True, exist_ok=True)
             r.recipe.save(p)
         return r.recipe, r.model, r.sim, "calibrated here (256 images)"
@@ -140,28 +141,11 @@ def main():
         res["rows"].append(row)
         print(f"{kind:8s} {label:34s} top1 {top1:6.2f} (base {base_top1 - top1:+5.2f}) agree {agree:6.2f} "
               f"Gbitops {gbitops:7.2f} red {row['reduction_vs_w4a8']:.3f}x  [{time.time() - t0:.0f}s]", flush=True)
-        Path(args.out).write_text(json.dumps(res, indent=1))
-        plot(res, Path(args.out).with_suffix(".png"))
+        _save(res, args.out, argv)
+        plot(res, PLOT)
         return row
 
-    prev = {}
-    mp = REPO / "bench" / "results" / "mptq.json"
-    if args.uniform_from_mptq and mp.is_file():  # same recipes, same simulation, same eval set: reuse
-        d = json.loads(mp.read_text())
-        if d.get("eval") == len(xd):
-            prev = {r["config"]: r for r in d["rows"]}
     for name in [u for u in args.uniform.split(",") if u]:
-        if name != args.base and name in prev and (RECIPES / f"{name}.json").is_file():
-            r = prev[name]
-            tot = bitops_report(Recipe.load(RECIPES / f"{name}.json"))["total"]
-            row = {"kind": "uniform", "config": name, "top1": r["top1"], "drop_vs_fp32": fp32_top1 - r["top1"],
-                   "drop_vs_base": base_top1 - r["top1"], "agreement": r["agreement"],
-                   "agreement_vs_base_pts": r["agreement"] - base_agree, "gbitops": tot / 1e9,
-                   "reduction_vs_w4a8": base_total / tot, "source": "bench/results/mptq.json"}
-            res["rows"].append(row)
-            print(f"uniform  {name:34s} top1 {r['top1']:6.2f} (from mptq.json) Gbitops {tot / 1e9:7.2f}",
-                  flush=True)
-            continue
         if name == args.base:
             out, tot = base_out, base_total
         elif (RECIPES / f"{name}.json").is_file():
@@ -213,7 +197,7 @@ def main():
                     attach(base_rec, s2).save(d / f"mixa_{grp}_{tag.replace('+', '_').replace(' ', '_')}_{tg}x.json")
             res.setdefault("searches", []).append({"group": grp, "routed": list(routed), "low_quant": lq, **{
                 k: v for k, v in info.items() if k != "sensitivity"}})
-            Path(args.out).write_text(json.dumps(res, indent=1))
+            _save(res, args.out, argv)
 
     # SparseViT-style pruning: base precision, a uniform fraction of 2x2 groups skipped in every block
     prunes = [float(p) for p in args.prune.split(",") if p]
@@ -238,8 +222,9 @@ def main():
             add("native", f"high fp32 / low w8a8, r={r}", predict(msim, xd), bo["total"] / 1e9, ratio=r,
                 reduction_vs_fp32=fp_total / bo["total"])
     res["total_s"] = round(time.time() - t0, 1)
-    Path(args.out).write_text(json.dumps(res, indent=1))
+    _save(res, args.out, argv)
     print_table(res)
+    return 0
 
 
 def print_table(res):
@@ -299,6 +284,3 @@ def plot(res, path: Path):
     fig.savefig(path)
     plt.close(fig)
 
-
-if __name__ == "__main__":
-    main()

@@ -1,20 +1,11 @@
-"""CPU-side parts of bench/plugins_gpu.py (the GPU parts cannot run here)."""
+"""CPU-side parts of the GPU benchmark ``python -m bench gpu`` (the GPU parts need a GPU)."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 
+import bench.gpu as bench
 from vitq.plugins.specs import quant_linear_a4_ref
-
-_spec = importlib.util.spec_from_file_location("plugins_gpu", Path(__file__).resolve().parents[1] / "bench" /
-                                               "plugins_gpu.py")
-bench = importlib.util.module_from_spec(_spec)
-sys.modules["plugins_gpu"] = bench  # dataclasses look their module up while the file executes
-_spec.loader.exec_module(bench)
 
 
 def test_shapes_meet_kernel_preconditions():

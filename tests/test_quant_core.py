@@ -338,7 +338,7 @@ def test_embed_bits_pins_the_patch_embedding(vit, x32):
 
 
 def test_sim_astype_float64_is_the_same_function(vit, x32, vit_w8a8):
-    """The float64 evaluation of a recipe (bench/qdq_agreement.py's exact reference) differs from the float32 one
+    """The float64 evaluation of a recipe (the exact reference of a recipe's function) differs from the float32 one
     only by rounding: same logits to float32-rounding level (a few grid flips at most), float64 output."""
     import copy
 

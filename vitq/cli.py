@@ -4,6 +4,7 @@
     vitq eval DIR|MODEL.onnx|MODEL.engine --images DIR [--reference DIR|MODEL.onnx] [--backend auto|ort|trt]
     vitq bench DIR|MODEL.onnx|MODEL.engine [--batch N ...] [--threads N] [--backend auto|ort|trt]
     vitq info DIR|MODEL.onnx
+    vitq compare DIR [--images DIR] [--batch 1 8] [--threads N]
     vitq bundle verify DIR
     vitq check RESULT.json --baseline BASELINE.json [--latency-tol 0.1] [--accuracy-tol 0.5]
     vitq report DIR [--eval EVAL.json ...] [--bench BENCH.json ...] [--points POINTS.json ...] [--out FILE.html]
@@ -120,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bundle_parsers(sub)
     _add_ops_parsers(sub)
     _add_report_parser(sub)
+    _add_compare_parser(sub)
     return ap
 
 
@@ -270,7 +272,7 @@ def _add_report_parser(sub) -> None:
                    help="vitq bench --json result to include (repeatable)")
     r.add_argument("--points", type=Path, action="append", default=[], metavar="POINTS.json",
                    help="accuracy/bit-ops points for the Pareto plot: [{label, top1, bitops_ratio|avg_bits, "
-                        "kind}] or a benchmark JSON with rows (bench/mptq.py) (repeatable)")
+                        "kind}] or a benchmark JSON with rows (repeatable)")
     r.add_argument("--out", type=Path, help="output HTML (default DIR/report.html); PNGs go beside it")
     r.set_defaults(func=cmd_report)
 
@@ -284,6 +286,41 @@ def cmd_report(args) -> int:
     for key, why in built.skipped_plots.items():
         print(f"no {key} plot: {why}")
     print(f"wrote {written['html']} (" + ", ".join(p.name for k, p in written.items() if k != "html") + ")")
+    return 0
+
+
+def _add_compare_parser(sub) -> None:
+    m = sub.add_parser("compare", help="the quantized model side by side with its fp32 export (accuracy, "
+                                       "interleaved latency, size)",
+                       description="Evaluate DIR/model.onnx and DIR/model.fp32.onnx on the same images (top-1, "
+                                   "agreement with fp32, KL) and time both in interleaved rounds (the ratio is the "
+                                   "median over rounds), then print one table. Without --images: latency and size.")
+    m.add_argument("dir", type=Path, help="artifact directory written by vitq compile")
+    m.add_argument("--images", type=Path, help="labeled image folder to evaluate both models on")
+    m.add_argument("--count", type=_positive_int, help="evaluate a seeded subset of this many images")
+    m.add_argument("--batch", type=_positive_int, nargs="+", default=[1, 8], help="batch sizes (default 1 8)")
+    m.add_argument("--threads", type=_positive_int, help="ONNX Runtime intra-op threads")
+    m.add_argument("--rounds", type=_positive_int, default=7, help="interleaved rounds per batch (default 7)")
+    m.add_argument("--per-round", type=_positive_int, default=3, help="runs per model per round (default 3)")
+    m.add_argument("--for-report", action="store_true", help="also write DIR/eval.json and DIR/bench.json "
+                   "(vitq eval / vitq bench formats), which vitq report DIR picks up")
+    _add_output_args(m)
+    m.set_defaults(func=cmd_compare)
+
+
+def cmd_compare(args) -> int:
+    from .artifacts import write_json_atomic
+    from .compare import compare_artifact, format_compare
+    from .data import open_image_set
+
+    images = open_image_set(args.images).subset(args.count) if args.images else None
+    result = compare_artifact(args.dir, images=images, batches=tuple(args.batch), threads=args.threads,
+                              rounds=args.rounds, per_round=args.per_round)
+    if args.for_report:
+        if "eval" in result:
+            write_json_atomic(args.dir / "eval.json", result["eval"])
+        write_json_atomic(args.dir / "bench.json", result["bench"])
+    _emit(result, args, format_compare(result))
     return 0
 
 

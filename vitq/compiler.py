@@ -218,7 +218,7 @@ def _export(job: _Job, stage: Path, verify_desc: str) -> None:
 #: cascade. The compile check therefore asks that the deployed graph stays well inside the quantization error
 #: itself: relative logit error vs the simulation <= max(SIM_REL_FRACTION x (simulation vs float model),
 #: SIM_REL_FLOOR). This catches gross mismatches (a wrong scale, a missing or misplaced quantizer); top-1 agreement
-#: on a real evaluation set is the stronger check (bench/ and the issue notes). Measured: DeiT-Tiny real weights
+#: on a real evaluation set is the stronger check (``python -m bench accuracy``). Measured: DeiT-Tiny real weights
 #: w8a8, 4.9e-2 vs a quantization error of 1.4e-1; random weights on random pixels, 6.1e-2 vs 2.7e-2.
 SIM_REL_FRACTION = 0.5
 #: ... and no tighter than the simulation agrees with itself: the float32 simulation vs its float64 evaluation (the

@@ -14,7 +14,7 @@ Inputs:
     ``{"label": str, "top1": float, "kind": "uniform"|"mp"|"mixa"|"prune"|..., and one of
     "bitops_ratio" (bit-operations relative to uniform W8A8), "bitops_ratio_vs_w8a8" (the same),
     "bitops_ratio_vs_fp32", "avg_bits" (uniform-equivalent bit-width: ratio vs W8A8 = avg_bits^2 / 64)}``;
-  - a benchmark JSON with ``"rows"`` (``bench/mptq.py``: ``config``/``top1``/``avg_bits``/``bitops_ratio_vs_w8a8``;
+  - a benchmark JSON with ``"rows"`` (``config``/``top1``/``avg_bits``/``bitops_ratio_vs_w8a8``;
     the kind is ``uniform`` for ``wXaY``, ``mp`` for ``mp:...`` and ``ablation`` for anything else) or with
     ``"points"`` (read as above). A top-level ``fp32_top1`` becomes the fp32 reference line.
 

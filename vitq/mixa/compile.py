@@ -49,7 +49,7 @@ def low_branch_defaults(config: MixaConfig, low_bits: int, rec, sim) -> tuple[st
 
     At 4 low bits the low branch is dynamic (the paper's static per-tensor scales lose 1.2 top-1 and 3 agreement
     points at 1.35x on DeiT-Tiny; dynamic, grouped by 32, with the log-sqrt(2) post-softmax grid: 0.2 and 0.15,
-    README), grouped by the target's default group (``config.default_low_group``, :meth:`MixaConfig.resolve`)
+    docs/mixa.md), grouped by the target's default group (``config.default_low_group``, :meth:`MixaConfig.resolve`)
     where every quantized Linear's input allows it, else per token, with the log-sqrt(2) softmax grid. At 8 low
     bits (e.g. the ORT-native fp32/8 pair) static int8, which ONNX Runtime runs natively.
     ``--mixa-low-group`` / ``--mixa-low-softmax`` imply the dynamic branch."""

@@ -267,7 +267,7 @@ QUANT_LINEAR_A4 = OpSpec(
     inputs=(
         TensorSpec("X", "float32", "[..., K]"),
         TensorSpec("W_q", "int8", "[N, K]", doc="one int8 per weight (int4 values in [-8,7] when weight_bits=4), "
-                                              "row n = output channel; the CUDA side packs it (see NOTES.md)"),
+                                              "row n = output channel; the CUDA side packs it (see docs/plugins.md)"),
         TensorSpec("w_scale", "float32", "[N]", doc="per-output-channel symmetric weight scale"),
         TensorSpec("bias", "float32", "[N]", optional=True),
     ),

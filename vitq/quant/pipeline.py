@@ -35,11 +35,10 @@ LayerNorm, softmax, GELU stay float (only matmul inputs are quantized, as the sc
 activations at up to this many bits. Its split runs fc2 as two GEMMs, one per region (a third more Linear MACs
 per block on ORT CPU / TensorRT); at 8 bits the shifted single grid is as good: measured on DeiT-Tiny w8a8
 without OPT-m 81.85 top-1 / agreement 98.77% / KL 0.0056 vs 82.00 / 98.62% / 0.0045 with it, while the split
-fc2 costs ~15% of the w7a8 ORT CPU latency at batch 8 (``bench/quant_latency.py``). ``shift_max_bits``: activations at up to this many bits may take a shifted
+fc2 costs ~15% of the w7a8 ORT CPU latency at batch 8. ``shift_max_bits``: activations at up to this many bits may take a shifted
 grid, schema ``shift``; 0 disables. Measured on DeiT-Tiny w8a8: KL 0.0099 -> 0.0045, agreement 98.00 -> 98.62%.
 ``vsmooth``: SmoothQuant between v and proj (:func:`.sqb.search_v_smoothing`); off by default: measured on
-DeiT-Tiny it moved the logit KL by -9% (w6a6), -3% (w4a8), +1.4% (w4a4), +9% (w8a8), i.e. no consistent gain;
-``bench/mptq.py`` keeps it as ablation rows)
+DeiT-Tiny it moved the logit KL by -9% (w6a6), -3% (w4a8), +1.4% (w4a4), +9% (w8a8), i.e. no consistent gain)
 (``gptq_target="float"`` fits the float layer output first; measured worse on DeiT-T, experimental); with
 ``mp=False`` an ``mp:<b>`` request becomes the uniform recipe with w = 4 and the smallest a in {8, 6, 4} whose average bit-width is <= b (the naive
 baseline Greedy MP is compared against).

@@ -9,7 +9,7 @@
 //        S8 path (sm_80+, and sm_90, which has no s4 mma.sync): mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 on
 //        the int4 values widened to int8, or on int8 weights (W8A4), or on the dynamic mode's [-15, 15] codes.
 //   Integer accumulation is exact in any order, and the epilogue is ((float(acc) * s) * w_scale) + bias without
-//   FMA contraction, so float32 output is bit-exact to the reference (bench/plugins_gpu.py, H100, session 11).
+//   FMA contraction, so float32 output is bit-exact to the reference (checked by python -m bench gpu).
 //   Grouped dynamic mode (act_group = G in {32, 64, 128, 256}): one scale / zero point per G consecutive features
 //        of a row; the GEMM keeps one int32 sum per mma k-step (32 k), folds it into a float32 accumulator at every
 //        group boundary (t = t + float(acc_g) * s_mg, groups in order, no FMA) and the epilogue is (t * w_scale) + bias.
@@ -17,8 +17,8 @@
 //   dynamic, ng = K / G groups per row, 1 without groups)
 //   S8: Kb = Kp = roundup(K, 64), int8 operands;  S4: Kp = roundup(K, 128), Kb = Kp / 2, packed int4 operands.
 //   The padding (k >= K) is zero in both operands, so it adds nothing to the integer sums.
-// Session 10's single kernel quantized X inside the GEMM (once per 64 output channels) without pipelining; it was
-// bit-exact too but 3.6-10.6x slower on an H100 at DeiT-T / Swin-T shapes (vitq/plugins/NOTES.md) and was removed.
+// X is quantized once per row before the GEMM, not inside it: quantizing each X tile once per 64 output channels
+// without pipelining is bit-exact too, but several times slower at DeiT-T / Swin-T shapes (docs/plugins.md).
 #include "vitq_kernels.h"
 
 #include <cuda_fp16.h>
@@ -374,7 +374,7 @@ qgemm_kernel(const uint8_t* __restrict__ aq, const uint8_t* __restrict__ wq, con
     cp_async_wait<0>();
 
     // Epilogue. The per-column scale / bias and per-row scale are loaded once into registers (loading them inside
-    // the store loop made every store wait on a global load: ncu, session 11).
+    // the store loop made every store wait on a global load, as ncu shows).
     float wsc[4][2], bsv[4][2], rsv[2][2];
 #pragma unroll
     for (int j = 0; j < 4; ++j)

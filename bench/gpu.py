@@ -1,6 +1,6 @@
 """GPU check + benchmark of the vitq plugin kernels (needs an sm_80+ GPU, nvcc and torch with CUDA).
 
-    python bench/plugins_gpu.py [--out bench/results/plugins_gpu.json] [--iters 50]
+    python -m bench gpu [--out bench/results/gpu.json] [--iters 50] [--quick] [--force-s4]
 
 1. compiles vitq/plugins/kernels/*.cu into a shared library with nvcc (for the local GPU's arch) and loads it with
    ctypes;
@@ -11,28 +11,25 @@
 3. times them with CUDA events (median of --iters) next to torch fp16 matmul and torch._int_mm (int8) at the same
    shapes, and writes JSON + a markdown table.
 
-Run on an H100 in session 11 (vitq/plugins/NOTES.md): all checks pass. Timings are device times from CUDA-graph
-replays (host launch cost excluded), with inputs resident in L2. The CPU-side parts (shape lists, reference
-comparisons) are unit-tested in tests/test_plugins_bench.py.
+Timings are device times from CUDA-graph replays (host launch cost excluded), with inputs resident in L2. The
+CPU-side parts (shape lists, reference comparisons) are unit-tested in tests/test_plugins_bench.py; docs/plugins.md
+describes the kernels.
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
-import json
 import statistics
 import subprocess
-import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from vitq.plugins.specs import dynamic_row_params_ref, quant_linear_a4_ref  # noqa: E402
+from bench.common import REPO, write_result
+from vitq.plugins.specs import dynamic_row_params_ref, quant_linear_a4_ref
 
 KERNELS = REPO / "vitq" / "plugins" / "kernels"
 W_INT4_PACKED, W_INT8 = 0, 1
@@ -176,7 +173,7 @@ def run_gpu(iters: int, batch: int, seed: int, quick: bool = False, force_s4: bo
     dev = torch.device("cuda")
     rng = np.random.default_rng(seed)
     # the S4 path is dispatched on sm_80..sm_89 only. On sm_90+ ptxas lowers the s4 mma to an s8 IMMA sequence
-    # (cuobjdump, session 11), so --force-s4 runs it there to check its function (packing, fragments), not its speed
+    # (cuobjdump shows it), so --force-s4 runs it there to check its function (packing, fragments), not its speed
     paths = [PATH_S8] + ([PATH_S4] if 80 <= cc < 90 or force_s4 else [])
     results = {"device": torch.cuda.get_device_name(), "sm": cc, "s4_emulated": PATH_S4 in paths and cc >= 90,
                "auto_path_int4": lib.vitq_resolve_path(0, W_INT4_PACKED, 0),
@@ -325,9 +322,9 @@ def speed_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "plugins_gpu.json")
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench gpu", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, help="result file (default bench/results/gpu.json)")
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
@@ -336,9 +333,8 @@ def main(argv=None) -> int:
                     help="also run the S4 (int4 mma) path on sm_90+, where it is emulated: a function check only")
     args = ap.parse_args(argv)
     results = run_gpu(args.iters, args.batch, args.seed, args.quick, args.force_s4)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1))
-    args.out.with_suffix(".md").write_text(table(results) + "\n\n" + speed_table(results) + "\n")
+    out = write_result("gpu", results, data="random inputs at DeiT-Tiny / Swin-T layer shapes (batch "
+                       f"{args.batch}) and random shapes", argv=argv, out=args.out)
     print(table(results))
     print()
     print(speed_table(results))
@@ -348,9 +344,6 @@ def main(argv=None) -> int:
                                            "weight_bits", "path",
                                            "out", "rc", "nan", "max_abs_diff", "row_params_exact", "problems")
                        if k in r})
-    print(f"\n{len(bad)} failing checks; wrote {args.out}")
+    print(f"\n{len(bad)} failing checks; wrote {out}")
     return 1 if bad else 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,10 +1,9 @@
-#!/usr/bin/env python
-"""Wall time and peak memory of a full ``vitq compile`` (issue #3: DeiT-Tiny ``mp:5`` <= 5 minutes on this machine,
-peak memory reported): each recipe compiles in its own process (calibration on ``--calib-count`` sample images,
+"""Compile cost: wall time, CPU time and peak memory of a full ``vitq compile`` (budget: DeiT-Tiny ``mp:5`` within
+5 minutes on 2 cores). Each recipe compiles in its own process (calibration on ``--calib-count`` sample images,
 export, graph passes, verification), measured from outside with ``resource.getrusage(RUSAGE_CHILDREN)`` (peak RSS
 of the compile process) and wall clock.
 
-    .venv/bin/python bench/compile_cost.py [--recipes mp:5,w8a8] [--calib-count 256] [--target ort]
+    python -m bench compile [--recipes mp:5,w8a8] [--calib-count 256] [--target ort]
 """
 
 from __future__ import annotations
@@ -12,21 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from bench.common import DEIT_WEIGHTS as DEIT_W, SAMPLE1000 as CALIB, write_result
+from vitq.table import format_table
 
-from vitq.table import format_table  # noqa: E402
-
-SHARED = Path(os.environ.get("VITQ_SHARED_DATA", REPO.parent / "shared" / "data"))
-DEIT_W = SHARED / "weights" / "deit_tiny_patch16_224.wvfunc_matdump.pth"
-CALIB = SHARED / "imagenet-sample-eli1000"
 LIMIT_S = {"mp:5": 300.0}
 
 
@@ -54,17 +46,18 @@ def one(recipe: str, args, out: Path) -> dict:
     return res
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench compile", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="deit_tiny_patch16_224")
     ap.add_argument("--recipes", default="mp:5")
     ap.add_argument("--calib-count", type=int, default=256)
     ap.add_argument("--target", default="ort")
-    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "compile_cost.json")
-    args = ap.parse_args()
+    ap.add_argument("--out", type=Path, help="result file (default bench/results/compile.json)")
+    args = ap.parse_args(argv)
     if not CALIB.is_dir():
-        print(f"note: {CALIB} not found: calibrating on random images is not supported; skipping", file=sys.stderr)
-        return 0
+        print(f"bench compile: needs the shared data ({CALIB}); set VITQ_SHARED_DATA", file=sys.stderr)
+        return 2
     rows, results = [], []
     with tempfile.TemporaryDirectory(prefix="vitq-cost-") as tmp:
         for rec in args.recipes.split(","):
@@ -78,11 +71,9 @@ def main() -> int:
             print(rows[-1], flush=True)
     print(format_table(rows, ["model", "recipe", "calib images", "wall s", "cpu s", "peak RSS MiB", "target"],
                        title=f"vitq compile --target {args.target}, full pipeline, one process per recipe"))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"schema": "vitq.bench-compile/1", "results": results}, indent=2))
-    print(f"wrote {args.out}")
+    path = write_result("compile", {"model": args.model, "target": args.target, "calib_count": args.calib_count,
+                                    "rows": results},
+                        data=f"{args.model}" + (", real weights" if DEIT_W.is_file() else ", random weights")
+                             + f"; calibration: {args.calib_count} images of {CALIB.name}", argv=argv, out=args.out)
+    print(f"wrote {path}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,168 @@
+"""Regenerate ``docs/results.md`` from the committed result files ``bench/results/*.json``.
+
+    python -m bench report [--check]
+
+The page is a pure function of those files (no clock, no machine state), so regenerating it on any machine gives
+the committed page byte for byte (``tests/test_bench_report.py`` checks it); ``--check`` exits 1 when the page is
+stale. Known benchmarks get a dedicated table; any other result file renders generically: a table of its
+``results`` rows (a list of dicts, or a dict with ``rows``), with its command, data, machine and versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from bench.common import REPO, RESULTS, flags_str
+
+DOC = REPO / "docs" / "results.md"
+ORDER = ("accuracy", "latency", "compile", "mixa", "cpu_forms", "serve", "gpu")
+TITLES = {"accuracy": "Accuracy of the deployed recipes", "latency": "Latency on ONNX Runtime (CPU)",
+          "compile": "Compile cost", "mixa": "MixA-Q (simulation)", "cpu_forms": "CPU int8 forms",
+          "serve": "Serving under load", "gpu": "Plugin kernels on a GPU"}
+
+
+def _f(v: Any, digits: int = 2) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}" if abs(v) >= 1e-3 or v == 0 else f"{v:.2e}"
+    return str(v).replace("|", "\\|")
+
+
+def _table(headers: list[str], rows: list[list[Any]]) -> list[str]:
+    out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    out += ["| " + " | ".join(_f(c) if not isinstance(c, str) else c for c in r) + " |" for r in rows]
+    return out
+
+
+def _header(name: str, d: dict) -> list[str]:
+    v = d.get("versions") or {}
+    return [f"## {TITLES.get(name, name)}", "",
+            f"`{d.get('command', 'python -m bench ' + name)}` (`bench/results/{name}.json`, {d.get('date', '?')})", "",
+            f"- data: {d.get('data', '-')}",
+            f"- machine: {flags_str(d['machine']) if d.get('machine') else '-'}",
+            "- versions: " + (", ".join(f"{k} {v[k]}" for k in sorted(v)) or "-"), ""]
+
+
+def _rows(results: Any) -> list[dict]:
+    if isinstance(results, dict):
+        results = results.get("rows", results.get("results", []))
+    return [r for r in results if isinstance(r, dict)] if isinstance(results, list) else []
+
+
+def render_accuracy(d: dict) -> list[str]:
+    r = d["results"]
+    fp = r.get("fp32", {})
+    sets = [s for s in ("dev650", "heldout", "all") if s in fp]
+    n = r.get("n") or {s: next((x["n"] for x in r["rows"] if x["set"] == s), None) for s in sets}
+    out = [f"fp32 top-1: " + ", ".join(f"{s} ({n[s]} images) {_f(fp.get(s))}" for s in sets) + ".", "",
+           "Top-1 difference to fp32 with its paired 95% bootstrap interval; *noise*: the interval holds 0.", ""]
+    rows = []
+    for x in r["rows"]:
+        lo, hi = x["delta_top1_ci95"]
+        rows.append([x["recipe"], x["set"], x["n"], x["top1"], f"{x['delta_top1']:+.2f} [{lo:+.2f}, {hi:+.2f}]"
+                     + (" *noise*" if x["within_noise"] else ""), x["agreement"], _f(x["kl"], 4)])
+    if not rows:
+        return out[:1]
+    out += _table(["recipe", "images", "n", "top-1", "vs fp32 [95%]", "agreement with fp32 %", "KL(fp32 ‖ q)"],
+                  rows)
+    real = [x for x in r["rows"] if x.get("realizations")]
+    if real:
+        out += ["", f"Over {real[0]['realizations']['draws']} realizations (input x (1 + {r.get('noise')} N(0,1))), "
+                "mean ± std:", ""]
+        out += _table(["recipe", "images", "top-1", "vs fp32", "agreement %", "KL"],
+                      [[x["recipe"], x["set"]] + [f"{x['realizations'][k]['mean']:.2f} ± "
+                                                  f"{x['realizations'][k]['std']:.2f}"
+                                                  for k in ("top1", "delta_top1", "agreement")]
+                       + [f"{x['realizations']['kl']['mean']:.4f}"] for x in real])
+    return out
+
+
+def render_latency(d: dict) -> list[str]:
+    r = d["results"]
+    out = [f"{r['threads']} ONNX Runtime threads, {r['rounds']} interleaved rounds of {r['per_round']} runs per model; "
+           f"load average at start {r['loadavg_at_start'][0]} on {d['machine']['cores']} cores (the machine was "
+           "shared with other jobs: read the ratios, not the milliseconds).", ""]
+    out += _table(["recipe", "batch", "p50 ms", "p90 ms", "vs fp32 (spread over rounds)"],
+                  [[x["recipe"], x["batch"], _f(x["p50_ms"], 1), _f(x["p90_ms"], 1),
+                    f"{x['ratio']:.2f} ({x['ratio_min']:.2f}..{x['ratio_max']:.2f})"] for x in r["rows"]])
+    return out
+
+
+def render_compile(d: dict) -> list[str]:
+    return _table(["recipe", "wall s", "CPU s", "peak RSS MiB", "budget s"],
+                  [[x["recipe"], _f(x["wall_s"], 0), _f(x["cpu_s"], 0), _f(x["peak_rss_mib"], 0),
+                    _f(x.get("limit_s"), 0)] for x in _rows(d["results"])])
+
+
+def render_mixa(d: dict) -> list[str]:
+    r = d["results"]
+    out = [f"fp32 top-1 {_f(r.get('fp32_top1'))}; base W4A8 top-1 {_f(r.get('base_top1'))}, agreement "
+           f"{_f(r.get('base_agreement'))} ({r.get('eval')} images).", ""]
+    out += _table(["kind", "configuration", "top-1", "drop vs base", "agreement % (vs base)", "Gbit-ops",
+                   "reduction vs W4A8"],
+                  [[x["kind"], x["config"], x["top1"], f"{x['drop_vs_base']:+.2f}",
+                    f"{x['agreement']:.2f} ({x['agreement_vs_base_pts']:+.2f})", x["gbitops"],
+                    f"{x['reduction_vs_w4a8']:.2f}x"] for x in r["rows"]])
+    return out
+
+
+def render_gpu(d: dict) -> list[str]:
+    r = d["results"]
+    checks = [c for k in ("pack", "api", "linear", "window") for c in r.get(k, []) if isinstance(c, dict)]
+    ok = sum(1 for c in checks if c.get("ok"))
+    return [f"Device {r.get('device')} (sm_{r.get('sm')}): {ok} of {len(checks)} kernel checks pass against the "
+            "numpy references (QuantLinearA4 float32 output bit-exact)."]
+
+
+def render_generic(d: dict) -> list[str]:
+    rows = _rows(d.get("results"))
+    if not rows:
+        return ["(no rows)"]
+    cols: list[str] = []
+    for x in rows:
+        cols += [k for k, v in x.items() if k not in cols and (v is None or isinstance(v, (str, int, float, bool)))]
+    return _table(cols, [[x.get(c) for c in cols] for x in rows])
+
+
+RENDER: dict[str, Callable[[dict], list[str]]] = {
+    "accuracy": render_accuracy, "latency": render_latency, "compile": render_compile, "mixa": render_mixa,
+    "gpu": render_gpu}
+
+
+def render(results_dir: Path = RESULTS) -> str:
+    """The text of docs/results.md for the result files in ``results_dir``."""
+    files = {p.stem: p for p in sorted(results_dir.glob("*.json"))}
+    names = [n for n in ORDER if n in files] + sorted(n for n in files if n not in ORDER)
+    out = ["# Measured results", "",
+           "Generated by `python -m bench report` from `bench/results/*.json`; do not edit by hand. Each section",
+           "names the command that wrote its file, the data, the CPU (model, cores, int8-relevant ISA flags), the",
+           "package versions and the date. Latency ratios come from interleaved rounds in one process.", ""]
+    for n in names:
+        d = json.loads(files[n].read_text())
+        out += _header(n, d) + RENDER.get(n, render_generic)(d) + [""]
+    return "\n".join(out).rstrip("\n") + "\n"
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench report", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", action="store_true", help="exit 1 if docs/results.md differs from the regenerated page")
+    args = ap.parse_args(argv)
+    text = render()
+    if args.check:
+        same = DOC.is_file() and DOC.read_text() == text
+        print(f"{DOC}: " + ("up to date" if same else "stale: run python -m bench report"))
+        return 0 if same else 1
+    DOC.parent.mkdir(parents=True, exist_ok=True)
+    tmp = DOC.with_suffix(".md.tmp")
+    tmp.write_text(text)
+    tmp.replace(DOC)
+    print(f"wrote {DOC}")
+    return 0
