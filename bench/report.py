@@ -121,6 +121,32 @@ def render_gpu(d: dict) -> list[str]:
             "numpy references (QuantLinearA4 float32 output bit-exact)."]
 
 
+def render_serve(d: dict) -> list[str]:
+    r = d["results"]
+    rows = [[x["server"], x["concurrency"], x["ok"], x["errors"], x["lost"], x["latency_ms"]["p50"],
+             x["latency_ms"]["p99"], x["throughput_req_s"], x.get("mean_batch")] for x in r.get("levels", [])]
+    agree = r.get("top1_agree") or {}
+    return _table(["server", "concurrency", "ok", "errors", "lost", "p50 ms", "p99 ms", "req/s", "mean batch"], rows) + [
+        "", f"{r.get('model')} {r.get('recipe')}; top-1 identical from both servers on {agree.get('same')} of "
+            f"{agree.get('images')} images. {r.get('note', '')}"]
+
+
+def render_cpu_forms(d: dict) -> list[str]:
+    r, out = d["results"], []
+    for model, forms in (r.get("models") or {}).items():
+        rows = []
+        for form, v in forms.items():
+            if not isinstance(v, dict):
+                continue
+            lat = v.get("ratio_to_float") or {}
+            rows.append([form, v.get("fused_vs_unoptimized_rel_l2"), lat.get("ratio_median"),
+                         f"{_f(lat.get('ratio_min'))}..{_f(lat.get('ratio_max'))}"])
+        shape = f" (shape {forms['shape']})" if isinstance(forms.get("shape"), list) else ""
+        out += [f"{model}{shape}, CPU ISA class {r.get('cpu_isa')}:", ""]
+        out += _table(["form", "ORT fused vs unoptimized (rel. L2)", "latency / fp32 (median)", "range"], rows) + [""]
+    return out + [r.get("note", "")] if out else ["(no rows)"]
+
+
 def render_generic(d: dict) -> list[str]:
     rows = _rows(d.get("results"))
     if not rows:
@@ -133,7 +159,7 @@ def render_generic(d: dict) -> list[str]:
 
 RENDER: dict[str, Callable[[dict], list[str]]] = {
     "accuracy": render_accuracy, "latency": render_latency, "compile": render_compile, "mixa": render_mixa,
-    "gpu": render_gpu}
+    "gpu": render_gpu, "serve": render_serve, "cpu_forms": render_cpu_forms}
 
 
 def render(results_dir: Path = RESULTS) -> str:
