@@ -23,13 +23,13 @@ def test_main_check_reports_a_stale_page(tmp_path, monkeypatch, capsys):
 
 def test_unknown_benchmark_renders_generically(tmp_path):
     machine = {"model": "Some CPU", "cores": 4, "machine": "x86_64", "flags": ["avx2", "avx512_vnni"]}
-    (tmp_path / "serve.json").write_text(json.dumps({
-        "benchmark": "serve", "command": "python -m bench serve --concurrency 1 4", "data": "dev650 JPEGs",
+    (tmp_path / "loadtest.json").write_text(json.dumps({  # a benchmark with no renderer of its own
+        "benchmark": "loadtest", "command": "python -m bench loadtest --concurrency 1 4", "data": "dev650 JPEGs",
         "machine": machine, "versions": {"vitq": "0.1.0"}, "date": "2026-01-01T00:00:00+00:00",
         "results": [{"server": "vitq", "concurrency": 1, "p50_ms": 80.04, "errors": 0, "extra": {"nested": 1}},
                     {"server": "triton", "concurrency": 4, "p50_ms": 122.0, "errors": 0, "ok": True}]}))
     text = report.render(tmp_path)
-    assert "## Serving under load" in text and "`python -m bench serve --concurrency 1 4`" in text
+    assert "## loadtest" in text and "`python -m bench loadtest --concurrency 1 4`" in text
     assert "Some CPU, 4 cores, avx2 avx512_vnni" in text
     assert "| server | concurrency | p50_ms | errors | ok |" in text
     assert "| vitq | 1 | 80.04 | 0 | - |" in text and "| triton | 4 | 122.00 | 0 | yes |" in text

@@ -227,11 +227,14 @@ def test_recipe_for_cpu_maps_presets_only():
     assert cpu.recipe_for_cpu("fp32", "arm64")[:2] == ("fp32", "s8s8")
 
 
-def test_compile_rejects_an_unknown_cpu_before_any_work(tmp_path):
-    from vitq.compiler import CompileOptions, compile_model
+def test_compile_rejects_an_unknown_cpu_before_any_work(tmp_path, capsys):
+    from vitq.cli import main
     from vitq.errors import InputError
+    from vitq.targets import OrtOptions
 
-    with pytest.raises(InputError, match="unknown --cpu 'avx9'"):
-        compile_model(CompileOptions(model="deit_tiny_patch16_224", out=tmp_path / "a", cpu="avx9"),
-                      echo=lambda s: None)
+    with pytest.raises(InputError, match="--cpu 'avx9'"):
+        OrtOptions(cpu="avx9")
+    with pytest.raises(SystemExit) as e:  # argparse: usage error, exit 2, before the model is loaded
+        main(["compile", "deit_tiny_patch16_224", "--cpu", "avx9", "--out", str(tmp_path / "a")])
+    assert e.value.code == 2 and "avx9" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()

@@ -26,7 +26,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "vitq"
 
-RUNTIME_THIRD_PARTY = {"numpy", "onnx", "ml_dtypes", "onnxruntime", "PIL", "tqdm", "tensorrt", "cuda"}
+# triton_python_backend_utils: provided by Triton's python backend to vitq.triton's model, inside the server
+RUNTIME_THIRD_PARTY = {"numpy", "onnx", "ml_dtypes", "onnxruntime", "PIL", "tqdm", "tensorrt", "cuda",
+                       "triton_python_backend_utils"}
 COMPILER_ONLY = ("vitq.passes", "vitq.recipe", "vitq.quant", "vitq.mixa", "vitq.exporter", "vitq.compiler",
                  "vitq.targets")
 RUNTIME_TOOLS = ("vitq.evaluate", "vitq.benchmark", "vitq.serve", "vitq.data", "vitq.trt.bundle", "vitq.triton",

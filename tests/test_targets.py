@@ -58,7 +58,8 @@ def _args(*argv):
 
 def test_target_option_groups():
     t = target_from_args(_args("--cpu", "AVX512"))
-    assert isinstance(t, OrtTarget) and t.options.cpu == "avx512" and t.to_dict() == {"name": "ort", "cpu": "avx512"}
+    assert isinstance(t, OrtTarget) and t.options.cpu == "avx512" and t.to_dict() == {"name": "ort", "cpu": "avx512", "isa": "avx512",
+                                                                             "isa_source": "given", "form": "u8u8"}
     assert target_from_args(_args()).options.cpu == "auto"
     t = target_from_args(_args("--target", "jetson", "--batch-range", "1:2:4", "--opt-level", "2"))
     assert isinstance(t, JetsonTarget) and str(t.options.batch_range) == "1:2:4" and t.options.opt_level == 2
