@@ -17,6 +17,7 @@ from onnx import helper as h
 from onnx import numpy_helper as nph
 
 from test_pass_insert_qdq import dq_of, gemm_inputs, inits, lin, recipe_for, tiny_block
+from test_pass_lower_ort_cpu import saturating_matmul
 from vitq.passes.infra import run_passes
 from vitq.passes.insert_qdq import InsertQDQ
 from vitq.passes.lower_ort_cpu import LowerOrtCpu
@@ -120,25 +121,9 @@ def test_emitted_structure_per_cpu(isa):
     assert I[w2.input[0]].data_type == T.INT8  # 7-bit weights are int8 in every form
 
 
-def _saturating_matmul(K=96, N=64):
-    """One Q/DQ MatMul whose u8*s8 pair sums exceed int16: activations at the top of the grid next to +127
-    weights."""
-    rng = np.random.default_rng(0)
-    W = rng.integers(-127, 128, (K, N)).astype(np.int8)
-    W[:2, :] = 127
-    init = [nph.from_array(W, "W"), nph.from_array((rng.random(N).astype(np.float32) + 0.5) * 0.01, "ws"),
-            nph.from_array(np.array(0.05, np.float32), "as"), nph.from_array(np.array(0, np.int8), "az"),
-            nph.from_array(np.zeros(N, np.int8), "wz")]
-    nodes = [h.make_node("QuantizeLinear", ["x", "as", "az"], ["xq"]),
-             h.make_node("DequantizeLinear", ["xq", "as", "az"], ["xd"]),
-             h.make_node("DequantizeLinear", ["W", "ws", "wz"], ["Wd"], axis=1),
-             h.make_node("MatMul", ["xd", "Wd"], ["y"])]
-    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, [None, 16, K])],
-                     [h.make_tensor_value_info("y", T.FLOAT, [None, 16, N])], init)
-    m = h.make_model(g, opset_imports=[h.make_opsetid("", 21)], ir_version=10)
-    x = (rng.standard_normal((2, 16, K)) * 3).astype(np.float32)
-    x[:, :, :2] = 6.0
-    return m, {"x": x}
+def _saturating_matmul():
+    """One Q/DQ MatMul whose u8*s8 pair sums exceed int16 with full-range 8-bit weights."""
+    return saturating_matmul(8)
 
 
 def _fused_and_plain(model: onnx.ModelProto, feeds, tmp_path=None):

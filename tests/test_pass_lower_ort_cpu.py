@@ -88,19 +88,10 @@ def test_requires_qdq_and_leaves_foreign_patterns():
     assert stats == {"activations_to_u8": 0, "left_as_is": 1, "matmul_weights_to_u8": 0, "matmul_weights_7bit_s8": 0}
 
 
-@pytest.mark.parametrize("wbits", [8, 7])
-def test_full_range_int8_weights_are_exact_under_ort_fusions(wbits):
-    """Regression: ORT's fused U8S8/S8S8 GEMM saturates int16 pair sums on AVX2 for full-range int8 weights; after
-    lowering, the optimized session must equal the unoptimized one. 7-bit weights (|w| <= 64) cannot saturate
-    (2 * 255 * 64 < 2^15): they stay int8 so ORT runs its faster U8S8 kernel, and must be exact too."""
-    import onnxruntime as ort
-
-    from vitq.passes.infra import PassManager, to_ir
-    from vitq.passes.lower_ort_cpu import LowerOrtCpu
-    import onnx_ir as ir
-
+def saturating_matmul(wbits: int = 8, K: int = 96, N: int = 64):
+    """One Q/DQ MatMul (int8 activations, per-channel ``wbits`` weights) whose u8*s8 pair sums exceed int16 at
+    full range: activations at the top of the grid next to +max weights. Returns ``(model, feeds)``."""
     rng = np.random.default_rng(0)
-    K, N = 96, 64
     top = (1 << (wbits - 1)) - 1
     W = rng.integers(-top, top + 1, (K, N)).astype(np.int8)
     W[0, :] = top
@@ -116,14 +107,30 @@ def test_full_range_int8_weights_are_exact_under_ort_fusions(wbits):
                      [h.make_tensor_value_info("y", T.FLOAT, [None, 16, N])], inits)
     m = h.make_model(g, opset_imports=[h.make_opsetid("", 21)])
     m.ir_version = 10
+    x = (rng.standard_normal((2, 16, K)) * 3).astype(np.float32)
+    x[:, :, :2] = 6.0
+    return m, {"x": x}
+
+
+@pytest.mark.parametrize("wbits", [8, 7])
+def test_full_range_int8_weights_are_exact_under_ort_fusions(wbits):
+    """Regression: ORT's fused U8S8/S8S8 GEMM saturates int16 pair sums on AVX2 for full-range int8 weights; after
+    lowering, the optimized session must equal the unoptimized one. 7-bit weights (|w| <= 64) cannot saturate
+    (2 * 255 * 64 < 2^15): they stay int8 so ORT runs its faster U8S8 kernel, and must be exact too."""
+    import onnxruntime as ort
+
+    from vitq.passes.infra import PassManager, to_ir
+    from vitq.passes.lower_ort_cpu import LowerOrtCpu
+    import onnx_ir as ir
+
+    m, feeds = saturating_matmul(wbits)
     model = to_ir(m)
     pm = LowerOrtCpu()
     PassManager([pm], properties={"qdq"}, validate=True).run(model)
     assert pm.stats["matmul_weights_to_u8"] == (1 if wbits == 8 else 0)
     assert pm.stats["matmul_weights_7bit_s8"] == (0 if wbits == 8 else 1)
     low = ir.serde.serialize_model(model).SerializeToString()
-    x = (rng.standard_normal((2, 16, K)) * 3).astype(np.float32)
-    x[:, :, :2] = 6.0  # activations at the top of the grid next to the +127 weights
+    x = feeds["x"]
     outs = []
     for lvl in (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
         so = ort.SessionOptions()
