@@ -14,7 +14,6 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto as T
 from onnx import helper as h
-from onnx import numpy_helper as nph
 
 from test_pass_insert_qdq import dq_of, gemm_inputs, inits, lin, recipe_for, tiny_block
 from test_pass_lower_ort_cpu import saturating_matmul
