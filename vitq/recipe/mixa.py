@@ -77,6 +77,17 @@ def stage_first(scheme: str, block: str) -> str:
     return "blocks.0" if scheme == "tokens" else block.rsplit(".", 1)[0] + ".0"
 
 
+def _unique_path(d: dict, key: str, where: str, seen: set) -> str:
+    """``d[key]``: a timm module path not already in ``seen`` (then added to it)."""
+    name = d.get(key)
+    if not isinstance(name, str) or not name:
+        raise _err(f"{where}.{key}: expected a timm module path, got {name!r}")
+    if name in seen:
+        raise _err(f"{where}.{key}: {name!r} appears twice")
+    seen.add(name)
+    return name
+
+
 def _err(msg: str) -> RecipeError:
     return RecipeError(msg)
 
@@ -250,12 +261,7 @@ class MixaSpec:
             w = f"{where}.blocks[{i}]"
             _require_obj(b, w)
             _only_keys(b, w, {"block", "stage", "grid", "shift", "groups", "ratio", "n_low", "n_prune"})
-            name = b.get("block")
-            if not isinstance(name, str) or not name:
-                raise _err(f"{w}.block: expected a timm module path, got {name!r}")
-            if name in seen:
-                raise _err(f"{w}.block: {name!r} appears twice")
-            seen.add(name)
+            name = _unique_path(b, "block", w, seen)
             ints = {}
             for k, lo in (("stage", 0), ("groups", 1), ("n_low", 0), ("n_prune", 0)):
                 v = b.get(k, 0 if k in ("stage", "n_prune") else None)
@@ -294,12 +300,7 @@ class MixaSpec:
             w = f"{where}.layers[{i}]"
             _require_obj(l, w)
             _only_keys(l, w, {"module", "high", "low"})
-            m = l.get("module")
-            if not isinstance(m, str) or not m:
-                raise _err(f"{w}.module: expected a timm module path, got {m!r}")
-            if m in mods:
-                raise _err(f"{w}.module: {m!r} appears twice")
-            mods.add(m)
+            m = _unique_path(l, "module", w, mods)
             if spec.block_of(m) is None:
                 raise _err(f"{w}.module: {m!r} is not inside any routed block ({', '.join(b.block for b in blocks)})")
             if known is not None and m not in known:
