@@ -121,15 +121,21 @@ def _match_act_int4(v: ir.Value) -> tuple[ir.Value, float, list] | None:
     s2 = _const(dq.inputs[1])
     if s2 is None or s2[0].size != 1 or np.float32(s2[0].reshape(())) != np.float32(s[0].reshape(())):
         return None
-    dzp_v = _input(dq, 2)
-    if dzp_v is not None:
-        dzp = _const(dzp_v)
-        if dzp is None or np.any(dzp[0] != 0):
-            return None
+    if not _zero_point_absent_or_zero(dq):
+        return None
     scale = float(np.float32(s[0].reshape(())))
     if not scale > 0:
         return None
     return q.inputs[0], scale, [q, dq]
+
+
+def _zero_point_absent_or_zero(node: ir.Node) -> bool:
+    """A Q/DQ node's optional zero point (input 2) is absent or a constant of zeros."""
+    v = _input(node, 2)
+    if v is None:
+        return True
+    zp = _const(v)
+    return zp is not None and not np.any(zp[0] != 0)
 
 
 def _match_weight(v: ir.Value, w_is_kn: bool) -> tuple[np.ndarray, int, np.ndarray, ir.Node] | None:
@@ -147,11 +153,8 @@ def _match_weight(v: ir.Value, w_is_kn: bool) -> tuple[np.ndarray, int, np.ndarr
     s = _const(dq.inputs[1])
     if s is None or s[1] != ir.DataType.FLOAT:
         return None
-    zp_v = _input(dq, 2)
-    if zp_v is not None:
-        zp = _const(zp_v)
-        if zp is None or np.any(zp[0] != 0):
-            return None
+    if not _zero_point_absent_or_zero(dq):
+        return None
     if s[0].size == 1:
         w_scale = np.full(n, s[0].reshape(()), np.float32)
     else:
