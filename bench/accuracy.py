@@ -45,6 +45,8 @@ def artifact(recipe: str, calib_count: int, build: Path, echo=print) -> Path:
     """The ``vitq compile`` artifact of ``recipe`` (real weights, calibration on the sample set), reused from
     ``build`` when its report.json says it was compiled the same way."""
     from vitq.compiler import CompileOptions, compile_model
+    from vitq.targets import get_target
+    from vitq.targets.ort import OrtOptions
 
     out = build / f"{MODEL}-{recipe}-c{calib_count}"
     rep = out / "report.json"
@@ -56,7 +58,9 @@ def artifact(recipe: str, calib_count: int, build: Path, echo=print) -> Path:
             return out
     echo(f"[accuracy] compiling {recipe} ({calib_count} calibration images) into {out}")
     compile_model(CompileOptions(model=MODEL, out=out, weights=DEIT_WEIGHTS, calib=SAMPLE1000,
-                                 calib_count=calib_count, recipe=recipe), echo=lambda s: None)
+                                 calib_count=calib_count, recipe=recipe,
+                                 target=get_target("ort", OrtOptions(keep_bits=True))),  # each recipe as named
+                  echo=lambda s: None)
     return out
 
 

@@ -79,13 +79,16 @@ def _arrays(sets, cfg, cache: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def _compile(model: str, out: Path, recipe: str, calib_count: int, cpu: str = "avx2") -> Path:
     from vitq.compiler import CompileOptions, compile_model
+    from vitq.targets import get_target
+    from vitq.targets.ort import OrtOptions
 
     if (out / "model.onnx").is_file():
         return out
     weights = DEIT_WEIGHTS if model.startswith("deit") and DEIT_WEIGHTS.is_file() else None
     print(f"[cpu_forms] compiling {model} {Path(recipe).name} --cpu {cpu} -> {out}", flush=True)
     compile_model(CompileOptions(model=model, out=out, weights=weights, calib=SAMPLE1000, calib_count=calib_count,
-                                 recipe=recipe, cpu=cpu), echo=lambda s: None)
+                                 recipe=recipe, target=get_target("ort", OrtOptions(cpu=cpu, keep_bits=True))),
+                  echo=lambda s: None)
     return out
 
 

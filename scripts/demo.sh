@@ -17,16 +17,10 @@ VITQ=.venv/bin/vitq
 MODEL=deit_tiny_patch16_224
 WEIGHTS=$DATA/weights/deit_tiny_patch16_224.wvfunc_matdump.pth
 
-# The recipe for this CPU (the one place the demo chooses it). ONNX Runtime runs full 8-bit weights fast and exactly
-# with VNNI or AMX int8 instructions; on x86 with AVX2 only, its fast int8 GEMM sums pairs of products in int16,
-# which 7-bit weights cannot saturate, so w7a8 is the fast exact form there (docs/targets.md).
-if [ -z "${RECIPE:-}" ]; then
-  if grep -qw avx2 /proc/cpuinfo 2>/dev/null && ! grep -qwE 'avx512_vnni|avx_vnni|amx_int8' /proc/cpuinfo; then
-    RECIPE=w7a8
-  else
-    RECIPE=w8a8
-  fi
-fi
+# w8a8 compiles as the best exact form for this CPU: full 8-bit weights with VNNI/AMX/arm64 int8 dot products,
+# 7-bit weights on AVX2-only x86, where ONNX Runtime's fast int8 GEMM sums pairs of products in int16
+# (docs/targets.md); the compile prints which and why.
+RECIPE=${RECIPE:-w8a8}
 
 start=$(date +%s)
 if [ -f "$WEIGHTS" ] && [ -d "$DATA/imagenet-sample-eli1000" ] && [ -d "$DATA/imagenet-val-dev650" ]; then

@@ -165,7 +165,8 @@ def test_help_everywhere(capsys):
 def quantized(compiled, tmp_path_factory):
     _, calib = compiled
     out = tmp_path_factory.mktemp("q") / "q"
-    assert main(["compile", MODEL, "--calib", str(calib), "--recipe", "w8a8", "--out", str(out), "-q"]) == 0
+    assert main(["compile", MODEL, "--calib", str(calib), "--recipe", "w8a8", "--keep-bits", "--out", str(out),
+                 "-q"]) == 0
     return out
 
 

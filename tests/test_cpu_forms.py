@@ -211,6 +211,37 @@ def test_recipe_for_cpu_maps_presets_only():
     assert cpu.recipe_for_cpu("fp32", "arm64")[:2] == ("fp32", "s8s8")
 
 
+@pytest.mark.parametrize("cpu_name,keep,recipe,expect", [
+    ("avx2", False, "w8a8", "w7a8"), ("avx512", False, "w8a8", "w7a8"), ("vnni", False, "w8a8", "w8a8"),
+    ("amx", False, "w8a8", "w8a8"), ("arm64", False, "w8a8", "w8a8"), ("avx2", True, "w8a8", "w8a8"),
+    ("avx2", False, "w4a8", "w4a8"), ("avx2", False, "mp:5", "mp:5"), ("avx2", False, "fp32", "fp32")])
+def test_a_preset_compiles_as_the_best_exact_form_of_the_cpu(cpu_name, keep, recipe, expect, tmp_path):
+    """``--recipe w8a8 --target ort`` is 7-bit weights where full 8-bit ones saturate the fast kernel; the compile
+    says so (echo and report) and ``--keep-bits`` keeps the name's bits."""
+    from vitq.compiler import CompileOptions, _validate
+    from vitq.targets import get_target
+    from vitq.targets.ort import OrtOptions
+
+    said = []
+    job = _validate(CompileOptions(model="deit_tiny_patch16_224", out=tmp_path / "o", calib=tmp_path,
+                                   recipe=recipe, target=get_target("ort", OrtOptions(cpu=cpu_name, keep_bits=keep))),
+                    said.append)
+    assert job.recipe.name == expect and job.requested == recipe
+    assert (job.recipe_reason is not None) == (expect != recipe)
+    if expect != recipe:
+        assert job.recipe.weight_bits == 7 and "saturates" in job.recipe_reason and any("w7a8" in s for s in said)
+    assert job.report["target_options"]["keep_bits"] is keep
+
+
+def test_trt_targets_keep_the_preset(tmp_path):
+    from vitq.compiler import CompileOptions, _validate
+
+    for t in ("trt", "jetson"):
+        job = _validate(CompileOptions(model="deit_tiny_patch16_224", out=tmp_path / "o", calib=tmp_path,
+                                       recipe="w8a8", target=t), lambda s: None)
+        assert job.recipe.name == "w8a8" and job.recipe_reason is None
+
+
 def test_compile_rejects_an_unknown_cpu_before_any_work(tmp_path, capsys):
     from vitq.cli import main
     from vitq.errors import InputError

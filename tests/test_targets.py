@@ -59,12 +59,16 @@ def _args(*argv):
 def test_target_option_groups():
     t = target_from_args(_args("--cpu", "AVX512"))
     assert isinstance(t, OrtTarget) and t.options.cpu == "avx512" and t.to_dict() == {"name": "ort", "cpu": "avx512", "isa": "avx512",
-                                                                             "isa_source": "given", "form": "u8u8"}
+                                                                             "isa_source": "given", "form": "u8u8",
+                                                                             "keep_bits": False}
+    assert target_from_args(_args("--keep-bits")).options.keep_bits is True
     assert target_from_args(_args()).options.cpu == "auto"
     t = target_from_args(_args("--target", "jetson", "--batch-range", "1:2:4", "--opt-level", "2"))
     assert isinstance(t, JetsonTarget) and str(t.options.batch_range) == "1:2:4" and t.options.opt_level == 2
     with pytest.raises(InputError, match=r"--cpu applies to --target ort, not --target trt"):
         target_from_args(_args("--target", "trt", "--cpu", "avx2"))
+    with pytest.raises(InputError, match=r"--keep-bits applies to --target ort, not --target jetson"):
+        target_from_args(_args("--target", "jetson", "--keep-bits"))
     with pytest.raises(InputError, match=r"--batch-range applies to --target trt\|jetson, not --target ort"):
         target_from_args(_args("--batch-range", "1:2:4"))
     for bad in (["--target", "tpu"], ["--cpu", "sse2"], ["--hw-compat", "hopper+"], ["--batch-range", "4:2:1"]):
@@ -134,4 +138,5 @@ def test_report_records_target_options(tmp_path):
     out = tmp_path / "o"
     assert main(["compile", MODEL, "--cpu", "avx2", "--out", str(out), "-q"]) == 0
     r = json.loads((out / "report.json").read_text())
-    assert r["target"] == "ort" and r["target_options"] == {"cpu": "avx2"}
+    assert r["target"] == "ort" and r["target_options"] == {"cpu": "avx2", "isa": "avx2", "isa_source": "given",
+                                                            "form": "u8u8", "keep_bits": False}

@@ -89,6 +89,8 @@ class _Job:
     cfg: PreprocessConfig | None = None
     calib: Any = None  # vitq.data image subset, or None
     x_verify: np.ndarray | None = None
+    requested: str = ""  # the --recipe name as given (``recipe`` is what the target compiles it as)
+    recipe_reason: str | None = None  # why the target changed it (None: compiled as asked)
 
 
 def _verification_inputs(opts: CompileOptions, cfg: PreprocessConfig) -> tuple[np.ndarray, str]:
@@ -160,7 +162,12 @@ def _validate(opts: CompileOptions, echo: Callable[[str], None]) -> _Job:
     report: dict[str, Any] = {"schema": SCHEMA_REPORT, "vitq_version": __version__,
                               "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                               "target": target.name, "target_options": target.options.to_dict()}
-    return _Job(opts, recipe, target, mixa, _Log(echo=echo), report, echo)
+    requested = recipe.name
+    recipe, reason = target.resolve_recipe(recipe)
+    if reason:
+        echo(f"[vitq] --recipe {requested} on --target {target.name}: compiling {recipe.name} ({reason})")
+    return _Job(opts, recipe, target, mixa, _Log(echo=echo), report, echo, requested=requested,
+                recipe_reason=reason)
 
 
 def _load(job: _Job) -> str:
@@ -182,6 +189,8 @@ def _load(job: _Job) -> str:
     report["weights"] = lm.weights
     report["preprocess"] = cfg.to_dict()
     report["recipe"] = {"name": job.recipe.name, "kind": job.recipe.kind, "file": None, "layers": []}
+    if job.recipe_reason:
+        report["recipe"].update(requested=job.requested, chosen_because=job.recipe_reason)
     report["calibration"] = None
     if job.calib is not None:
         report["calibration"] = {**job.calib.describe(), "seed": opts.seed, "requested": opts.calib_count,
@@ -330,6 +339,8 @@ def _recipe_report(job: _Job, rec, layer_stats: dict, passes: dict) -> None:
                              **({k: v for k, v in layer_stats.get(l.module, {}).items()
                                  if k in ("sqnr_db", "method")})}
                             for l in rec.layers]}
+    if job.recipe_reason:
+        report["recipe"].update(requested=job.requested, chosen_because=job.recipe_reason)
     if "__recon__" in layer_stats:
         report["recipe"]["reconstruction"] = layer_stats["__recon__"]
     report["bitops"] = bitops_report(rec)
@@ -359,7 +370,9 @@ def summarize_report(r: dict) -> str:
     w = r["weights"]
     wdesc = "RANDOM (no --weights)" if w["random_init"] else f"{w['source']} (sha256 {w['sha256'][:12]})"
     rows = [["model", f"{r['model']['name']} ({r['model']['class']}, {r['model']['num_params'] / 1e6:.2f}M params)"],
-            ["weights", wdesc], ["recipe", r["recipe"]["name"]], ["target", r["target"]]]
+            ["weights", wdesc], ["recipe", r["recipe"]["name"] + (f" (asked: {r['recipe']['requested']})"
+                                                             if r["recipe"].get("requested") else "")],
+            ["target", r["target"]]]
     ver = r.get("verification", {}).get("export")
     if ver:
         rows.append(["export check", f"max |logit diff| {ver['max_abs_diff']:.2e} (tol {ver['tolerance']:.0e}), "

@@ -72,6 +72,11 @@ class Target:
     def _act_group_reason(self, ok: tuple[int, ...]) -> str:
         return f"expected one of {', '.join(map(str, ok))}"
 
+    def resolve_recipe(self, request):
+        """A preset request as this target compiles it (a preset name means the best measured form for the
+        target): ``(request, reason)``; the reason is None when the request is kept as asked."""
+        return request, None
+
     # ---- graph passes ----
     def passes(self, recipe) -> list:
         """The pass list turning the float export into this target's deployable graph; a recipe with a MixA-Q

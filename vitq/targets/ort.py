@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 from ..errors import InputError
 from ..options import arg_type
-from ..runtime.cpu import CPU_CHOICES, form_for, full_range_u8s8_exact, resolve_isa, running_cpu
+from ..runtime.cpu import CPU_CHOICES, form_for, full_range_u8s8_exact, recipe_for_cpu, resolve_isa, running_cpu
 from .base import Target
 
 
@@ -23,8 +23,9 @@ class OrtOptions:
     """The ``ONNX Runtime (--target ort)`` option group. Validated on construction."""
 
     cpu: str = "auto"
+    keep_bits: bool = False  # compile a preset's weight bits as named even where the CPU's fast exact form needs fewer
 
-    FLAGS = ("--cpu",)
+    FLAGS = ("--cpu", "--keep-bits")
 
     def __post_init__(self):
         self.cpu = parse_cpu(self.cpu)
@@ -34,15 +35,18 @@ class OrtOptions:
         g = parser.add_argument_group("ONNX Runtime (--target ort)")
         g.add_argument("--cpu", type=arg_type(parse_cpu, "cpu"), metavar="{" + ",".join(CPU_CHOICES) + "}",
                        help="instruction set of the CPU the graph is lowered for (default auto)")
+        g.add_argument("--keep-bits", action="store_true", default=None,
+                       help="keep a preset's weight bits as named (by default w8a8 on a CPU without VNNI/AMX/arm64 "
+                            "int8 dot products compiles 7-bit weights: exact in ORT's fast U8S8 kernel)")
 
     @classmethod
     def from_args(cls, args: Any) -> "OrtOptions":
-        return cls(cpu=getattr(args, "cpu", None) or "auto")
+        return cls(cpu=getattr(args, "cpu", None) or "auto", keep_bits=bool(getattr(args, "keep_bits", None)))
 
     @staticmethod
     def given(args: Any) -> list[str]:
         """The flags of this group set on the command line."""
-        return ["--cpu"] if getattr(args, "cpu", None) is not None else []
+        return [f for f, a in (("--cpu", "cpu"), ("--keep-bits", "keep_bits")) if getattr(args, a, None) is not None]
 
     def isa(self) -> tuple[str, str]:
         """``(isa, how it was chosen)``: ``auto`` resolves to the compiling machine's instruction set."""
@@ -50,7 +54,7 @@ class OrtOptions:
 
     def to_dict(self) -> dict[str, Any]:
         isa, how = self.isa()
-        return {"cpu": self.cpu, "isa": isa, "isa_source": how, "form": form_for(isa)}
+        return {"cpu": self.cpu, "isa": isa, "isa_source": how, "form": form_for(isa), "keep_bits": self.keep_bits}
 
 
 class OrtTarget(Target):
@@ -58,6 +62,17 @@ class OrtTarget(Target):
     summary = "ONNX Runtime on CPU (Q/DQ ONNX lowered to its int8 kernels)"
     options_type = OrtOptions
     default_act_group = 32  # grouped dynamic activations are plain ONNX ops there
+
+    def resolve_recipe(self, request):
+        """``w8a8`` on a CPU whose fast U8S8 GEMM saturates with full 8-bit weights (avx2, avx512 without VNNI)
+        compiles as ``w7a8`` (:func:`vitq.runtime.cpu.recipe_for_cpu`: exact there, faster, and as accurate on
+        DeiT-Tiny: bench/results/accuracy.json); ``keep_bits`` keeps the name's bits."""
+        from ..recipe import parse_recipe_arg
+
+        if request.kind != "uniform" or self.options.keep_bits:
+            return request, None
+        name, _form, reason = recipe_for_cpu(request.name, self.options.isa()[0])
+        return (request, None) if name == request.name else (parse_recipe_arg(name), reason)
 
     def base_passes(self, recipe) -> list:
         """insert_qdq -> cleanup -> clip_sub8_activations -> lower_ort_cpu (int4 / 6-bit activations as float Clip +
