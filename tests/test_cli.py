@@ -181,6 +181,8 @@ def test_quantized_compile_w8a8_end_to_end(quantized):
     assert v["passed"] and v["rel_l2_error"] <= v["tolerance_rel_l2"]
     assert r["bitops"]["total"] == r["bitops"]["total_macs"] * 64  # every layer at 8x8 bits
     assert r["calibration"]["used"] and all(l["w_bits"] in (8, None) for l in r["recipe"]["layers"])
+    assert r["resources"]["peak_rss_mib"] > 100 and r["resources"]["cpu_s"] > 0  # what the compile cost
+    assert {"collect_s", "total_s"} <= set(r["calibration"]["timings_s"])
     m = onnx.load(out / "model.onnx")
     ops = {n.op_type for n in m.graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops

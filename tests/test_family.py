@@ -12,12 +12,15 @@ error below half the simulation's quantization error, ``vitq.compiler.SIM_REL_FR
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
 
 timm = pytest.importorskip("timm")
 
+from conftest import FLOAT_KERNEL_REL  # noqa: E402
 from vitq.errors import UnsupportedError  # noqa: E402
 from vitq.exporter.models import create_model, family_of  # noqa: E402
 from vitq.exporter.onnx_export import export_onnx, verify_against_torch  # noqa: E402
@@ -124,10 +127,6 @@ def exported(fam, tmp_path_factory):
 
 @pytest.mark.parametrize("recipe", ["w8a8", "w4a8"])
 def test_family_compiles_and_graph_matches_simulation(exported, fam, recipe, request):
-    if (fam, recipe) == ("swinv2_cr", "w4a8"):
-        request.node.add_marker(pytest.mark.xfail(
-            reason="known gap: the swinv2_cr w4a8 ORT graph differs from the simulation by ~2e-3 relative on half "
-                   "of the images (also without GPTQ; w8a8 and swin_transformer_v2 agree to 1e-7)", strict=False))
     m, x, d = exported
     hw = TINY[fam][1]["img_size"]
     res = calibrate(m, family_of(m), x, parse_recipe_arg(recipe), model_name=fam, provenance={}, progress=False,
@@ -139,16 +138,26 @@ def test_family_compiles_and_graph_matches_simulation(exported, fam, recipe, req
         flt = res.model(torch.from_numpy(x)).numpy()
     qerr = _rel(sim, flt)
     assert qerr > 1e-3  # the quantization is really there
+    # the recipe's own float32 sensitivity: the simulation in float64 against itself in float32 (a quantizer input
+    # within an ulp of a rounding boundary flips; in some architectures, e.g. swinv2_cr's cosine attention, one
+    # flip cascades to ~2e-3 at the logits on a third of the images, with no ONNX involved)
+    with torch.no_grad():
+        sim64 = copy.deepcopy(res.sim).astype(torch.float64)(torch.from_numpy(x).double()).numpy()
+    fp_sens = np.abs(sim64 - sim).max(1) / np.abs(sim64).max(1)
+    sensitive = (fp_sens > FLOAT_KERNEL_REL).mean()
     n_attn = sum(1 for l in res.recipe.layers if l.kind == "attn")
     assert n_attn == sum(1 for b in m.modules() if type(b).__name__.endswith("Block") and hasattr(b, "attn"))
     for target in ("ort", "trt"):
         proto, rep = build_deployable(path, res.recipe, target, sample_inputs=x[:2])
         got = ort_run(proto, {"input": x})[0]
         assert got.shape == sim.shape
-        # most images: the same function up to float summation order; the others: a rounding flip at one
-        # quantizer, propagated (measured on swinv2_cr: 1 of 8 images), inside the compiler's own bound
+        # the same function up to float summation order: no image further from the simulation than float32 moves
+        # the simulation itself, and (where that sensitivity is rare) most images equal to float precision
         per_image = np.abs(got - sim).max(1) / np.abs(sim).max(1)
-        assert (per_image <= 1e-5).mean() >= 0.5, (fam, recipe, target, per_image)
+        assert (per_image <= max(FLOAT_KERNEL_REL, 3 * fp_sens.max())).all(), (fam, recipe, target, per_image,
+                                                                                 fp_sens)
+        if sensitive < 0.25:
+            assert (per_image <= FLOAT_KERNEL_REL).mean() >= 0.5, (fam, recipe, target, per_image, fp_sens)
         assert _rel(got, sim) < 0.5 * qerr, (fam, recipe, target, _rel(got, sim), qerr)
         assert (got.argmax(1) == sim.argmax(1)).mean() >= 0.75
         if target == "trt":

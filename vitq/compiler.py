@@ -359,9 +359,31 @@ def _package(job: _Job, stage: Path, t_start: float) -> None:
     report["artifacts"] = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
                            for p in sorted(stage.iterdir()) if p.is_file() and not p.name.startswith(".")}
     report["timings_s"] = {**job.log.steps, "total": round(time.perf_counter() - t_start, 3)}
+    report["resources"] = _resources()
     write_json_atomic(stage / ARTIFACT_REPORT, report)
     if packaged.finalize is not None:
         packaged.finalize(stage)
+
+
+def _resources() -> dict[str, Any]:
+    """Peak resident memory and CPU time of this process so far (what the compile cost), and the threads it had."""
+    import os
+
+    out: dict[str, Any] = {"cpu_count": os.cpu_count()}
+    try:
+        import resource
+
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        out.update(peak_rss_mib=round(ru.ru_maxrss / 1024, 1), cpu_s=round(ru.ru_utime + ru.ru_stime, 1))
+    except ImportError:  # not on POSIX
+        pass
+    try:
+        import torch
+
+        out["torch_threads"] = torch.get_num_threads()
+    except ImportError:
+        pass
+    return out
 
 
 def summarize_report(r: dict) -> str:
