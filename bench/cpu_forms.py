@@ -275,16 +275,20 @@ def run_model(key: str, args, isa: str) -> dict:
         cands[f"ort {name}"] = {"kind": "ort", "path": path, "config": {
             k: (v.name if hasattr(v, "name") else v) for k, v in cfg_q.items()},
             "quantize_s": round(time.perf_counter() - t, 1)}
-    ref = None
+    from vitq.evaluate import kl_per_image
+
+    ref = ref_logits = None
+    tops = {}
     for name, c in cands.items():
         if "path" not in c:
             continue
         t = time.perf_counter()
         logits = _logits(c["path"], x, args.threads, build)
-        top = logits.argmax(1)
+        top = tops[name] = logits.argmax(1)
         if ref is None:
-            ref = top
+            ref, ref_logits = top, logits
         c["agreement"] = round(float((top == ref).mean()) * 100, 2)
+        c["kl"] = round(float(kl_per_image(ref_logits, logits).mean()), 5)
         if y is not None:
             c["top1"] = round(float((top == y).mean()) * 100, 2)
         if c["kind"] != "fp32":
@@ -309,10 +313,15 @@ def run_model(key: str, args, isa: str) -> dict:
                           for n, c in cands.items()}}
     if best and 8 in args.batch:
         d, o = cands[default_name], cands[best]
+        from vitq.evaluate import paired_interval
+
+        ci = paired_interval((tops[best] == ref).astype(float), (tops[default_name] == ref).astype(float))
         out["default_vs_ort_best"] = {
             "agreement": [d["agreement"], o["agreement"]],
+            "agreement_diff_ci95": [ci["diff"], *ci["ci"]], "agreement_within_noise": ci["within_noise"],
+            "kl": [d["kl"], o["kl"]],
             "b8_ratio": [d["latency"]["b8"]["ratio_median"], o["latency"]["b8"]["ratio_median"]],
-            "beats_on_both": d["agreement"] > o["agreement"] and
+            "beats_on_both": d["agreement"] > o["agreement"] and not ci["within_noise"] and
             d["latency"]["b8"]["ratio_median"] < o["latency"]["b8"]["ratio_median"],
             "goal_b8_ratio": 0.70 if isa in ("avx2", "avx512") else 0.60,
         }
@@ -375,15 +384,16 @@ def _table(results: dict, machine: dict) -> str:
     for key, r in results.items():
         for n, c in r.get("candidates", {}).items():
             if "agreement" not in c:
-                rows.append([key, n, "-", "-", "-", "-", c.get("error", "")[:40]])
+                rows.append([key, n, "-", "-", "-", "-", "-", c.get("error", "")[:40]])
                 continue
             lat = c.get("latency", {})
-            rows.append([key, n, f"{c['agreement']:.2f}", f"{c['top1']:.2f}" if "top1" in c else "-",
+            rows.append([key, n, f"{c['agreement']:.2f}", f"{c['kl']:.4f}" if "kl" in c else "-",
+                         f"{c['top1']:.2f}" if "top1" in c else "-",
                          f"{lat['b1']['ratio_median']:.3f}" if "b1" in lat else "-",
                          f"{lat['b8']['ratio_median']:.3f} ({lat['b8']['ratio_min']:.2f}..{lat['b8']['ratio_max']:.2f})"
                          if "b8" in lat else "-",
                          "-" if c["kind"] == "fp32" else f"{c['fused_vs_unoptimized_rel_l2']:.1e}"])
-    return format_table(rows, ["model", "candidate", "agree %", "top-1 %", "b1 / fp32", "b8 / fp32 (spread)",
+    return format_table(rows, ["model", "candidate", "agree %", "KL", "top-1 %", "b1 / fp32", "b8 / fp32 (spread)",
                                "fused vs plain"], title=f"ORT CPU int8 forms on {flags_str(machine)}")
 
 

@@ -134,6 +134,9 @@ def render_serve(d: dict) -> list[str]:
 def render_cpu_forms(d: dict) -> list[str]:
     r, out = d["results"], []
     for model, forms in (r.get("models") or {}).items():
+        if "candidates" in forms:
+            out += _cpu_forms_model(model, forms, r)
+            continue
         rows = []
         for form, v in forms.items():
             if not isinstance(v, dict):
@@ -145,6 +148,38 @@ def render_cpu_forms(d: dict) -> list[str]:
         out += [f"{model}{shape}, CPU ISA class {r.get('cpu_isa')}:", ""]
         out += _table(["form", "ORT fused vs unoptimized (rel. L2)", "latency / fp32 (median)", "range"], rows) + [""]
     return out + [r.get("note", "")] if out else ["(no rows)"]
+
+
+def _cpu_forms_model(key: str, m: dict, r: dict) -> list[str]:
+    """One model's candidates: vitq's forms, ONNX Runtime's ``quantize_static`` configurations, fp32."""
+    rows = []
+    for name, c in m["candidates"].items():
+        if "agreement" not in c:
+            rows.append([name, "-", "-", "-", "-", "-", "-", (c.get("error") or "")[:60]])
+            continue
+        lat = c.get("latency") or {}
+
+        def ratio(b):
+            v = lat.get(b)
+            return f"{v['ratio_median']:.3f} ({v['ratio_min']:.2f}..{v['ratio_max']:.2f})" if v else "-"
+
+        rows.append([name, _f(c["agreement"]), _f(c.get("kl"), 4), _f(c.get("top1")), ratio("b1"), ratio("b8"),
+                     "exact" if c.get("exact_by_form") else ("-" if c["kind"] == "fp32" else
+                                                               ("not exact" if c["kind"] == "vitq" else "n/a")),
+                     ""])
+    head = [f"{m['model']} ({m['weights']} weights), {m['eval_images']} images, CPU ISA class {m.get('cpu_isa')}:", ""]
+    out = head + _table(["candidate", "agreement with fp32 %", "KL", "top-1 %", "batch 1 / fp32", "batch 8 / fp32",
+                         "int8 kernels on this CPU", "note"], rows) + [""]
+    v = m.get("default_vs_ort_best")
+    if v:
+        d, o = v["agreement"], v["b8_ratio"]
+        ci = v.get("agreement_diff_ci95")
+        noise = (f", difference {ci[0]:+.2f} [{ci[1]:+.2f}, {ci[2]:+.2f}]"
+                 f"{' (within noise)' if v.get('agreement_within_noise') else ''}" if ci else "")
+        out += [f"Default `--recipe w8a8` against ONNX Runtime's best `quantize_static` ({m['ort_best_by_agreement']}): "
+                f"agreement {d[0]:.2f}% vs {d[1]:.2f}%{noise}; KL {_f(v['kl'][0], 4)} vs {_f(v['kl'][1], 4)}; "
+                f"batch-8 latency {o[0]:.3f} vs {o[1]:.3f} of fp32 (goal <= {v['goal_b8_ratio']:.2f}).", ""]
+    return out
 
 
 def render_generic(d: dict) -> list[str]:

@@ -44,6 +44,7 @@ class CompileOptions:
     progress: bool | None = None
     mixa: MixaConfig | str | None = None  # MixA-Q: its options, or just the --mixa value (1.35x, ratios.json)
     reconstruct: int | None = None  # block reconstruction iterations per stage (vitq/quant/reconstruct.py); None: off
+    act4: str = "dynamic"  # 4-bit activations: "dynamic" (run-time scales, the target's grouping) | "static"
 
     @classmethod
     def from_args(cls, args) -> "CompileOptions":
@@ -51,7 +52,7 @@ class CompileOptions:
         return cls(model=args.model, out=args.out, weights=args.weights, calib=args.calib,
                    calib_count=args.calib_count, seed=args.seed, recipe=args.recipe, target=target_from_args(args),
                    skip_bad=args.skip_bad, tolerance=args.tolerance, mixa=MixaConfig.from_args(args),
-                   reconstruct=args.reconstruct)
+                   reconstruct=args.reconstruct, act4=args.act4)
 
 
 @dataclass
@@ -152,6 +153,8 @@ def _validate(opts: CompileOptions, echo: Callable[[str], None]) -> _Job:
     if opts.reconstruct and (recipe.kind == "file" or not recipe.quantized):
         raise InputError(f"--reconstruct refines a calibration; recipe {opts.recipe!r} is "
                          f"{'a recipe file (already calibrated)' if recipe.kind == 'file' else 'not quantized'}")
+    if opts.act4 not in ("dynamic", "static"):
+        raise InputError(f"--act4 {opts.act4!r}: expected 'dynamic' or 'static'")
     if recipe.quantized and recipe.kind != "file" and opts.calib is None:
         raise InputError(f"recipe {recipe.name!r} needs calibration images: pass --calib DIR")
     if mixa is not None:
@@ -260,7 +263,8 @@ def _calibrate(job: _Job):
                   "calib_sha256": calib.fingerprint(), "calib_count": int(len(x_calib)), "seed": opts.seed,
                   "vitq_version": __version__}
     with log.step(f"calibrating {req.name} (MPTQ-ViT)"):
-        methods = QuantMethods(recon={"iters": int(opts.reconstruct)}) if opts.reconstruct else None
+        methods = QuantMethods(recon={"iters": int(opts.reconstruct)} if opts.reconstruct else None,
+                               act4=opts.act4, act4_group=job.target.default_act_group)
         res = calibrate(lm.model, lm.family, x_calib, req, model_name=opts.model, provenance=provenance,
                         progress=opts.progress if opts.progress is not None else True, methods=methods)
     cal = job.report["calibration"]

@@ -36,8 +36,9 @@ from ..quant.optm import fit_regions
 from ..quant.prepare import AttnHook, Instrumented
 from ..quant.search import SHIFT_MAX_BITS, best_act_scale, subsample
 from ..quant.simulate import QuantSim, _t
-from ..errors import UnsupportedError
+from ..errors import InputError, UnsupportedError
 from ..recipe.schema import ATTN_OPERANDS, LayerSpec, QuantSpec, Recipe, RegionSpec
+from ..recipe.spec import dynamic_layer
 from .config import LOW_QUANT, LOW_SOFTMAX
 from .routing import BlockGeom, block_geometry
 from .sim import Router, layer_layout, routed_modules
@@ -235,22 +236,12 @@ def _calib_attn(base: LayerSpec, st: dict, level: int, bits: int) -> LayerSpec:
 
 
 def dynamic_branch(base: LayerSpec, bits: int, group: int = 0, softmax: str = "uniform") -> LayerSpec:
-    """``base`` with every activation quantizer dynamic per token at ``bits`` (weights kept: shared); a Linear's
-    input per ``group`` features when ``group`` > 0 (attention operands stay per token); the post-softmax operand
-    on the log-sqrt(2) grid per query row with ``softmax="log"``."""
-    if bits not in (4, 8):
-        raise UnsupportedError(f"dynamic per-token activations are 4 or 8 bits, not {bits}")
-    if softmax not in LOW_SOFTMAX:
-        raise UnsupportedError(f"low-branch softmax grid {softmax!r} is not one of {', '.join(LOW_SOFTMAX)}")
-    s = copy.copy(base)
-    if base.kind == "attn":
-        for r in ATTN_OPERANDS:
-            if getattr(base, r) is not None:
-                setattr(s, r, QuantSpec.dynamic_log(bits) if r == "attn" and softmax == "log"
-                        else QuantSpec.dynamic_token(bits))
-    else:
-        s.input, s.input_regions = QuantSpec.dynamic_token(bits, group), None
-    return s
+    """The low branch's layer: :func:`vitq.recipe.spec.dynamic_layer` (unsupported bits or grids are refused as
+    :class:`UnsupportedError`)."""
+    try:
+        return dynamic_layer(base, bits, group, softmax)
+    except InputError as e:
+        raise UnsupportedError(str(e)) from None
 
 
 def build_mixa_spec(prepared: nn.Module, qsim: QuantSim, recipe: Recipe, calib_x, *, group=None,

@@ -17,9 +17,10 @@ from typing import Any
 
 from ..errors import InputError
 from ..recipe.mixa import FLOAT_BITS
+from ..recipe.spec import SOFTMAX_GRIDS
 
 LOW_QUANT = ("static", "dynamic")
-LOW_SOFTMAX = ("uniform", "log")
+LOW_SOFTMAX = SOFTMAX_GRIDS
 ROUTED = ("linear+attn", "linear")
 #: the default group of the dynamic low branch's Linear inputs (features per grid), where the target and every
 #: Linear allow it

@@ -59,6 +59,7 @@ from torch import nn
 from ..errors import InputError
 from ..recipe import RecipeRequest
 from ..recipe.schema import LayerSpec, QuantSpec, Recipe, RecipeError, RegionSpec, SmoothSpec
+from ..recipe.spec import SOFTMAX_GRIDS, dynamic_layer
 from . import observers as ob
 from .calibrate import collect_stats
 from .gptq import sequential_gptq
@@ -96,10 +97,18 @@ class QuantMethods:
     vsmooth: bool = False
     optm_max_bits: int = 7
     recon: dict | bool | None = None
+    act4: str = "static"  # "static" | "dynamic": 4-bit activations with run-time scales (see _dynamic_act4)
+    act4_group: int = 32  # dynamic 4-bit Linear inputs: one grid per this many features (0: per token)
+    act4_softmax: str = "log"  # dynamic 4-bit post-softmax operand: "log" (log-sqrt(2) per query row) | "uniform"
 
     def __post_init__(self):
         if self.observer not in ("search", "minmax"):
             raise InputError(f"calibration method observer={self.observer!r}: expected 'search' or 'minmax'")
+        if self.act4 not in ("static", "dynamic"):
+            raise InputError(f"calibration method act4={self.act4!r}: expected 'static' or 'dynamic'")
+        if self.act4_softmax not in SOFTMAX_GRIDS:
+            raise InputError(f"calibration method act4_softmax={self.act4_softmax!r}: expected one of "
+                             f"{', '.join(SOFTMAX_GRIDS)}")
         if self.gptq_target not in ("quant", "float"):
             raise InputError(f"calibration method gptq_target={self.gptq_target!r}: expected 'quant' or 'float'")
 
@@ -219,6 +228,7 @@ def finish_calibration(c: Calibration, request: RecipeRequest, *, model_name: st
     _sq_b(c)
     _v_smoothing(c)
     _layer_scales(c)
+    _dynamic_act4(c)
     _initial_recipe(c, request, model_name, provenance)
     _greedy_mp(c, request)
     _refine(c)
@@ -235,6 +245,9 @@ def finish_calibration(c: Calibration, request: RecipeRequest, *, model_name: st
         _reconstruct(c, float_ref, recon, gptq_on)
         del float_ref
     _final_layer_stats(c)
+    if any(c.layer_stats.get(l.module, {}).get("act4") for l in c.recipe.layers):  # what was applied, recorded
+        c.recipe.defaults["act4"] = {"quant": "dynamic", "group": int(c.meth.act4_group),
+                                     "softmax": c.meth.act4_softmax}
     c.timings["total_s"] = time.time() - c.t0
     return CalibrationResult(c.prepared, c.recipe, c.sim, c.layer_stats, c.timings)
 
@@ -394,6 +407,26 @@ def _layer_scales(c: Calibration) -> None:
     c.log(f"scales for {len(c.graph.points)} layers in {c.timings['scales_s']:.1f}s")
 
 
+def _dynamic_act4(c: Calibration) -> None:
+    """``act4="dynamic"``: every 4-bit activation candidate (Linear inputs, attention operands; not the patch
+    embedding's pixels, not fixed-bits layers) becomes dynamic (:func:`vitq.recipe.spec.dynamic_layer`): Linear
+    inputs per ``act4_group`` features (per token where the input width is not a multiple), attention operands
+    per token, the post-softmax operand on ``act4_softmax``'s grid. Greedy MP then weighs these candidates, and
+    GPTQ / reconstruction fit the weights to them."""
+    if c.meth.act4 != "dynamic" or 4 not in c.bits_a or c.minmax:
+        return
+    g, n = int(c.meth.act4_group), 0
+    for p in c.graph.points:
+        e = c.lib[p.module]
+        if ("a", 4) not in e or c.fixed_bits(p) or p.kind == "conv":
+            continue
+        k = getattr(c.prepared.get_submodule(p.module), "in_features", 0)
+        e[("a", 4)] = dynamic_layer(e[("a", 4)], 4, g if g and k % g == 0 else 0, c.meth.act4_softmax)
+        c.layer_stats.setdefault(p.module, {})["act4"] = "dynamic"
+        n += 1
+    c.log(f"4-bit activations dynamic in {n} layers (group {g}, {c.meth.act4_softmax} softmax grid)")
+
+
 def _initial_recipe(c: Calibration, request: RecipeRequest, model_name: str, provenance: dict) -> None:
     """Every layer at the first candidate bits (the preset's), and its simulation."""
 
@@ -443,7 +476,7 @@ def _refine(c: Calibration) -> None:
     roles = tuple(c.meth.refine) if not c.minmax else ()
     targets = [(l.module, r) for l in recipe.layers for r in roles
                if (l.kind == "attn") == (r != "input") and not c.fixed_bits(c.graph.get(l.module))
-               and getattr(l, r, None) is not None and getattr(l, r).bits < 8]
+               and getattr(l, r, None) is not None and getattr(l, r).bits < 8 and not getattr(l, r).dynamic]
     if not targets:
         return
     t = time.time()

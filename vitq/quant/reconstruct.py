@@ -184,7 +184,7 @@ class _StageParams:
                 if opts["acts"]:
                     for r in ("q", "k", "attn", "v"):
                         q = getattr(spec, r)
-                        if q is not None and q.bits < mb:
+                        if q is not None and q.bits < mb and not q.dynamic:  # dynamic: no scale to learn
                             qs[r] = self.acts[(m, r)] = LearnedQuant(q)
                 if qs:
                     self.saved[m] = ("qfn", wr.qfn)
@@ -193,7 +193,7 @@ class _StageParams:
             spec = wr.spec
             qs = {}
             if opts["acts"]:
-                if spec.input is not None and spec.input.bits < mb:
+                if spec.input is not None and spec.input.bits < mb and not spec.input.dynamic:
                     qs["input"] = self.acts[(m, "input")] = LearnedQuant(spec.input)
                 r = spec.input_regions
                 if r is not None and min(r.pos.bits, r.neg.bits) < mb:

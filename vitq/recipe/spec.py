@@ -302,6 +302,32 @@ class LayerSpec:
         return spec
 
 
+SOFTMAX_GRIDS = ("uniform", "log")  # the post-softmax operand of a dynamic layer: uniform per token, or log-sqrt(2)
+
+
+def dynamic_layer(base: LayerSpec, bits: int, group: int = 0, softmax: str = "uniform") -> LayerSpec:
+    """``base`` with every activation quantizer dynamic (scales computed at run time) at ``bits``, weights kept: a
+    Linear's input per token, or per ``group`` consecutive features when ``group`` > 0; attention operands per token;
+    the post-softmax operand per query row on the log-sqrt(2) grid with ``softmax="log"``. The low branch of MixA-Q
+    and the 4-bit activations of the presets (vitq.quant.pipeline) are this one form, which ONNX Runtime runs as
+    plain ops and TensorRT as the QuantLinearA4 plugin's dynamic mode."""
+    import copy
+
+    if bits not in (4, 8):
+        raise InputError(f"dynamic per-token activations are 4 or 8 bits, not {bits}")
+    if softmax not in SOFTMAX_GRIDS:
+        raise InputError(f"post-softmax grid {softmax!r} is not one of {', '.join(SOFTMAX_GRIDS)}")
+    s = copy.copy(base)
+    if base.kind == "attn":
+        for r in ATTN_OPERANDS:
+            if getattr(base, r) is not None:
+                setattr(s, r, QuantSpec.dynamic_log(bits) if r == "attn" and softmax == "log"
+                        else QuantSpec.dynamic_token(bits))
+    else:
+        s.input, s.input_regions = QuantSpec.dynamic_token(bits, group), None
+    return s
+
+
 def _require_obj(d: Any, where: str) -> None:
     if not isinstance(d, dict):
         raise RecipeError(f"{where}: expected an object, got {type(d).__name__}")
