@@ -1,9 +1,13 @@
-"""Compile cost: wall time, CPU time and peak memory of a full ``vitq compile`` (budget: DeiT-Tiny ``mp:5`` within
-5 minutes on 2 cores). Each recipe compiles in its own process (calibration on ``--calib-count`` sample images,
-export, graph passes, verification), measured from outside with ``resource.getrusage(RUSAGE_CHILDREN)`` (peak RSS
-of the compile process) and wall clock.
+"""Compile cost: wall time, CPU time, peak memory and the time of each step of a full ``vitq compile``, per model
+and recipe (budgets: DeiT-Tiny ``mp:5`` within 5 minutes on 2 cores; ViT-Base ``w4a4`` with 64 images within 45
+minutes; cost at most linear in model FLOPs). Each compile runs in its own process (calibration on
+``--calib-count`` sample images, export, graph passes, verification), measured from outside with
+``resource.getrusage(RUSAGE_CHILDREN)`` (peak RSS of the compile process) and wall clock; the step times come from
+its ``report.json`` (``timings_s``, ``calibration.timings_s``). DeiT-Tiny uses the real weights when the shared data
+has them, the other models random weights.
 
-    python -m bench compile [--recipes mp:5,w8a8] [--calib-count 256] [--target ort]
+    python -m bench compile [--models deit_tiny_patch16_224,deit_small_patch16_224] [--recipes w8a8,w4a4]
+                            [--calib-count 64] [--target ort]
 """
 
 from __future__ import annotations
@@ -19,14 +23,15 @@ from pathlib import Path
 from bench.common import DEIT_WEIGHTS as DEIT_W, SAMPLE1000 as CALIB, write_result
 from vitq.table import format_table
 
-LIMIT_S = {"mp:5": 300.0}
+LIMIT_S = {("deit_tiny_patch16_224", "mp:5"): 300.0, ("vit_base_patch16_224", "w4a4"): 2700.0}
+MODELS = "deit_tiny_patch16_224,deit_small_patch16_224,vit_base_patch16_224,swin_tiny_patch4_window7_224"
 
 
-def one(recipe: str, args, out: Path) -> dict:
-    """One compile in a fresh child process; returns wall seconds and the child's peak RSS."""
-    cmd = [sys.executable, "-m", "vitq", "compile", args.model, "--recipe", recipe, "--calib-count",
+def one(model: str, recipe: str, args, out: Path) -> dict:
+    """One compile in a fresh child process; returns wall seconds, the child's peak RSS and the step times."""
+    cmd = [sys.executable, "-m", "vitq", "compile", model, "--recipe", recipe, "--calib-count",
            str(args.calib_count), "--target", args.target, "--out", str(out), "--quiet"]
-    if DEIT_W.is_file() and args.model.startswith("deit_tiny"):
+    if DEIT_W.is_file() and model.startswith("deit_tiny"):
         cmd += ["--weights", str(DEIT_W)]
     if CALIB.is_dir():
         cmd += ["--calib", str(CALIB)]
@@ -42,16 +47,20 @@ def one(recipe: str, args, out: Path) -> dict:
     if res["rc"] != 0:
         raise SystemExit(f"vitq compile {recipe} exited {res['rc']}:\n{r.stderr[-3000:]}")
     report = json.loads((out / "report.json").read_text())
-    res.update({"recipe": recipe, "timings": report.get("timings"), "load_avg_after": os.getloadavg()[0]})
+    cal = (report.get("calibration") or {}).get("timings_s") or {}
+    res.update({"model": model, "recipe": report["recipe"]["name"], "requested": recipe,
+                "params_m": round(report["model"]["num_params"] / 1e6, 2), "steps_s": report.get("timings_s"),
+                "calibration_s": {k: round(v, 2) for k, v in cal.items()}, "resources": report.get("resources"),
+                "load_avg_after": os.getloadavg()[0]})
     return res
 
 
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench compile", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="deit_tiny_patch16_224")
-    ap.add_argument("--recipes", default="mp:5")
-    ap.add_argument("--calib-count", type=int, default=256)
+    ap.add_argument("--models", default=MODELS, help="comma-separated timm names")
+    ap.add_argument("--recipes", default="w8a8,w4a4")
+    ap.add_argument("--calib-count", type=int, default=64)
     ap.add_argument("--target", default="ort")
     ap.add_argument("--out", type=Path, help="result file (default bench/results/compile.json)")
     args = ap.parse_args(argv)
@@ -60,20 +69,23 @@ def main(argv: list[str]) -> int:
         return 2
     rows, results = [], []
     with tempfile.TemporaryDirectory(prefix="vitq-cost-") as tmp:
-        for rec in args.recipes.split(","):
-            res = one(rec, args, Path(tmp) / rec.replace(":", ""))
-            lim = LIMIT_S.get(rec)
-            res["limit_s"], res["met"] = lim, (None if lim is None else res["wall_s"] <= lim)
-            results.append(res)
-            rows.append([args.model, rec, args.calib_count, f"{res['wall_s']:.0f}", f"{res['cpu_s']:.0f}",
-                         f"{res['peak_rss_mib']:.0f}", "" if lim is None else
-                         (f"<= {lim:.0f} s " + ("met" if res["met"] else "MISSED"))])
-            print(rows[-1], flush=True)
-    print(format_table(rows, ["model", "recipe", "calib images", "wall s", "cpu s", "peak RSS MiB", "target"],
-                       title=f"vitq compile --target {args.target}, full pipeline, one process per recipe"))
-    path = write_result("compile", {"model": args.model, "target": args.target, "calib_count": args.calib_count,
-                                    "rows": results},
-                        data=f"{args.model}" + (", real weights" if DEIT_W.is_file() else ", random weights")
-                             + f"; calibration: {args.calib_count} images of {CALIB.name}", argv=argv, out=args.out)
+        for model in args.models.split(","):
+            for rec in args.recipes.split(","):
+                res = one(model, rec, args, Path(tmp) / f"{model}-{rec.replace(':', '')}")
+                lim = LIMIT_S.get((model, rec))
+                res["limit_s"], res["met"] = lim, (None if lim is None else res["wall_s"] <= lim)
+                results.append(res)
+                cal = res["calibration_s"]
+                rows.append([model, res["recipe"], res["params_m"], f"{res['wall_s']:.0f}", f"{res['cpu_s']:.0f}",
+                             f"{res['peak_rss_mib']:.0f}", f"{cal.get('total_s', 0):.0f}",
+                             ", ".join(f"{k[:-2]} {v:.0f}" for k, v in cal.items() if k != "total_s" and v >= 1),
+                             "" if lim is None else (f"<= {lim:.0f} s " + ("met" if res["met"] else "MISSED"))])
+                print(rows[-1], flush=True)
+    print(format_table(rows, ["model", "recipe", "params M", "wall s", "cpu s", "peak RSS MiB", "calibration s",
+                              "calibration steps s", "budget"],
+                       title=f"vitq compile --target {args.target}, full pipeline, one process per compile"))
+    path = write_result("compile", {"target": args.target, "calib_count": args.calib_count, "rows": results},
+                        data=f"{args.models}; DeiT-Tiny with real weights when present, others random; calibration: "
+                             f"{args.calib_count} images of {CALIB.name}", argv=argv, out=args.out)
     print(f"wrote {path}")
     return 0

@@ -96,9 +96,15 @@ def render_latency(d: dict) -> list[str]:
 
 
 def render_compile(d: dict) -> list[str]:
-    return _table(["recipe", "wall s", "CPU s", "peak RSS MiB", "budget s"],
-                  [[x["recipe"], _f(x["wall_s"], 0), _f(x["cpu_s"], 0), _f(x["peak_rss_mib"], 0),
-                    _f(x.get("limit_s"), 0)] for x in _rows(d["results"])])
+    def steps(x):
+        cal = x.get("calibration_s") or {}
+        return ", ".join(f"{k[:-2]} {v:.0f}" for k, v in cal.items() if k != "total_s" and v >= 1) or "-"
+
+    r = d["results"]
+    return [f"{r.get('calib_count', '?')} calibration images per compile.", ""] + _table(
+        ["model", "recipe", "params M", "wall s", "CPU s", "peak RSS MiB", "calibration steps s", "budget s"],
+        [[x.get("model", r.get("model", "-")), x["recipe"], _f(x.get("params_m")), _f(x["wall_s"], 0),
+          _f(x["cpu_s"], 0), _f(x["peak_rss_mib"], 0), steps(x), _f(x.get("limit_s"), 0)] for x in _rows(r)])
 
 
 def render_mixa(d: dict) -> list[str]:
