@@ -19,10 +19,10 @@ from typing import Any, Callable
 from bench.common import REPO, RESULTS, flags_str
 
 DOC = REPO / "docs" / "results.md"
-ORDER = ("accuracy", "latency", "compile", "mixa", "cpu_forms", "serve", "gpu")
+ORDER = ("accuracy", "latency", "compile", "mixa", "cpu_forms", "models", "serve", "gpu")
 TITLES = {"accuracy": "Accuracy of the deployed recipes", "latency": "Latency on ONNX Runtime (CPU)",
           "compile": "Compile cost", "mixa": "MixA-Q (simulation)", "cpu_forms": "CPU int8 forms",
-          "serve": "Serving under load", "gpu": "Plugin kernels on a GPU"}
+          "models": "Model matrix (random weights)", "serve": "Serving under load", "gpu": "Plugin kernels on a GPU"}
 
 
 def _f(v: Any, digits: int = 2) -> str:
@@ -188,6 +188,37 @@ def _cpu_forms_model(key: str, m: dict, r: dict) -> list[str]:
     return out
 
 
+def render_models(d: dict) -> list[str]:
+    """Per architecture: the fp32 export check, then per recipe the compile time, the deployed graph against the
+    simulation (relative L2, and the simulation's own distance to float for scale), and ``trt_check``."""
+    r = d["results"]
+    recipes = r.get("recipes", [])
+    rows = []
+    for x in _rows(r):
+        line = [x["model"], x.get("class", "-"), _f(x.get("params_m"))]
+        fp = x.get("fp32")
+        line.append(f"{fp['max_abs_diff']:.1e}" if fp else (x.get("error") or "-")[:50])
+        for rc in recipes:
+            v = x.get(rc) or {}
+            if "error" in v:
+                line += ["-", v["error"][:50], "-"]
+                continue
+            line += [_f(v.get("compile_s"), 0),
+                     f"{v['graph_vs_sim_rel_l2']:.1e} / {v['sim_vs_float_rel_l2']:.1e}" if "graph_vs_sim_rel_l2" in v
+                     else "-",
+                     ("ok" if v["trt_check"]["ok"] else "FAIL " + ",".join(v["trt_check"]["errors"]))
+                     if "trt_check" in v else "-"]
+        lat = (x.get("w8a8") or {}).get("ort_latency")
+        line.append(f"{1 / lat['ratio_fp32_over_w8a8']:.2f}" if lat else "-")
+        rows.append(line)
+    head = ["model", "class", "params M", "fp32 export max diff"]
+    for rc in recipes:
+        head += [f"{rc} compile s", f"{rc} graph vs sim / sim vs float", f"{rc} trt_check"]
+    head.append("w8a8 / fp32 latency (batch 1, 1 thread)")
+    return [f"{r.get('images')} calibration images per model (synthetic pixels through the model's preprocessing).",
+            ""] + _table(head, rows)
+
+
 def render_generic(d: dict) -> list[str]:
     rows = _rows(d.get("results"))
     if not rows:
@@ -200,7 +231,7 @@ def render_generic(d: dict) -> list[str]:
 
 RENDER: dict[str, Callable[[dict], list[str]]] = {
     "accuracy": render_accuracy, "latency": render_latency, "compile": render_compile, "mixa": render_mixa,
-    "gpu": render_gpu, "serve": render_serve, "cpu_forms": render_cpu_forms}
+    "gpu": render_gpu, "serve": render_serve, "cpu_forms": render_cpu_forms, "models": render_models}
 
 
 def render(results_dir: Path = RESULTS) -> str:
