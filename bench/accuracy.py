@@ -1,6 +1,7 @@
 """Accuracy of deployed recipes against fp32, as a user should read it: DeiT-Tiny with the real ImageNet weights.
 
-    python -m bench accuracy [--recipes w8a8,w7a8,w4a8] [--calib-count 256] [--realizations N] [--count N]
+    python -m bench accuracy [--recipes w8a8,w7a8,w4a8,w4a4+static4,w4a8+recon] [--calib-count 256]
+                             [--realizations N] [--count N]
 
 Each recipe is compiled with ``vitq compile`` (calibration on a seeded subset of ``--calib-count`` images of the
 sample set; artifacts cached under ``--build``) and its deployed graph (``model.onnx``, ONNX Runtime, optimizations
@@ -41,25 +42,41 @@ from vitq.table import format_table
 MODEL = "deit_tiny_patch16_224"
 
 
+def compile_variant(name: str) -> tuple[str, dict]:
+    """A bench recipe name -> (preset, ``CompileOptions`` overrides): ``PRESET[+recon[=STEPS]][+static4]``, e.g.
+    ``w4a8+recon`` (block reconstruction, 200 steps) or ``w4a4+static4`` (``--act4 static``)."""
+    preset, *mods = name.split("+")
+    kw: dict = {}
+    for m in mods:
+        if m.startswith("recon"):
+            kw["reconstruct"] = int(m.split("=", 1)[1]) if "=" in m else 200
+        elif m == "static4":
+            kw["act4"] = "static"
+        else:
+            raise SystemExit(f"bench accuracy: unknown recipe modifier {m!r} in {name!r} (recon[=STEPS], static4)")
+    return preset, kw
+
+
 def artifact(recipe: str, calib_count: int, build: Path, echo=print) -> Path:
-    """The ``vitq compile`` artifact of ``recipe`` (real weights, calibration on the sample set), reused from
-    ``build`` when its report.json says it was compiled the same way."""
+    """The ``vitq compile`` artifact of ``recipe`` (real weights, calibration on the sample set; modifiers as
+    :func:`compile_variant`), reused from ``build`` when its report.json says it was compiled the same way."""
     from vitq.compiler import CompileOptions, compile_model
     from vitq.targets import get_target
     from vitq.targets.ort import OrtOptions
 
-    out = build / f"{MODEL}-{recipe}-c{calib_count}"
+    preset, kw = compile_variant(recipe)
+    out = build / f"{MODEL}-{recipe.replace('+', '_').replace('=', '')}-c{calib_count}"
     rep = out / "report.json"
     if rep.is_file() and (out / "model.onnx").is_file():
         r = json.loads(rep.read_text())
-        if (r.get("recipe") or {}).get("name") == recipe and \
+        if (r.get("recipe") or {}).get("name") in (recipe, preset) and \
                 (r.get("calibration") or {}).get("requested") == calib_count and \
                 not (r.get("weights") or {}).get("random_init", True):
             return out
     echo(f"[accuracy] compiling {recipe} ({calib_count} calibration images) into {out}")
     compile_model(CompileOptions(model=MODEL, out=out, weights=DEIT_WEIGHTS, calib=SAMPLE1000,
-                                 calib_count=calib_count, recipe=recipe,
-                                 target=get_target("ort", OrtOptions(keep_bits=True))),  # each recipe as named
+                                 calib_count=calib_count, recipe=preset,
+                                 target=get_target("ort", OrtOptions(keep_bits=True)), **kw),  # each as named
                   echo=lambda s: None)
     return out
 

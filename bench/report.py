@@ -178,12 +178,12 @@ def _cpu_forms_model(key: str, m: dict, r: dict) -> list[str]:
                          "int8 kernels on this CPU", "note"], rows) + [""]
     v = m.get("default_vs_ort_best")
     if v:
-        d, o = v["agreement"], v["b8_ratio"]
+        d, o, kl = v["agreement"], v["b8_ratio"], v.get("kl") or [None, None]
         ci = v.get("agreement_diff_ci95")
         noise = (f", difference {ci[0]:+.2f} [{ci[1]:+.2f}, {ci[2]:+.2f}]"
                  f"{' (within noise)' if v.get('agreement_within_noise') else ''}" if ci else "")
         out += [f"Default `--recipe w8a8` against ONNX Runtime's best `quantize_static` ({m['ort_best_by_agreement']}): "
-                f"agreement {d[0]:.2f}% vs {d[1]:.2f}%{noise}; KL {_f(v['kl'][0], 4)} vs {_f(v['kl'][1], 4)}; "
+                f"agreement {d[0]:.2f}% vs {d[1]:.2f}%{noise}; KL {_f(kl[0], 4)} vs {_f(kl[1], 4)}; "
                 f"batch-8 latency {o[0]:.3f} vs {o[1]:.3f} of fp32 (goal <= {v['goal_b8_ratio']:.2f}).", ""]
     return out
 

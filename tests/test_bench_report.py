@@ -34,3 +34,15 @@ def test_unknown_benchmark_renders_generically(tmp_path):
     assert "| server | concurrency | p50_ms | errors | ok |" in text
     assert "| vitq | 1 | 80.04 | 0 | - |" in text and "| triton | 4 | 122.00 | 0 | yes |" in text
     assert report.render(tmp_path) == text  # deterministic
+
+
+def test_accuracy_recipe_modifiers():
+    import pytest
+
+    from bench.accuracy import compile_variant
+
+    assert compile_variant("w4a8") == ("w4a8", {})
+    assert compile_variant("w4a8+recon") == ("w4a8", {"reconstruct": 200})
+    assert compile_variant("mp:5+recon=100+static4") == ("mp:5", {"reconstruct": 100, "act4": "static"})
+    with pytest.raises(SystemExit, match="unknown recipe modifier 'fast'"):
+        compile_variant("w4a4+fast")
