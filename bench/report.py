@@ -1,4 +1,5 @@
-"""Regenerate ``docs/results.md`` from the committed result files ``bench/results/*.json``.
+"""Regenerate ``docs/results.md`` and the README's measured table (between its ``results`` markers) from the
+committed result files ``bench/results/*.json``.
 
     python -m bench report [--check]
 
@@ -248,19 +249,65 @@ def render(results_dir: Path = RESULTS) -> str:
     return "\n".join(out).rstrip("\n") + "\n"
 
 
+README = REPO / "README.md"
+BEGIN, END = "<!-- results:begin (python -m bench report) -->", "<!-- results:end -->"
+
+
+def readme_block(results: Path = RESULTS) -> str:
+    """The README's measured table: every recipe of ``accuracy.json`` on all its images, with its batch-8 latency
+    ratio from ``latency.json`` (or ``cpu_forms.json``) where that recipe was timed."""
+    f = results / "accuracy.json"
+    if not f.is_file():
+        return ""
+    d = json.loads(f.read_text())
+    r = d["results"]
+    lat: dict[str, str] = {}
+    lf = results / "latency.json"
+    if lf.is_file():
+        for x in json.loads(lf.read_text())["results"]["rows"]:
+            if x["batch"] == 8:
+                lat[x["recipe"]] = f"{x['ratio']:.2f}x"
+    rows = [x for x in r["rows"] if x["set"] == "all"]
+    n = rows[0]["n"] if rows else 0
+    lines = [f"DeiT-Tiny with the real weights, calibrated on {r['calib_count']} sample images, deployed ONNX Runtime "
+             f"graph, on {n} labeled images (`{d['command']}`); batch-8 latency relative to fp32 on "
+             f"{flags_str(d['machine'])} (`python -m bench latency`, interleaved rounds):", "",
+             f"| recipe | top-1 (fp32: {_f(r['fp32'].get('all'))}) | vs fp32 [paired 95%] | agreement with fp32 | "
+             f"KL(fp32 ‖ q) | batch-8 latency vs fp32 |", "|---|---|---|---|---|---|"]
+    for x in rows:
+        lo, hi = x["delta_top1_ci95"]
+        lines.append(f"| `{x['recipe']}` | {x['top1']:.2f} | {x['delta_top1']:+.2f} [{lo:+.2f}, {hi:+.2f}]"
+                     f"{': within noise' if x['within_noise'] else ''} | {x['agreement']:.2f}% | {x['kl']:.4f} | "
+                     f"{lat.get(x['recipe'], '-')} |")
+    return "\n".join(lines) + "\n"
+
+
+def render_readme(text: str) -> str:
+    """``text`` (the README) with the block between the markers regenerated."""
+    if BEGIN not in text or END not in text:
+        return text
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    return head + BEGIN + "\n" + readme_block() + END + tail
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench report", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check", action="store_true", help="exit 1 if docs/results.md differs from the regenerated page")
     args = ap.parse_args(argv)
-    text = render()
+    pages = {DOC: render()}
+    if README.is_file():
+        pages[README] = render_readme(README.read_text())
     if args.check:
-        same = DOC.is_file() and DOC.read_text() == text
-        print(f"{DOC}: " + ("up to date" if same else "stale: run python -m bench report"))
-        return 0 if same else 1
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    tmp = DOC.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    tmp.replace(DOC)
-    print(f"wrote {DOC}")
+        stale = [p for p, text in pages.items() if not (p.is_file() and p.read_text() == text)]
+        for p in pages:
+            print(f"{p}: " + ("stale: run python -m bench report" if p in stale else "up to date"))
+        return 1 if stale else 0
+    for p, text in pages.items():
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_suffix(".md.tmp")
+        tmp.write_text(text)
+        tmp.replace(p)
+        print(f"wrote {p}")
     return 0

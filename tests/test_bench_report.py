@@ -14,9 +14,17 @@ def test_committed_results_page_regenerates_byte_for_byte():
     assert report.render() == committed, "docs/results.md is stale: run python -m bench report and commit it"
 
 
+def test_committed_readme_table_regenerates():
+    text = (REPO / "README.md").read_text()
+    assert report.BEGIN in text and report.render_readme(text) == text, \
+        "README.md's measured table is stale: run python -m bench report and commit it"
+    assert "| `w8a8` |" in report.readme_block()  # one row per scored recipe
+
+
 def test_main_check_reports_a_stale_page(tmp_path, monkeypatch, capsys):
     page = tmp_path / "results.md"
     monkeypatch.setattr(report, "DOC", page)
+    monkeypatch.setattr(report, "README", tmp_path / "README.md")
     assert report.main(["--check"]) == 1 and "stale" in capsys.readouterr().out
     assert report.main([]) == 0 and report.main(["--check"]) == 0
 
