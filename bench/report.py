@@ -191,7 +191,8 @@ def _cpu_forms_model(key: str, m: dict, r: dict) -> list[str]:
 
 def render_models(d: dict) -> list[str]:
     """Per architecture: the fp32 export check, then per recipe the compile time, the deployed graph against the
-    simulation (relative L2, and the simulation's own distance to float for scale), and ``trt_check``."""
+    simulation (relative L2, next to the simulation's own float32 sensitivity: float64 vs float32), and
+    ``trt_check``."""
     r = d["results"]
     recipes = r.get("recipes", [])
     rows = []
@@ -205,8 +206,8 @@ def render_models(d: dict) -> list[str]:
                 line += ["-", v["error"][:50], "-"]
                 continue
             line += [_f(v.get("compile_s"), 0),
-                     f"{v['graph_vs_sim_rel_l2']:.1e} / {v['sim_vs_float_rel_l2']:.1e}" if "graph_vs_sim_rel_l2" in v
-                     else "-",
+                     f"{v['graph_vs_sim_rel_l2']:.1e} / {v.get('sim64_vs_sim_rel_l2', float('nan')):.1e}"
+                     f"{'' if v.get('agrees') else ' (differs)'}" if "graph_vs_sim_rel_l2" in v else "-",
                      ("ok" if v["trt_check"]["ok"] else "FAIL " + ",".join(v["trt_check"]["errors"]))
                      if "trt_check" in v else "-"]
         lat = (x.get("w8a8") or {}).get("ort_latency")
@@ -214,7 +215,7 @@ def render_models(d: dict) -> list[str]:
         rows.append(line)
     head = ["model", "class", "params M", "fp32 export max diff"]
     for rc in recipes:
-        head += [f"{rc} compile s", f"{rc} graph vs sim / sim vs float", f"{rc} trt_check"]
+        head += [f"{rc} compile s", f"{rc} graph vs sim / sim float64 vs float32", f"{rc} trt_check"]
     head.append("w8a8 / fp32 latency (batch 1, 1 thread)")
     return [f"{r.get('images')} calibration images per model (synthetic pixels through the model's preprocessing).",
             ""] + _table(head, rows)
