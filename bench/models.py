@@ -203,8 +203,16 @@ def main(argv: list[str]) -> int:
             print(_table(rows[-1:], args.recipes), file=sys.stderr, flush=True)
     data = (f"timm random weights (seed 0), {args.images} synthetic random-pixel images per model through its own "
             f"preprocessing; checks on the first {args.verify}")
+    out = args.out or (Path(__file__).resolve().parent / "results" / "models.json")
+    if out.is_file():  # a run of some models keeps the other models' rows (same images and recipes)
+        import json
+
+        prev = json.loads(out.read_text()).get("results", {})
+        if prev.get("recipes") == args.recipes and prev.get("images") == args.images:
+            done = {row["model"] for row in rows}
+            rows = [row for row in prev.get("rows", []) if row["model"] not in done] + rows
     path = write_result("models", {"rows": rows, "recipes": args.recipes, "images": args.images},
-                        data=data, argv=argv, out=args.out)
+                        data=data, argv=argv, out=out)
     from bench.common import cpu_info
 
     print(_table(rows, args.recipes))
