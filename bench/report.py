@@ -271,7 +271,7 @@ def readme_block(results: Path = RESULTS) -> str:
     rows = [x for x in r["rows"] if x["set"] == "all"]
     n = rows[0]["n"] if rows else 0
     lines = [f"DeiT-Tiny with the real weights, calibrated on {r['calib_count']} sample images, deployed ONNX Runtime "
-             f"graph, on {n} labeled images (`{d['command']}`); batch-8 latency relative to fp32 on "
+             f"graph, on {n} labeled images (`python -m bench accuracy`); batch-8 latency relative to fp32 on "
              f"{flags_str(d['machine'])} (`python -m bench latency`, interleaved rounds):", "",
              f"| recipe | top-1 (fp32: {_f(r['fp32'].get('all'))}) | vs fp32 [paired 95%] | agreement with fp32 | "
              f"KL(fp32 ‖ q) | batch-8 latency vs fp32 |", "|---|---|---|---|---|---|"]
