@@ -104,7 +104,9 @@ def render_compile(d: dict) -> list[str]:
     r = d["results"]
     return [f"{r.get('calib_count', '?')} calibration images per compile.", ""] + _table(
         ["model", "recipe", "params M", "wall s", "CPU s", "peak RSS MiB", "calibration steps s", "budget s"],
-        [[x.get("model", r.get("model", "-")), x["recipe"], _f(x.get("params_m")), _f(x["wall_s"], 0),
+        [[x.get("model", r.get("model", "-")),
+          x["recipe"] if x.get("requested", x["recipe"]) == x["recipe"] else f"{x['requested']} (as {x['recipe']})",
+          _f(x.get("params_m")), _f(x["wall_s"], 0),
           _f(x["cpu_s"], 0), _f(x["peak_rss_mib"], 0), steps(x), _f(x.get("limit_s"), 0)] for x in _rows(r)])
 
 
