@@ -216,6 +216,6 @@ def main(argv: list[str]) -> int:
                                      "fp32": {s: float((logits[s]["fp32"][0].argmax(1) == labels[s]).mean() * 100)
                                               for s in scored},
                                      "n": {s: int(len(labels[s])) for s in scored},
-                                     "rows": rows}, data=data, argv=argv, out=out)
+                                     "rows": rows}, data=data, argv=argv, out=out, merged=bool(kept))
     print(f"wrote {path} ({time.time() - t0:.0f} s)")
     return 0

@@ -36,13 +36,23 @@ def versions() -> dict[str, str]:
 
 
 def write_result(name: str, results: Any, *, data: str, argv: list[str] | None = None,
-                 out: Path | None = None) -> Path:
-    """Write ``bench/results/NAME.json`` (or ``out``) atomically and return its path."""
+                 out: Path | None = None, merged: bool = False) -> Path:
+    """Write ``bench/results/NAME.json`` (or ``out``) atomically and return its path.
+
+    ``merged``: ``results`` keeps rows of the file's earlier runs, so ``runs`` lists every command (with its date)
+    whose rows the file holds, not only the last one.
+    """
     argv = sys.argv[1:] if argv is None else argv
-    payload = {"benchmark": name, "command": " ".join(["python -m bench", name, *argv]), "data": data,
-               "machine": cpu_info(), "versions": versions(),
-               "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "results": results}
     path = Path(out) if out is not None else RESULTS / f"{name}.json"
+    command = " ".join(["python -m bench", name, *argv])
+    date = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    runs = [{"command": command, "date": date}]
+    if merged and path.is_file():
+        prev = json.loads(path.read_text())
+        earlier = prev.get("runs") or [{"command": prev.get("command"), "date": prev.get("date")}]
+        runs = [r for r in earlier if r.get("command") != command] + runs
+    payload = {"benchmark": name, "command": command, "data": data, "machine": cpu_info(), "versions": versions(),
+               "date": date, "runs": runs, "results": results}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=1, sort_keys=False) + "\n")

@@ -85,13 +85,15 @@ def main(argv: list[str]) -> int:
                               "calibration steps s", "budget"],
                        title=f"vitq compile --target {args.target}, full pipeline, one process per compile"))
     out = args.out or (Path(__file__).resolve().parent / "results" / "compile.json")
+    merged = False
     if out.is_file():  # a run of some models and recipes keeps the other rows (same target and images)
         prev = json.loads(out.read_text()).get("results", {})
         if prev.get("target") == args.target and prev.get("calib_count") == args.calib_count:
             done = {(r["model"], r["requested"]) for r in results}
-            results = [r for r in prev.get("rows", []) if (r.get("model"), r.get("requested")) not in done] + results
+            kept = [r for r in prev.get("rows", []) if (r.get("model"), r.get("requested")) not in done]
+            results, merged = kept + results, bool(kept)
     path = write_result("compile", {"target": args.target, "calib_count": args.calib_count, "rows": results},
-                        data=f"{args.models}; DeiT-Tiny with real weights when present, others random; calibration: "
-                             f"{args.calib_count} images of {CALIB.name}", argv=argv, out=out)
+                        data=f"DeiT-Tiny with real weights when present, other models random weights; calibration: "
+                             f"{args.calib_count} images of {CALIB.name}", argv=argv, out=out, merged=merged)
     print(f"wrote {path}")
     return 0

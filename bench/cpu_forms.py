@@ -433,9 +433,11 @@ def main(argv: list[str]) -> int:
             return 2
         results[key] = run_model(key, args, isa)
     out = args.out or (Path(__file__).resolve().parent / "results" / "cpu_forms.json")
+    kept = {}
     if out.is_file():  # a run of some models keeps the others' results
         prev = json.loads(out.read_text()).get("results", {}).get("models", {})
-        results = {**{k: v for k, v in prev.items() if k not in results}, **results}
+        kept = {k: v for k, v in prev.items() if k not in results}
+        results = {**kept, **results}
     print(_table(results, machine))
     load = os.getloadavg()
     path = write_result("cpu_forms", {"cpu_isa": isa, "threads": args.threads, "rounds": args.rounds,
@@ -444,6 +446,6 @@ def main(argv: list[str]) -> int:
                                       "models": results},
                         data="dev650 + 744 held-out sample images (calibration: 256 of the sample set, seed 0); "
                              "Swin-T: random weights, first --swin-eval of them, calibration 32",
-                        argv=argv, out=out)
+                        argv=argv, out=out, merged=bool(kept))
     print(f"wrote {path}")
     return 0

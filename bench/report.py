@@ -42,10 +42,18 @@ def _table(headers: list[str], rows: list[list[Any]]) -> list[str]:
     return out
 
 
+def _commands(name: str, d: dict) -> list[str]:
+    runs = d.get("runs") or []
+    if len(runs) <= 1:
+        return [f"`{d.get('command', 'python -m bench ' + name)}` (`bench/results/{name}.json`, {d.get('date', '?')})"]
+    return [f"`bench/results/{name}.json` holds the rows of {len(runs)} runs:", "",
+            *[f"- `{r['command']}` ({r['date']})" for r in runs]]
+
+
 def _header(name: str, d: dict) -> list[str]:
     v = d.get("versions") or {}
     return [f"## {TITLES.get(name, name)}", "",
-            f"`{d.get('command', 'python -m bench ' + name)}` (`bench/results/{name}.json`, {d.get('date', '?')})", "",
+            *_commands(name, d), "",
             f"- data: {d.get('data', '-')}",
             f"- machine: {flags_str(d['machine']) if d.get('machine') else '-'}",
             "- versions: " + (", ".join(f"{k} {v[k]}" for k in sorted(v)) or "-"), ""]
@@ -102,12 +110,23 @@ def render_compile(d: dict) -> list[str]:
         return ", ".join(f"{k[:-2]} {v:.0f}" for k, v in cal.items() if k != "total_s" and v >= 1) or "-"
 
     r = d["results"]
-    return [f"{r.get('calib_count', '?')} calibration images per compile.", ""] + _table(
+    out = [f"{r.get('calib_count', '?')} calibration images per compile.", ""] + _table(
         ["model", "recipe", "params M", "wall s", "CPU s", "peak RSS MiB", "calibration steps s", "budget s"],
         [[x.get("model", r.get("model", "-")),
           x["recipe"] if x.get("requested", x["recipe"]) == x["recipe"] else f"{x['requested']} (as {x['recipe']})",
           _f(x.get("params_m")), _f(x["wall_s"], 0),
           _f(x["cpu_s"], 0), _f(x["peak_rss_mib"], 0), steps(x), _f(x.get("limit_s"), 0)] for x in _rows(r)])
+    # scaling with model size: wall time ratio next to the parameter ratio (FLOPs per image scale alike for ViTs
+    # of one patch size and resolution)
+    by = {(x.get("model"), x.get("requested", x["recipe"])): x for x in _rows(r)}
+    base = by.get(("deit_tiny_patch16_224", "w4a4"))
+    lines = []
+    for m in ("deit_small_patch16_224", "vit_base_patch16_224"):
+        x = by.get((m, "w4a4"))
+        if base and x:
+            lines.append(f"- {m} w4a4: {x['wall_s'] / base['wall_s']:.2f}x DeiT-Tiny's compile time for "
+                         f"{x['params_m'] / base['params_m']:.1f}x its parameters")
+    return out + ([""] + lines if lines else [])
 
 
 def render_mixa(d: dict) -> list[str]:
@@ -207,7 +226,9 @@ def render_models(d: dict) -> list[str]:
             if "error" in v:
                 line += ["-", v["error"][:50], "-"]
                 continue
-            line += [_f(v.get("compile_s"), 0),
+            busy = x.get("others_cpu_share")
+            line += [_f(v.get("compile_s"), 0) + (" (load unknown)" if busy is None else
+                                                       f" (busy {busy:.0%})" if busy > 0.1 else ""),
                      f"{v['graph_vs_sim_rel_l2']:.1e} / {v.get('sim64_vs_sim_rel_l2', float('nan')):.1e}"
                      f"{'' if v.get('agrees') else ' (differs)'}" if "graph_vs_sim_rel_l2" in v else "-",
                      ("ok" if v["trt_check"]["ok"] else "FAIL " + ",".join(v["trt_check"]["errors"]))
@@ -219,8 +240,9 @@ def render_models(d: dict) -> list[str]:
     for rc in recipes:
         head += [f"{rc} compile s", f"{rc} graph vs sim / sim float64 vs float32", f"{rc} trt_check"]
     head.append("w8a8 / fp32 latency (batch 1, 1 thread)")
-    return [f"{r.get('images')} calibration images per model (synthetic pixels through the model's preprocessing).",
-            ""] + _table(head, rows)
+    return [f"{r.get('images')} calibration images per model (synthetic pixels through the model's preprocessing). "
+            "*busy N%*: other processes used N% of the machine's CPU during that model's compiles, so its times "
+            "are not comparable; *load unknown*: measured before the matrix recorded it.", ""] + _table(head, rows)
 
 
 def render_generic(d: dict) -> list[str]:
