@@ -110,21 +110,23 @@ def render_compile(d: dict) -> list[str]:
         return ", ".join(f"{k[:-2]} {v:.0f}" for k, v in cal.items() if k != "total_s" and v >= 1) or "-"
 
     r = d["results"]
-    out = [f"{r.get('calib_count', '?')} calibration images per compile.", ""] + _table(
-        ["model", "recipe", "params M", "wall s", "CPU s", "peak RSS MiB", "calibration steps s", "budget s"],
+    out = _table(
+        ["model", "recipe", "calibration images", "params M", "wall s", "CPU s", "peak RSS MiB",
+         "calibration steps s", "budget s"],
         [[x.get("model", r.get("model", "-")),
           x["recipe"] if x.get("requested", x["recipe"]) == x["recipe"] else f"{x['requested']} (as {x['recipe']})",
-          _f(x.get("params_m")), _f(x["wall_s"], 0),
+          _f(x.get("calib_count", r.get("calib_count"))), _f(x.get("params_m")), _f(x["wall_s"], 0),
           _f(x["cpu_s"], 0), _f(x["peak_rss_mib"], 0), steps(x), _f(x.get("limit_s"), 0)] for x in _rows(r)])
     # scaling with model size: wall time ratio next to the parameter ratio (FLOPs per image scale alike for ViTs
     # of one patch size and resolution)
-    by = {(x.get("model"), x.get("requested", x["recipe"])): x for x in _rows(r)}
-    base = by.get(("deit_tiny_patch16_224", "w4a4"))
+    by = {(x.get("model"), x.get("requested", x["recipe"]), x.get("calib_count", r.get("calib_count"))): x
+          for x in _rows(r)}
+    base = by.get(("deit_tiny_patch16_224", "w4a4", 64))
     lines = []
     for m in ("deit_small_patch16_224", "vit_base_patch16_224"):
-        x = by.get((m, "w4a4"))
+        x = by.get((m, "w4a4", 64))
         if base and x:
-            lines.append(f"- {m} w4a4: {x['wall_s'] / base['wall_s']:.2f}x DeiT-Tiny's compile time for "
+            lines.append(f"- {m} w4a4, 64 images: {x['wall_s'] / base['wall_s']:.2f}x DeiT-Tiny's compile time for "
                          f"{x['params_m'] / base['params_m']:.1f}x its parameters")
     return out + ([""] + lines if lines else [])
 
