@@ -142,6 +142,41 @@ class SimModule(nn.Module):
         return self
 
 
+def float_sensitivity(sim: SimModule, x, *, perturbations: int = 4, seed: int = 0) -> "np.ndarray":
+    """Per image, how far float rounding alone moves the recipe's logits: max |logit difference| / max |logit|
+    between ``sim`` in float32 and (a) the same simulation in float64, (b) ``perturbations`` float32 runs on the
+    input moved by one ulp per element in random directions.
+
+    A deployed graph sums in other orders than torch; a quantizer input within an ulp of a rounding boundary then
+    rounds the other way, and in some models one such flip moves the logits far (docs/models.md). Which element
+    flips differs from run to run, so the float64 twin alone samples one flip pattern; the perturbed runs sample
+    more. Not in place: ``sim`` stays float32."""
+    import numpy as np
+
+    xt = x if torch.is_tensor(x) else torch.from_numpy(np.asarray(x))
+    xt = xt.float()
+    with torch.no_grad():
+        ref = sim.predict(xt).double()
+        runs = [copy.deepcopy(sim).astype(torch.float64).predict(xt.double())]
+        gen = torch.Generator().manual_seed(seed)
+        for _ in range(perturbations):
+            sign = torch.randint(0, 2, xt.shape, generator=gen).float() * 2 - 1
+            runs.append(sim.predict(torch.nextafter(xt, sign * torch.inf)).double())
+    scale = ref.abs().amax(1).clamp_min(1e-30)
+    return torch.stack([(r - ref).abs().amax(1) / scale for r in runs]).amax(0).numpy()
+
+
+def matches_simulation(got, sim_logits, sensitivity, *, floor: float = 1e-5):
+    """``(ok, per_image)``: a deployed graph's logits ``got`` compute the simulation's function when no image is
+    further from ``sim_logits`` (max |difference| / max |logit|) than ``floor`` (float kernels summing in other
+    orders) or 3x the largest :func:`float_sensitivity` of the batch, whichever is larger."""
+    import numpy as np
+
+    got, ref = np.asarray(got, np.float64), np.asarray(sim_logits, np.float64)
+    per_image = np.abs(got - ref).max(1) / np.maximum(np.abs(ref).max(1), 1e-30)
+    return bool((per_image <= max(floor, 3 * float(np.max(sensitivity)))).all()), per_image
+
+
 class QuantSim(SimModule):
     """``QuantSim(prepared_model, recipe)(x)`` -> logits of the fake-quantized model."""
 
