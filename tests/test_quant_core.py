@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -349,3 +350,23 @@ def test_sim_astype_float64_is_the_same_function(vit, x32, vit_w8a8):
     rel = float((a.double() - b).norm() / b.norm())
     assert 0 < rel < 5e-2, rel
     assert (a.argmax(1) == b.argmax(1)).float().mean() >= 0.9
+
+
+def test_float_sensitivity_and_the_graph_rule(vit_w8a8, x32):
+    from vitq.quant.simulate import float_sensitivity, matches_simulation
+
+    sim = vit_w8a8.sim
+    sens = float_sensitivity(sim, x32, perturbations=2)
+    assert sens.shape == (len(x32),) and (sens >= 0).all()
+    # most images sit far from every rounding boundary: float rounding moves them by float precision only
+    assert (sens < 1e-5).mean() >= 0.5, sens
+    assert sim.dtype == torch.float32  # not in place
+    with torch.no_grad():
+        ref = sim(x32).numpy()
+    ok, per_image = matches_simulation(ref, ref, sens)
+    assert ok and (per_image == 0).all()
+    # one image moved beyond 3x the batch's largest sensitivity (and the float-kernel floor) fails the rule
+    bad = ref.copy()
+    bad[3] += 4 * max(1e-5, 3 * sens.max()) * np.abs(ref[3]).max()
+    ok, per_image = matches_simulation(bad, ref, sens)
+    assert not ok and per_image.argmax() == 3
