@@ -50,6 +50,14 @@ def _commands(name: str, d: dict) -> list[str]:
             *[f"- `{r['command']}` ({r['date']})" for r in runs]]
 
 
+def _as_flags(recipe: str) -> str:
+    """A bench recipe name as the compile flags that build it: ``w4a8+recon`` -> ``w4a8 --reconstruct``."""
+    base, *mods = recipe.split("+")
+    flags = {"recon": "--reconstruct", "static4": "--act4 static"}
+    return " ".join([base] + [flags.get(m.split("=")[0], "+" + m) + (" " + m.split("=")[1] if "=" in m else "")
+                              for m in mods])
+
+
 def _header(name: str, d: dict) -> list[str]:
     v = d.get("versions") or {}
     return [f"## {TITLES.get(name, name)}", "",
@@ -303,7 +311,7 @@ def readme_block(results: Path = RESULTS) -> str:
              f"KL(fp32 ‖ q) | batch-8 latency vs fp32 |", "|---|---|---|---|---|---|"]
     for x in rows:
         lo, hi = x["delta_top1_ci95"]
-        lines.append(f"| `{x['recipe']}` | {x['top1']:.2f} | {x['delta_top1']:+.2f} [{lo:+.2f}, {hi:+.2f}]"
+        lines.append(f"| `{_as_flags(x['recipe'])}` | {x['top1']:.2f} | {x['delta_top1']:+.2f} [{lo:+.2f}, {hi:+.2f}]"
                      f"{': within noise' if x['within_noise'] else ''} | {x['agreement']:.2f}% | {x['kl']:.4f} | "
                      f"{lat.get(x['recipe'], '-')} |")
     return "\n".join(lines) + "\n"
