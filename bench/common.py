@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -67,3 +68,21 @@ def read_result(name: str) -> dict[str, Any]:
 def flags_str(machine: dict[str, Any]) -> str:
     """'AMD EPYC, 2 cores, avx2 fma' for tables."""
     return f"{machine['model']}, {machine['cores']} cores, {' '.join(machine['flags']) or 'no int8 ISA flags'}"
+
+
+def busy() -> tuple[float, float, float]:
+    """(wall s, machine-wide busy CPU s from /proc/stat, this process' and its children's CPU s)."""
+    import resource
+
+    ticks = os.sysconf("SC_CLK_TCK")
+    f = [int(v) for v in open("/proc/stat").readline().split()[1:]]
+    machine = (sum(f) - f[3] - f[4]) / ticks  # all but idle and iowait
+    own = sum(getattr(resource.getrusage(w), k) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+              for k in ("ru_utime", "ru_stime"))
+    return time.perf_counter(), machine, own
+
+
+def others_share(a: tuple[float, float, float], b: tuple[float, float, float]) -> float:
+    """Share of the machine's CPU capacity that other processes used between two :func:`busy` readings."""
+    wall = max(b[0] - a[0], 1e-9)
+    return max(0.0, ((b[1] - a[1]) - (b[2] - a[2])) / (wall * (os.cpu_count() or 1)))

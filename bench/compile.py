@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from bench.common import DEIT_WEIGHTS as DEIT_W, SAMPLE1000 as CALIB, write_result
+from bench.common import DEIT_WEIGHTS as DEIT_W, SAMPLE1000 as CALIB, busy, others_share, write_result
 from vitq.table import format_table
 
 LIMIT_S = {("deit_tiny_patch16_224", "mp:5"): 300.0, ("deit_tiny_patch16_224", "w4a4"): 360.0,
@@ -41,7 +40,9 @@ def one(model: str, recipe: str, args, out: Path) -> dict:
             "ru = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
             "print(json.dumps({'rc': rc, 'wall_s': dt, 'peak_rss_mib': ru.ru_maxrss / 1024, "
             "'cpu_s': ru.ru_utime + ru.ru_stime}))")
+    b0 = busy()
     r = subprocess.run([sys.executable, "-c", code, *cmd], capture_output=True, text=True)
+    share = others_share(b0, busy())  # CPU other processes took meanwhile: times compare only on a quiet machine
     if r.returncode != 0 or not r.stdout.strip():
         raise SystemExit(f"compile of {recipe} failed:\n{r.stderr[-3000:]}")
     res = json.loads(r.stdout.strip().splitlines()[-1])
@@ -52,7 +53,7 @@ def one(model: str, recipe: str, args, out: Path) -> dict:
     res.update({"model": model, "recipe": report["recipe"]["name"], "requested": recipe, "calib_count": args.calib_count,
                 "params_m": round(report["model"]["num_params"] / 1e6, 2), "steps_s": report.get("timings_s"),
                 "calibration_s": {k: round(v, 2) for k, v in cal.items()}, "resources": report.get("resources"),
-                "load_avg_after": os.getloadavg()[0]})
+                "others_cpu_share": round(share, 3)})
     return res
 
 

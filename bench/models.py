@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import statistics
 import sys
 import tempfile
@@ -34,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import flags_str, write_result
+from bench.common import busy, flags_str, others_share, write_result
 
 #: the architectures of the matrix (issue #29): DeiT, ViT, DeiT III, register tokens, Swin, Swin V2, EVA02, BEiT
 MODELS = ["deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224", "vit_small_patch16_224",
@@ -52,24 +51,6 @@ def _images(cfg, n: int, seed: int = 0) -> np.ndarray:
     imgs = [Image.fromarray(rng.integers(0, 256, (cfg.height + 32, cfg.width + 48, 3), dtype=np.uint8))
             for _ in range(n)]
     return preprocess_batch(imgs, cfg)
-
-
-def _busy() -> tuple[float, float, float]:
-    """(wall s, machine-wide busy CPU s from /proc/stat, this process' and its children's CPU s)."""
-    import resource
-
-    ticks = os.sysconf("SC_CLK_TCK")
-    f = [int(v) for v in open("/proc/stat").readline().split()[1:]]
-    busy = (sum(f) - f[3] - f[4]) / ticks  # all but idle and iowait
-    own = sum(getattr(resource.getrusage(w), k) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
-              for k in ("ru_utime", "ru_stime"))
-    return time.perf_counter(), busy, own
-
-
-def _others_share(a: tuple[float, float, float], b: tuple[float, float, float]) -> float:
-    """Share of the machine's CPU capacity that other processes used between two :func:`_busy` readings."""
-    wall = max(b[0] - a[0], 1e-9)
-    return max(0.0, ((b[1] - a[1]) - (b[2] - a[2])) / (wall * (os.cpu_count() or 1)))
 
 
 def _rel(a, b) -> float:
@@ -226,14 +207,14 @@ def main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory() as d:
         for name in [m for m in args.models.split(",") if m]:
             print(f"[bench models] {name} ...", file=sys.stderr, flush=True)
-            busy0 = _busy()
+            busy0 = busy()
             try:
                 rows.append(one_model(name, args, Path(d)))
             except Exception as e:
                 rows.append({"model": name, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"})
                 traceback.print_exc()
             # CPU time other processes took meanwhile: compile times are only comparable on a quiet machine
-            rows[-1]["others_cpu_share"] = round(_others_share(busy0, _busy()), 3)
+            rows[-1]["others_cpu_share"] = round(others_share(busy0, busy()), 3)
             print(_table(rows[-1:], args.recipes), file=sys.stderr, flush=True)
             done = {row["model"] for row in rows}  # written after each model: a long run keeps what it finished
             all_rows = [row for row in prev_rows if row["model"] not in done] + rows

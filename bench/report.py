@@ -112,6 +112,12 @@ def render_latency(d: dict) -> list[str]:
     return out
 
 
+def _busy(x: dict) -> str:
+    """' (busy N%)' when other processes took more than a tenth of the machine's CPU during the measurement."""
+    share = x.get("others_cpu_share")
+    return f" (busy {share:.0%})" if share is not None and share > 0.1 else ""
+
+
 def render_compile(d: dict) -> list[str]:
     def steps(x):
         cal = x.get("calibration_s") or {}
@@ -123,7 +129,7 @@ def render_compile(d: dict) -> list[str]:
          "calibration steps s", "budget s"],
         [[x.get("model", r.get("model", "-")),
           x["recipe"] if x.get("requested", x["recipe"]) == x["recipe"] else f"{x['requested']} (as {x['recipe']})",
-          _f(x.get("calib_count", r.get("calib_count"))), _f(x.get("params_m")), _f(x["wall_s"], 0),
+          _f(x.get("calib_count", r.get("calib_count"))), _f(x.get("params_m")), _f(x["wall_s"], 0) + _busy(x),
           _f(x["cpu_s"], 0), _f(x["peak_rss_mib"], 0), steps(x), _f(x.get("limit_s"), 0)] for x in _rows(r)])
     # scaling with model size: wall time ratio next to the parameter ratio (FLOPs per image scale alike for ViTs
     # of one patch size and resolution)
@@ -237,8 +243,7 @@ def render_models(d: dict) -> list[str]:
                 line += ["-", v["error"][:50], "-"]
                 continue
             busy = x.get("others_cpu_share")
-            line += [_f(v.get("compile_s"), 0) + (" (load unknown)" if busy is None else
-                                                       f" (busy {busy:.0%})" if busy > 0.1 else ""),
+            line += [_f(v.get("compile_s"), 0) + (" (load unknown)" if busy is None else _busy(x)),
                      f"{v['graph_vs_sim_rel_l2']:.1e} / {v.get('sim64_vs_sim_rel_l2', float('nan')):.1e}"
                      f"{'' if v.get('agrees') else ' (differs)'}" if "graph_vs_sim_rel_l2" in v else "-",
                      ("ok" if v["trt_check"]["ok"] else "FAIL " + ",".join(v["trt_check"]["errors"]))
