@@ -130,7 +130,8 @@ def render_compile(d: dict) -> list[str]:
         [[x.get("model", r.get("model", "-")),
           x["recipe"] if x.get("requested", x["recipe"]) == x["recipe"] else f"{x['requested']} (as {x['recipe']})",
           _f(x.get("calib_count", r.get("calib_count"))), _f(x.get("params_m")), _f(x["wall_s"], 0) + _busy(x),
-          _f(x["cpu_s"], 0), _f(x["peak_rss_mib"], 0), steps(x), _f(x.get("limit_s"), 0)] for x in _rows(r)])
+          _f(x["cpu_s"], 0), _f(x["peak_rss_mib"], 0), steps(x),
+          _f(x.get("limit_s"), 0) + (f" ({x['note']})" if x.get("note") else "")] for x in _rows(r)])
     # scaling with model size: wall time ratio next to the parameter ratio (FLOPs per image scale alike for ViTs
     # of one patch size and resolution)
     by = {(x.get("model"), x.get("requested", x["recipe"]), x.get("calib_count", r.get("calib_count"))): x
