@@ -61,6 +61,18 @@ def write_result(name: str, results: Any, *, data: str, argv: list[str] | None =
     return path
 
 
+def stamp_cpu(kept: list[dict], prev: dict[str, Any], new: list[dict]) -> list[dict]:
+    """``kept + new`` with each row naming the CPU it ran on (``cpu``: flags_str): rows merged from an earlier run
+    keep that run's machine, so a result file that holds several runs never credits one CPU with another's times."""
+    if prev.get("machine"):
+        for r in kept:
+            r.setdefault("cpu", flags_str(prev["machine"]))
+    here = flags_str(cpu_info())
+    for r in new:
+        r["cpu"] = here
+    return kept + new
+
+
 def read_result(name: str) -> dict[str, Any]:
     return json.loads((RESULTS / f"{name}.json").read_text())
 

@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.common import DEIT_WEIGHTS as DEIT_W, SAMPLE1000 as CALIB, busy, others_share, write_result
+from bench.common import DEIT_WEIGHTS as DEIT_W, SAMPLE1000 as CALIB, busy, others_share, stamp_cpu, write_result
 from vitq.table import format_table
 
 LIMIT_S = {("deit_tiny_patch16_224", "mp:5"): 300.0, ("deit_tiny_patch16_224", "w4a4"): 360.0,
@@ -87,16 +87,17 @@ def main(argv: list[str]) -> int:
                               "calibration steps s", "budget"],
                        title=f"vitq compile --target {args.target}, full pipeline, one process per compile"))
     out = args.out or (Path(__file__).resolve().parent / "results" / "compile.json")
-    merged = False
+    merged, prev_file = False, {}
     if out.is_file():  # a run of some models, recipes and image counts keeps the other rows (same target)
-        prev = json.loads(out.read_text()).get("results", {})
+        prev_file = json.loads(out.read_text())
+        prev = prev_file.get("results", {})
         if prev.get("target") == args.target:
             key = lambda r, n=prev.get("calib_count"): (r.get("model"), r.get("requested"), r.get("calib_count", n))
             done = {key(r) for r in results}
             kept = [r for r in prev.get("rows", []) if key(r) not in done]
             for r in kept:
                 r.setdefault("calib_count", prev.get("calib_count"))
-            results, merged = kept + results, bool(kept)
+            results, merged = stamp_cpu(kept, prev_file, results), bool(kept)
     path = write_result("compile", {"target": args.target, "rows": results},
                         data=f"DeiT-Tiny with real weights when present, other models random weights; calibration: "
                              f"the first images of {CALIB.name} (count per row)", argv=argv, out=out, merged=merged)

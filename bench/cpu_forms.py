@@ -24,7 +24,8 @@ sample images outside the 256-image calibration subset (``open_image_set(sample)
 ``vitq compile --calib-count 256`` picks it). Swin-T has random weights: agreement with its own fp32 on the first
 ``--swin-eval`` of those images, calibrated on 32. Latency: interleaved rounds (each round runs every session
 ``--per-round`` times, order rotating); a round's ratio is median(candidate)/median(fp32); reported: the median
-ratio over rounds and its spread. The machine's CPU flags are in the result file (``machine``).
+ratio over rounds and its spread. The machine's CPU flags are in the result file (``machine``), one file per CPU
+ISA class (``bench/results/cpu_forms_avx2.json``, ``cpu_forms_vnni.json``, ...), so each kind of CPU keeps its own.
 """
 
 from __future__ import annotations
@@ -238,7 +239,7 @@ def run_model(key: str, args, isa: str) -> dict:
     w8 = _compile(model, build / f"{key}-w8a8", "w8a8", calib_count)
     form, bits, reason = choose_form(8, isa)
     w7 = _compile(model, build / f"{key}-w7a8", "w7a8", calib_count)
-    vnni = None if args.skip_vnni else \
+    vnni = None if args.skip_vnni and bits == 7 else \
         _compile(model, build / f"{key}-w8a8-vnni", str(w8 / "recipe.json"), calib_count, cpu="vnni")
     cfg = PreprocessConfig.from_dict(json.loads((w8 / "report.json").read_text())["preprocess"])
     calib, evals = _sets(calib_count)
@@ -250,18 +251,20 @@ def run_model(key: str, args, isa: str) -> dict:
     here_exact = full_range_u8s8_exact(isa)
     default_name = f"vitq w8a8 default ({bits}-bit weights on {isa})"
     cands = {"fp32": {"kind": "fp32", "path": fp32},
-             default_name: {"kind": "vitq", "path": (w7 if bits == 7 else w8) / "model.onnx", "form": form,
+             default_name: {"kind": "vitq", "path": (w7 if bits == 7 else vnni) / "model.onnx", "form": form,
                             "recipe": f"w{bits}a8", "cpu": isa, "reason": reason, "default": True},
              "vitq w8a8 --cpu avx2 (u8u8)": {"kind": "vitq", "path": w8 / "model.onnx", "form": "u8u8",
-                                             "recipe": "w8a8", "cpu": "avx2"},
-             "vitq w8a8 --cpu vnni (u8s8)": {"kind": "vitq", "path": (vnni or w8) / "model.onnx",
-                                             "form": form_for("vnni"),
-                                             "recipe": "w8a8", "cpu": "vnni"}}
-    if bits == 8 or vnni is None:  # on a VNNI/AMX CPU the default is the u8s8 w8a8 artifact itself
-        cands.pop("vitq w8a8 --cpu vnni (u8s8)")
+                                             "recipe": "w8a8", "cpu": "avx2"}}
+    if bits == 7 and vnni is not None:  # the full 8-bit u8s8 form, exact only where the CPU has VNNI/AMX
+        cands["vitq w8a8 --cpu vnni (u8s8)"] = {"kind": "vitq", "path": vnni / "model.onnx",
+                                                "form": form_for("vnni"), "recipe": "w8a8", "cpu": "vnni"}
+    if bits == 8:  # the AVX2 default (7-bit weights, u8s8: exact everywhere) next to the full 8-bit one
+        cands["vitq w7a8 --cpu avx2 (7-bit weights)"] = {"kind": "vitq", "path": w7 / "model.onnx",
+                                                        "form": "u8s8", "recipe": "w7a8", "cpu": "avx2",
+                                                        "exact_by_form": True}
     for c in cands.values():
         if c["kind"] == "vitq":
-            c["exact_by_form"] = c["form"] == "u8u8" or here_exact
+            c.setdefault("exact_by_form", c["form"] == "u8u8" or here_exact)
     for name, cfg_q in _ort_configs(args.methods):
         if args.ort and name not in args.ort:
             continue
@@ -432,7 +435,7 @@ def main(argv: list[str]) -> int:
             print(f"cpu_forms: unknown model {key!r} (one of: {', '.join(MODELS)})", file=sys.stderr)
             return 2
         results[key] = run_model(key, args, isa)
-    out = args.out or (Path(__file__).resolve().parent / "results" / "cpu_forms.json")
+    out = args.out or (Path(__file__).resolve().parent / "results" / f"cpu_forms_{isa}.json")
     kept = {}
     if out.is_file():  # a run of some models keeps the others' results
         prev = json.loads(out.read_text()).get("results", {}).get("models", {})

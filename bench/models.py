@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import busy, flags_str, others_share, write_result
+from bench.common import busy, flags_str, others_share, stamp_cpu, write_result
 
 #: the architectures of the matrix (issue #29): DeiT, ViT, DeiT III, register tokens, Swin, Swin V2, EVA02, BEiT
 MODELS = ["deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224", "vit_small_patch16_224",
@@ -196,11 +196,12 @@ def main(argv: list[str]) -> int:
     data = (f"timm random weights (seed 0), {args.images} synthetic random-pixel images per model through its own "
             f"preprocessing; checks on the first {args.verify}")
     out = args.out or (Path(__file__).resolve().parent / "results" / "models.json")
-    prev_rows = []
+    prev_rows, prev_file = [], {}
     if out.is_file():  # a run of some models keeps the other models' rows (same images and recipes)
         import json
 
-        prev = json.loads(out.read_text()).get("results", {})
+        prev_file = json.loads(out.read_text())
+        prev = prev_file.get("results", {})
         if prev.get("recipes") == args.recipes and prev.get("images") == args.images:
             prev_rows = prev.get("rows", [])
     rows: list[dict] = []
@@ -217,7 +218,7 @@ def main(argv: list[str]) -> int:
             rows[-1]["others_cpu_share"] = round(others_share(busy0, busy()), 3)
             print(_table(rows[-1:], args.recipes), file=sys.stderr, flush=True)
             done = {row["model"] for row in rows}  # written after each model: a long run keeps what it finished
-            all_rows = [row for row in prev_rows if row["model"] not in done] + rows
+            all_rows = stamp_cpu([row for row in prev_rows if row["model"] not in done], prev_file, rows)
             path = write_result("models", {"rows": all_rows, "recipes": args.recipes, "images": args.images},
                                 data=data, argv=argv, out=out, merged=bool(prev_rows))
     rows = all_rows

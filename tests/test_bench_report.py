@@ -54,3 +54,35 @@ def test_accuracy_recipe_modifiers():
     assert compile_variant("mp:5+recon=100+static4") == ("mp:5", {"reconstruct": 100, "act4": "static"})
     with pytest.raises(SystemExit, match="unknown recipe modifier 'fast'"):
         compile_variant("w4a4+fast")
+
+
+def test_rows_merged_from_another_cpu_name_it(tmp_path, monkeypatch):
+    from bench import common
+
+    avx2 = {"model": "AMD EPYC", "cores": 2, "machine": "x86_64", "flags": ["avx2", "fma"]}
+    vnni = {**avx2, "flags": ["avx2", "avx512_vnni"]}
+    monkeypatch.setattr(common, "cpu_info", lambda: vnni)
+    old, new = [{"model": "a", "recipe": "w8a8", "wall_s": 10.0, "cpu_s": 9.0, "peak_rss_mib": 1.0}], \
+        [{"model": "b", "recipe": "w8a8", "wall_s": 20.0, "cpu_s": 19.0, "peak_rss_mib": 2.0}]
+    rows = common.stamp_cpu(old, {"machine": avx2}, new)
+    assert [r["cpu"] for r in rows] == ["AMD EPYC, 2 cores, avx2 fma", "AMD EPYC, 2 cores, avx2 avx512_vnni"]
+    d = {"benchmark": "compile", "command": "python -m bench compile", "machine": vnni, "versions": {},
+         "date": "2026-01-01T00:00:00+00:00", "results": {"target": "ort", "rows": rows}}
+    (tmp_path / "compile.json").write_text(json.dumps(d))
+    text = report.render(tmp_path)
+    assert "| CPU |" in text and "| AMD EPYC, 2 cores, avx2 fma |" in text
+    for r in rows:  # one CPU: no column
+        r["cpu"] = "x"
+    (tmp_path / "compile.json").write_text(json.dumps(d))
+    assert "| CPU |" not in report.render(tmp_path)
+
+
+def test_cpu_forms_files_per_isa_render_under_one_title(tmp_path):
+    machine = {"model": "Some CPU", "cores": 2, "machine": "x86_64", "flags": ["avx2"]}
+    for isa in ("avx2", "vnni"):
+        (tmp_path / f"cpu_forms_{isa}.json").write_text(json.dumps({
+            "benchmark": "cpu_forms", "command": "python -m bench cpu_forms", "machine": machine, "versions": {},
+            "date": "2026-01-01T00:00:00+00:00", "results": {"cpu_isa": isa, "models": {}}}))
+    text = report.render(tmp_path)
+    assert text.index("## CPU int8 forms (avx2)") < text.index("## CPU int8 forms (vnni)")
+    assert "`bench/results/cpu_forms_vnni.json`" in text

@@ -194,7 +194,7 @@ def choose_form(weight_bits: int, isa: str) -> tuple[str, int, str]:
 
     "A recipe name means the best for the target": where full 8-bit weights only run exactly in the slower U8U8
     kernel (avx2, avx512 without VNNI), 8-bit weights become 7-bit (ORT's ``reduce_range``), which runs the fast
-    U8S8 kernel exactly (one GEMM: bench/results/cpu_forms.json; on DeiT-Tiny, w7a8 and w8a8 agree with fp32
+    U8S8 kernel exactly (one GEMM: bench/results/cpu_forms_avx2.json; on DeiT-Tiny, w7a8 and w8a8 agree with fp32
     equally on 1394 images: bench/results/accuracy.json). Other bit widths and ISAs keep their bits."""
     form = form_for(isa)
     if weight_bits == 8 and not full_range_u8s8_exact(isa):
