@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import DEIT_WEIGHTS, DEV650, REPO, SAMPLE1000, write_result
+from bench.common import DEIT_WEIGHTS, DEV650, REPO, SAMPLE1000, stamp_cpu, write_result
 from vitq.data import ImageSet, iter_batches, open_image_set
 from vitq.evaluate import compare_logits, paired_interval
 from vitq.runtime import Engine
@@ -202,7 +202,7 @@ def main(argv: list[str]) -> int:
                 {"dev650": f"{DEV650.name} ({len(sets[s])})",
                  "heldout": f"the {SAMPLE1000.name} images calibration did not use ({len(sets[s])})"}[s] for s in sets))
     out = args.out or (REPO / "bench" / "results" / "accuracy.json")
-    kept = []
+    kept, prev = [], {}
     if out.is_file() and not args.count and not args.sets:  # a run of some recipes keeps the others' rows
         prev = json.loads(out.read_text())
         pr = prev.get("results", {})
@@ -210,7 +210,7 @@ def main(argv: list[str]) -> int:
             kept = [row for row in pr.get("rows", []) if row["recipe"] not in recipes]
             for row in kept:
                 row.setdefault("measured_utc", prev.get("date"))
-    rows = kept + rows
+    rows = stamp_cpu(kept, prev, rows)
     path = write_result("accuracy", {"model": MODEL, "calib_count": args.calib_count, "boot": args.boot,
                                      "noise": args.noise if args.realizations else None,
                                      "fp32": {s: float((logits[s]["fp32"][0].argmax(1) == labels[s]).mean() * 100)

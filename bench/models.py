@@ -17,7 +17,9 @@ Per model (timm random weights, seed 0; synthetic random-pixel images through th
                            [--recipes w8a8,w4a8] [--verify 4] [--latency-runs 20] [--out PATH]
 
 Random weights make accuracy meaningless; the matrix checks that each architecture compiles and that the deployed
-graph computes what the simulation computes.
+graph computes what the simulation computes. One recipe serves both pipelines, so its 4-bit weights are per output
+channel (the TensorRT form); ``--target ort``'s group-wise 4-bit weights are checked per architecture family by
+``tests/test_family.py`` (``w4a8-g16``).
 """
 
 from __future__ import annotations

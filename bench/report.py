@@ -103,8 +103,8 @@ def render_accuracy(d: dict) -> list[str]:
                      + (" *noise*" if x["within_noise"] else ""), x["agreement"], _f(x["kl"], 4)])
     if not rows:
         return out[:1]
-    out += _table(["recipe", "images", "n", "top-1", "vs fp32 [95%]", "agreement with fp32 %", "KL(fp32 ‖ q)"],
-                  rows)
+    out += _with_cpu(["recipe", "images", "n", "top-1", "vs fp32 [95%]", "agreement with fp32 %", "KL(fp32 ‖ q)"],
+                     rows, r["rows"], d)
     real = [x for x in r["rows"] if x.get("realizations")]
     if real:
         out += ["", f"Over {real[0]['realizations']['draws']} realizations (input x (1 + {r.get('noise')} N(0,1))), "

@@ -125,12 +125,17 @@ def exported(fam, tmp_path_factory):
     return m, x, d
 
 
-@pytest.mark.parametrize("recipe", ["w8a8", "w4a8"])
+@pytest.mark.parametrize("recipe", ["w8a8", "w4a8", "w4a8-g16"])
 def test_family_compiles_and_graph_matches_simulation(exported, fam, recipe, request):
+    """``w4a8-g16``: group-wise 4-bit weights (one scale per 16 inputs), the ORT target's form; TensorRT refuses it
+    (``BLOCKED_WEIGHT``), the ORT graph matches the simulation like the others."""
     m, x, d = exported
     hw = TINY[fam][1]["img_size"]
-    res = calibrate(m, family_of(m), x, parse_recipe_arg(recipe), model_name=fam, provenance={}, progress=False,
-                    methods={"gptq_images": N_IMAGES})
+    preset, _, grp = recipe.partition("-g")
+    res = calibrate(m, family_of(m), x, parse_recipe_arg(preset), model_name=fam, provenance={}, progress=False,
+                    methods={"gptq_images": N_IMAGES, "weight_group": int(grp or 0)})
+    if grp:
+        assert any(l.weight is not None and l.weight.group == int(grp) for l in res.recipe.layers)
     path = d / f"{recipe}.prepared.onnx"
     export_onnx(res.model, path, image_size=(hw, hw))
     with torch.no_grad():
@@ -145,7 +150,10 @@ def test_family_compiles_and_graph_matches_simulation(exported, fam, recipe, req
     sensitive = (fp_sens > FLOAT_KERNEL_REL).mean()
     n_attn = sum(1 for l in res.recipe.layers if l.kind == "attn")
     assert n_attn == sum(1 for b in m.modules() if type(b).__name__.endswith("Block") and hasattr(b, "attn"))
-    for target in ("ort", "trt"):
+    if grp:
+        _, rep = build_deployable(path, res.recipe, "trt", sample_inputs=x[:2])
+        assert not rep["trt_check"]["ok"] and "BLOCKED_WEIGHT" in {e["code"] for e in rep["trt_check"]["errors"]}
+    for target in ("ort",) if grp else ("ort", "trt"):
         proto, rep = build_deployable(path, res.recipe, target, sample_inputs=x[:2])
         got = ort_run(proto, {"input": x})[0]
         assert got.shape == sim.shape

@@ -395,3 +395,52 @@ def test_shift_schema_round_trip_and_errors():
         QuantSpec.from_dict({"bits": 8, "scale": [0.1, 0.2], "axis": 0, "shift": 1}, "x")
     with pytest.raises(RecipeError, match=r"x\.shift"):
         QuantSpec.from_dict({"bits": 8, "scale": [0.1], "shift": 1.5}, "x")
+
+
+def test_group_wise_weights_become_a_blocked_dequantize_linear():
+    """``weight.group``: one scale per g inputs of each output channel -> DQ(block_size g) along the input axis, for
+    a MatMul weight [in, out] (axis 0) and a Gemm(transB=1) weight [out, in] (axis 1); the integers and the ONNX
+    Runtime function equal the torch fake quantization."""
+    import torch
+
+    from vitq.quant.observers import fake_quant_weight
+
+    rng = np.random.default_rng(1)
+    d, hidden, g = 32, 64, 16
+    m = tiny_block(rng, d=d, hidden=hidden, out=4)
+    fc1 = lin("fc1", 4, 8, 1) | {"weight": {"bits": 4, "axis": 0, "group": g, "scale": [
+        0.3 * (1 + (i % 7) / 5) for i in range(hidden * (d // g))]}}
+    head = {"module": "head", "kind": "linear", "weight": {"bits": 4, "axis": 0, "group": g, "scale": [
+        0.4 * (1 + (i % 3) / 4) for i in range(4 * (d // g))]}}
+    r = recipe_for([fc1, head])
+    q = run(m, r)
+    I = inits(q)
+    W1t, Wh = nph.to_array(inits(m)["W1t"]), nph.to_array(inits(m)["head.weight"])
+    for op, w_graph, torch_w, axis, spec in (("fc1/MatMul", W1t, W1t.T, 0, r.layer("fc1").weight),
+                                              ("head/Gemm", Wh, Wh, 1, r.layer("head").weight)):
+        node = gemm_inputs(q, op)[0]
+        dq, qn, _ = dq_of(q, node.input[1])
+        attrs = {a.name: h.get_attribute_value(a) for a in dq.attribute}
+        assert qn is None and attrs == {"axis": axis, "block_size": g}
+        assert I[dq.input[0]].data_type == T.INT4 and list(I[dq.input[0]].dims) == list(w_graph.shape)
+        ref = fake_quant_weight(torch.from_numpy(np.array(torch_w)), torch.tensor(spec.scale), 4).numpy()
+        s = nph.to_array(I[dq.input[1]])
+        deq = nph.to_array(I[dq.input[0]]).astype(np.float32) * np.repeat(s, g, axis=axis)
+        np.testing.assert_array_equal(deq if op == "head/Gemm" else deq.T, ref)
+    import onnxruntime as ort
+
+    from vitq.runtime.ort_backend import QDQ_MATMULNBITS_ACCURACY
+
+    x = rng.standard_normal((2, 5, d)).astype(np.float32)
+    plain = ort_run(q, {"x": x})[0]
+    so = ort.SessionOptions()
+    so.add_session_config_entry(QDQ_MATMULNBITS_ACCURACY, "1")  # the runtime's exact int4 mode
+    fused = ort.InferenceSession(q.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(fused, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_group_wise_weights_that_do_not_fit_the_graph_are_named():
+    m = tiny_block(np.random.default_rng(2))
+    bad = {"module": "fc1", "kind": "linear", "weight": {"bits": 4, "axis": 0, "group": 4, "scale": [0.1] * 16}}
+    with pytest.raises(GraphPassError, match=r"fc1.weight: 16 scales in groups of 4"):
+        run(m, recipe_for([bad]))

@@ -89,3 +89,11 @@ def test_axis_error_and_unsupported_op_and_decomposed_layernorm():
     assert ("DECOMPOSED_LAYERNORM", "rm1") in {(i.code, i.node) for i in rep.warnings}
     d = rep.to_dict()
     assert d["ok"] is False and {"severity", "code", "message", "node", "module"} <= set(d["errors"][0])
+
+
+def test_group_wise_weights_are_an_error_naming_the_fix():
+    fc1 = lin("fc1", 4, 8, 1) | {"weight": {"bits": 4, "axis": 0, "group": 4, "scale": [0.1] * 32}}
+    rep = check(_q([fc1, lin("fc2", 8, 8, 8)]))
+    blocked = [i for i in rep.errors if i.code == "BLOCKED_WEIGHT"]
+    assert [i.module for i in blocked] == ["fc1"] and "--target trt" in blocked[0].message
+    assert "AXIS" not in rep.codes("error")

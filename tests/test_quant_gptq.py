@@ -242,3 +242,60 @@ def test_refinement_is_kept_only_if_held_out_calibration_kl_drops():
     attn = lambda r: [l.attn.scale[0] for l in r.layers if l.kind == "attn"]  # noqa: E731
     if not info["kept"]:
         assert attn(res.recipe) == attn(none.recipe)
+
+
+def test_gptq_with_group_scales_beats_round_to_nearest_and_stays_on_each_groups_grid():
+    from vitq.quant.functional import weight_scale_map
+
+    torch.manual_seed(0)
+    x = _correlated_inputs()
+    w = torch.randn(32, 64) * 0.1
+    s = ob.weight_mse(w, 4, group=16)
+    assert s.shape == (32 * 4,)
+    smap = weight_scale_map(s, w)
+    assert torch.equal(smap[:, :16], s.reshape(32, 4)[:, :1].expand(32, 16))  # channel 0's groups first
+    hs = Hessian(torch.nn.Linear(64, 32, bias=False))
+    hs.add(x)
+    res = gptq_quantize(w, hs.matrix(), s, 4)
+    lo, hi = qrange(4)
+    assert torch.equal(res.wq, res.q * smap) and res.q.min() >= lo and res.q.max() <= hi
+    assert torch.equal(ob.fake_quant_weight(res.wq, s, 4), res.wq)  # the simulation re-quantizes it to itself
+    rtn = ob.fake_quant_weight(w, s, 4)
+    assert float((rtn - w).norm()) < float((ob.fake_quant_weight(w, ob.weight_mse(w, 4), 4) - w).norm())
+    ref = x @ w.t()
+    assert float((x @ res.wq.t() - ref).pow(2).sum()) < 0.8 * float((x @ rtn.t() - ref).pow(2).sum())
+    with pytest.raises(ValueError, match="fit neither 32 output channels nor groups"):
+        weight_scale_map(torch.ones(96), w.reshape(32, 64)[:, :40])
+
+
+def test_group_wise_weights_calibrate_and_replay_from_the_recipe_file(tmp_path):
+    """``weight_group``: 4-bit Linear weights get one scale per group of inputs (the patch-embedding conv and the
+    8-bit head keep one per channel); the recipe file with its GPTQ sidecar reproduces the simulation bit for bit."""
+    from vitq.quant.pipeline import QuantMethods
+
+    torch.manual_seed(0)
+    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=1,
+                          num_classes=10).eval()
+    x = torch.randn(8, 3, 32, 32)
+    res = calibrate(m, "vit", x.numpy(), parse_recipe_arg("w4a8"), model_name="tiny", provenance={},
+                    methods=QuantMethods(weight_group=32))
+    groups = {l.module: l.weight.group for l in res.recipe.layers if l.weight is not None}
+    assert groups["patch_embed.proj"] == 0 and groups["head"] == 0
+    assert groups["blocks.0.attn.qkv"] == 32 and groups["blocks.0.mlp.fc2"] == 32
+    qkv = res.recipe.layer("blocks.0.attn.qkv").weight
+    assert len(qkv.scale) == 576 * 192 // 32
+    path = tmp_path / "recipe.json"
+    res.recipe.save(path)
+    saved = {l["module"]: l for l in json.loads(path.read_text())["layers"]}
+    assert saved["blocks.0.attn.qkv"]["weight"]["group"] == 32 and "group" not in saved["head"]["weight"]
+    _, sim = apply_recipe(m, "vit", Recipe.load(path))
+    with torch.no_grad():
+        assert torch.equal(sim(x), res.sim(x))
+
+
+def test_group_field_is_validated():
+    base = {"schema": "vitq.recipe/1", "name": "t", "model": "m"}
+    for q, msg in (({"bits": 8, "scale": [0.1], "group": 32}, "only weight quantizers"),
+                   ({"bits": 4, "scale": [0.1, 0.2], "axis": 0, "group": 1}, "group size >= 2")):
+        with pytest.raises(RecipeError, match=msg):
+            Recipe.from_dict({**base, "layers": [{"module": "fc", "kind": "linear", "input": q}]})

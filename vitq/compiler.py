@@ -264,7 +264,8 @@ def _calibrate(job: _Job):
                   "vitq_version": __version__}
     with log.step(f"calibrating {req.name} (MPTQ-ViT)"):
         methods = QuantMethods(recon={"iters": int(opts.reconstruct)} if opts.reconstruct else None,
-                               act4=opts.act4, act4_group=job.target.default_act_group)
+                               act4=opts.act4, act4_group=job.target.default_act_group,
+                               weight_group=job.target.default_weight_group)
         res = calibrate(lm.model, lm.family, x_calib, req, model_name=opts.model, provenance=provenance,
                         progress=opts.progress if opts.progress is not None else True, methods=methods)
     cal = job.report["calibration"]

@@ -6,7 +6,9 @@ Placement (TensorRT explicit quantization; also what ORT's QDQ fusions match):
   the GEMM/Conv weight input. The integers are computed from the graph's float initializer with the recipe's scales
   exactly as :func:`vitq.quant.functional.quantize` does (float32 ``w / s``, round half to even, clamp). Axis: 1 for
   a Linear exported as ``MatMul(X, W^T)`` (``W^T`` is ``[in, out]``), 0 for ``Gemm(transB=1)`` and Conv.
-  Bits < 8 other than 4 are stored as int8 holding values in the narrower range.
+  Bits < 8 other than 4 are stored as int8 holding values in the narrower range. Group-wise weight scales (the
+  recipe's ``weight.group``) become a blocked DequantizeLinear (``block_size`` along the input axis; ONNX opset
+  21, which ONNX Runtime runs on CPU).
 * activations: QuantizeLinear -> DequantizeLinear directly on the GEMM/Conv input edge (zero point 0; int8, or
   ONNX INT4 at 4 bits). Bits < 8 other than 4 (e.g. 6): int8 Q -> Clip(qmin, qmax) on the int8 tensor -> DQ, the
   exact narrower grid. Both operands of both attention matmuls are quantized the same way (``k`` is quantized on
@@ -135,6 +137,8 @@ class InsertQDQ(GraphPass):
         return dq_out
 
     def _weight_dq(self, site: Site, spec: QuantSpec, module: str) -> ir.Value:
+        if spec.group:
+            return self._weight_dq_blocked(site, spec, module)
         node = site.node
         w_val = node.inputs[site.weight_index]
         w = w_val.const_value.numpy()
@@ -164,6 +168,42 @@ class InsertQDQ(GraphPass):
         g.insert_before(node, dq)
         node.replace_input_with(site.weight_index, dq_out)
         if not w_val.uses() and not w_val.is_graph_output():  # the float weight is dead now (others keep theirs)
+            g.initializers.pop(w_val.name, None)
+        return dq_out
+
+    def _weight_dq_blocked(self, site: Site, spec: QuantSpec, module: str) -> ir.Value:
+        """Group-wise weight scales: a blocked ``DequantizeLinear`` (opset 21 ``block_size`` along the input axis
+        of the 2-D graph weight; ``[K, N]`` MatMul weights block axis 0, ``[N, K]`` Gemm weights axis 1)."""
+        node = site.node
+        w_val = node.inputs[site.weight_index]
+        w = np.asarray(w_val.const_value.numpy(), np.float32)
+        g, nm = self._graph, self._namer
+        if w.ndim != 2 or site.weight_axis not in (0, 1):
+            raise GraphPassError(f"{module}.weight: group-wise scales need a 2-D Linear weight, the graph has "
+                                 f"{w_val.name} {list(w.shape)}")
+        out_axis, in_axis = site.weight_axis, 1 - site.weight_axis
+        o, c = w.shape[out_axis], w.shape[in_axis]
+        if c % spec.group or len(spec.scale) != o * (c // spec.group):
+            raise GraphPassError(f"{module}.weight: {len(spec.scale)} scales in groups of {spec.group} do not fit "
+                                 f"the graph weight {w_val.name} {list(w.shape)} ({o} outputs x {c} inputs)")
+        compact = np.asarray(spec.scale, np.float32).reshape(o, c // spec.group)  # [outputs, groups]
+        s_g = compact if out_axis == 0 else compact.T  # the weight's layout with the input axis in blocks
+        s_full = np.repeat(s_g, spec.group, axis=in_axis)
+        lo, hi = spec.qmin, spec.qmax
+        q = np.clip(np.round(w / s_full), lo, hi).astype(np.int8)
+        self._wdq[id(node)] = q.astype(np.float32) * s_full
+        base = f"{module}.weight"
+        qt = _qtype(spec.bits)
+        q_init = add_initializer(g, nm, f"{base}.int{4 if spec.bits == 4 else 8}", q, qt)
+        scale = add_initializer(g, nm, f"{base}.scale", s_g)
+        zp = add_initializer(g, nm, f"{base}.zero_point", np.zeros(s_g.shape, np.int8), qt)
+        dq_out = ir.Value(name=nm(f"{base}.dq"), shape=ir.Shape(list(w.shape)), type=ir.TensorType(ir.DataType.FLOAT))
+        dq = ir.node("DequantizeLinear", [q_init, scale, zp], attributes={"axis": in_axis, "block_size": spec.group},
+                     outputs=[dq_out], name=nm(f"{base}/DequantizeLinear"),
+                     metadata_props=self._meta(node, "weight", module, spec.bits))
+        g.insert_before(node, dq)
+        node.replace_input_with(site.weight_index, dq_out)
+        if not w_val.uses() and not w_val.is_graph_output():
             g.initializers.pop(w_val.name, None)
         return dq_out
 
@@ -306,6 +346,8 @@ class InsertQDQ(GraphPass):
                         self.stats["weights"] += 1
                         entry["weight"] = {"bits": layer.weight.bits,
                                            "axis": s.weight_axis if len(layer.weight.scale) > 1 else None}
+                        if layer.weight.group:
+                            entry["weight"]["group"] = layer.weight.group
                     if layer.input is not None:
                         dq = self._act_qdq(s.node.inputs[0], layer.input, "input", layer.module, s.node)
                         s.node.replace_input_with(0, dq)

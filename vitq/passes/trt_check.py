@@ -13,6 +13,8 @@ errors
   ``SUB8_ACTIVATION``        a Clip on the integer tensor between Q and DQ (6-bit etc. activations): breaks the Q/DQ
                              pair, TensorRT cannot fuse it into an int8 GEMM
   ``AXIS``                   per-channel weight DQ along the wrong axis for its consumer (or scale length mismatch)
+  ``BLOCKED_WEIGHT``         a blocked weight DQ (group-wise scales, an ORT-target recipe): TensorRT runs block-
+                             quantized weights only weight-only; the TensorRT targets calibrate per channel
   ``UNSUPPORTED_OP``         an op outside onnx-tensorrt's operator support (or a custom domain without a plugin)
 warnings
   ``FLOAT_GEMM``             a MatMul/Gemm/Conv with no Q/DQ on its inputs: runs in float
@@ -244,6 +246,12 @@ def _check_qdq(n: ir.Node, add) -> None:
         if qt == ir.DataType.INT4:
             add("warning", "INT4_WEIGHT", "int4 weights run weight-only in TensorRT (dequantized before the GEMM); "
                                           "no int4 GEMM kernel for per-channel W4A8", n)
+        blk = n.attributes.get("block_size")
+        if blk is not None and blk.as_int():
+            add("error", "BLOCKED_WEIGHT", f"group-wise weight scales (block_size {blk.as_int()}): TensorRT takes "
+                                           f"block-quantized weights only with float activations; recalibrate for "
+                                           f"--target trt (one scale per output channel)", n)
+            return
         bits = n.metadata_props.get(META_BITS)
         if bits is not None and int(bits) not in (4, 8):
             add("warning", "SUB8_WEIGHT", f"{bits}-bit weights stored as int8 run as int8 (correct; no extra speed)",

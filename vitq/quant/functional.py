@@ -98,6 +98,21 @@ def fake_quant_spec(x: torch.Tensor, spec) -> torch.Tensor:
     return fake_quant(x, torch.tensor(spec.scale, dtype=torch.float32), spec.bits, spec.shift)
 
 
+def weight_scale_map(scale: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """A weight quantizer's scales broadcast against ``w`` [O, ...]: one per output channel (``scale`` [O], or one
+    for the tensor), or one per group of ``g`` consecutive input features of a row (``scale`` [O * C/g] row-major,
+    ``C = w[0].numel()``, groups along the flattened input: the recipe's weight ``group``). The scale count alone
+    decides, so every caller handles both."""
+    scale = scale.to(w.dtype)
+    o, n = w.shape[0], scale.numel()
+    if n in (1, o):
+        return channel_scale(scale, w.ndim, 0)
+    c = w[0].numel()
+    if n % o or c % (n // o):
+        raise ValueError(f"{n} weight scales fit neither {o} output channels nor groups of the {c} inputs per row")
+    return scale.reshape(o, n // o).repeat_interleave(c // (n // o), dim=1).reshape(w.shape)
+
+
 def channel_scale(scale: torch.Tensor, ndim: int, axis: int = 0) -> torch.Tensor:
     """Reshape a per-channel scale vector to broadcast along ``axis`` of an ``ndim`` tensor."""
     shape = [1] * ndim

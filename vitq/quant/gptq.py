@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from . import observers as ob
-from .functional import qrange
+from .functional import qrange, weight_scale_map
 from .prepare import Instrumented
 
 DAMP = 0.01
@@ -68,15 +68,17 @@ def _rtn(w: torch.Tensor, s: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
 @torch.no_grad()
 def gptq_quantize(w: torch.Tensor, H: torch.Tensor, scale: torch.Tensor, bits: int, *, damp: float = DAMP,
                   block: int = BLOCK, act_order: bool = True) -> GPTQResult:
-    """GPTQ for ``w`` [O, C(, kh, kw)] with per-output-channel ``scale`` [O] and Hessian ``H`` [C', C'] (C' =
-    ``w[0].numel()``). Returns the integer weights and ``q * scale``."""
+    """GPTQ for ``w`` [O, C(, kh, kw)] with per-output-channel ``scale`` [O] (or per group of inputs: [O * C'/g],
+    :func:`~vitq.quant.functional.weight_scale_map`) and Hessian ``H`` [C', C'] (C' = ``w[0].numel()``). Returns
+    the integer weights and ``q * scale``. Group scales are static (fixed before rounding), so act-order only
+    changes the order columns are rounded in, not their grid."""
     shape = w.shape
     W = w.detach().reshape(shape[0], -1).double().clone()
     O, C = W.shape
     if H.shape != (C, C):
         raise ValueError(f"GPTQ: Hessian shape {tuple(H.shape)} does not match the weight's {C} input columns")
     lo, hi = qrange(bits)
-    s32 = scale.detach().float().reshape(O, 1)
+    s32 = weight_scale_map(scale.detach().float(), W.float()).expand(O, C).contiguous()  # [O, C]
     s = s32.double()
     H = H.detach().double().clone()
     dead = torch.diag(H) == 0
@@ -85,7 +87,7 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, scale: torch.Tensor, bits: i
     perm = None
     if act_order:
         perm = torch.argsort(torch.diag(H), descending=True)
-        W, H = W[:, perm], H[perm][:, perm]
+        W, H, s = W[:, perm], H[perm][:, perm], s[:, perm]
     W0 = W.clone()
     Hd = H + damp * torch.mean(torch.diag(H)) * torch.eye(C, dtype=H.dtype)
     L = torch.linalg.cholesky(Hd)
@@ -101,9 +103,10 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, scale: torch.Tensor, bits: i
         for i in range(i2 - i1):
             col = W1[:, i]
             d = Hi1[i, i]
-            q = torch.clamp(torch.round(col / s[:, 0]), lo, hi)
+            sc = s[:, i1 + i]
+            q = torch.clamp(torch.round(col / sc), lo, hi)
             Q1[:, i] = q
-            e = (col - q * s[:, 0]) / d
+            e = (col - q * sc) / d
             W1[:, i:] -= e[:, None] @ Hi1[i, i:][None, :]
             E1[:, i] = e
         Q[:, i1:i2] = Q1
@@ -119,7 +122,7 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, scale: torch.Tensor, bits: i
         inv = torch.argsort(perm)
         Q = Q[:, inv]
     Q = Q.float().reshape(shape)
-    wq = (Q.reshape(O, -1) * s32).reshape(shape)
+    wq = (Q.reshape(O, -1) * s32).reshape(shape)  # s32 is in the original column order
     return GPTQResult(Q, wq, e_r, e_g)
 
 

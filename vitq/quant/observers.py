@@ -2,7 +2,8 @@
 
 Activations are per tensor: ``minmax`` (``max|x| / qmax``), ``percentile`` (the p-th percentile of ``|x|``),
 ``mse`` (the clipping value on a grid of fractions of ``max|x|`` that minimizes ``||fake_quant(x) - x||^2``).
-Weights are per output channel (axis 0): ``minmax`` and ``mse`` (per-row clipping search).
+Weights are per output channel (axis 0), or per group of consecutive input features of a row (``group``):
+``minmax`` and ``mse`` (per-row clipping search).
 
 The scale for a clipping value ``c`` is ``c / qmax`` with ``qmax = 2^(bits-1) - 1``; all error evaluation uses
 :func:`vitq.quant.functional.fake_quant`, so what an observer optimizes is what the graph computes.
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .functional import channel_scale, fake_quant, qrange
+from .functional import fake_quant, qrange, weight_scale_map
 
 EPS = 1e-8
 
@@ -75,15 +76,22 @@ def act_scale(x: torch.Tensor, bits: int, method: str, **kw) -> torch.Tensor:
 
 # ---- weights (per output channel, axis 0) ----
 
-def weight_minmax(w: torch.Tensor, bits: int) -> torch.Tensor:
-    amax = w.detach().reshape(w.shape[0], -1).abs().amax(dim=1)
+def _rows(w: torch.Tensor, group: int) -> torch.Tensor:
+    """``w`` as rows that each get one scale: [O, C], or [O * C/group, group] (``group`` consecutive inputs)."""
+    w2 = w.detach().reshape(w.shape[0], -1).float()
+    return w2.reshape(-1, group) if group else w2
+
+
+def weight_minmax(w: torch.Tensor, bits: int, group: int = 0) -> torch.Tensor:
+    amax = _rows(w, group).abs().amax(dim=1)
     return scale_from_clip(amax, bits)
 
 
-def weight_mse(w: torch.Tensor, bits: int, grid: torch.Tensor | None = None, p: float = 2.0) -> torch.Tensor:
-    """Per-output-channel scales: for each row the clip fraction (of the row's max|w|) minimizing
-    ``sum |fake_quant(w) - w|^p``."""
-    w2 = w.detach().reshape(w.shape[0], -1).float()
+def weight_mse(w: torch.Tensor, bits: int, grid: torch.Tensor | None = None, p: float = 2.0,
+               group: int = 0) -> torch.Tensor:
+    """Per-output-channel scales (or per ``group`` consecutive inputs of a row: [O * C/group]): for each row the
+    clip fraction (of the row's max|w|) minimizing ``sum |fake_quant(w) - w|^p``."""
+    w2 = _rows(w, group)
     amax = w2.abs().amax(dim=1)
     grid = clip_grid(50, 0.3) if grid is None else grid
     best_err = torch.full((w2.shape[0],), float("inf"))
@@ -106,8 +114,8 @@ def weight_scale(w: torch.Tensor, bits: int, method: str = "mse") -> torch.Tenso
 
 
 def fake_quant_weight(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
-    """Per-output-channel fake quantization of a Linear/Conv weight."""
-    return fake_quant(w, channel_scale(scale.to(w.dtype), w.ndim, 0), bits)
+    """Fake quantization of a Linear/Conv weight, per output channel or per group (:func:`weight_scale_map`)."""
+    return fake_quant(w, weight_scale_map(scale, w), bits)
 
 
 def sqnr_db(ref: torch.Tensor, test: torch.Tensor) -> float:

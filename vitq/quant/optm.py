@@ -44,11 +44,11 @@ def region_fq(x: torch.Tensor, sp, sn, bits_p: int, bits_n: int, shift_p: int = 
 
 
 def search_regions(x: torch.Tensor, w: torch.Tensor, wbits: int, abits: int, amax: float,
-                   xmin: float, shifted: bool = False) -> RegionChoice:
+                   xmin: float, shifted: bool = False, group: int = 0) -> RegionChoice:
     """With ``shifted`` each region may use its whole ``2^bits`` grid (positive: ``shift = 2^(bits-1)``,
     negative: ``shift = -(2^(bits-1)-1)``; zero stays exact) and the plain quantizer an asymmetric one."""
     x = subsample(x)
-    plain = search_linear(x, w, wbits, abits, amax, shifted=shifted)
+    plain = search_linear(x, w, wbits, abits, amax, shifted=shifted, group=group)
     wq = ob.fake_quant_weight(w, plain.w_scale, wbits)
     return fit_regions(x, w, wq, abits, amax, xmin, plain, plain.a.err, shifted)
 

@@ -69,6 +69,7 @@ from ..recipe.schema import LayerSpec, QuantSpec, Recipe, RecipeError, RegionSpe
 from ..recipe.spec import SOFTMAX_GRIDS, dynamic_layer
 from . import observers as ob
 from .calibrate import collect_stats
+from .functional import weight_scale_map
 from .gptq import sequential_gptq
 from .reconstruct import reconstruct
 from .refine import refine_scales
@@ -107,6 +108,8 @@ class QuantMethods:
     act4: str = "static"  # "static" | "dynamic": 4-bit activations with run-time scales (see _dynamic_act4)
     act4_group: int = 32  # dynamic 4-bit Linear inputs: one grid per this many features (0: per token)
     act4_softmax: str = "log"  # dynamic 4-bit post-softmax operand: "log" (log-sqrt(2) per query row) | "uniform"
+    weight_group: int = 0  # Linear weights at <= weight_group_max_bits: one scale per this many inputs (0: per channel)
+    weight_group_max_bits: int = 4
 
     def __post_init__(self):
         if self.observer not in ("search", "minmax"):
@@ -118,6 +121,9 @@ class QuantMethods:
                              f"{', '.join(SOFTMAX_GRIDS)}")
         if self.gptq_target not in ("quant", "float"):
             raise InputError(f"calibration method gptq_target={self.gptq_target!r}: expected 'quant' or 'float'")
+        if self.weight_group < 0 or self.weight_group == 1:
+            raise InputError(f"calibration method weight_group={self.weight_group!r}: expected 0 (per channel) or "
+                             f"a group size >= 2")
 
     @classmethod
     def of(cls, methods: "QuantMethods | Mapping[str, Any] | None") -> "QuantMethods":
@@ -180,6 +186,13 @@ class Calibration:
         if self.meth.embed_bits and p.kind == "conv":
             return tuple(self.meth.embed_bits)
         return None
+
+    def weight_group(self, p, w: torch.Tensor, bits: int) -> int:
+        """The weight group size of layer ``p`` at ``bits`` (0: per output channel): Linear weights at up to
+        ``weight_group_max_bits`` whose input width the group divides."""
+        g = int(self.meth.weight_group)
+        ok = g and p.kind == "linear" and bits <= self.meth.weight_group_max_bits and w[0].numel() % g == 0
+        return g if ok and w[0].numel() > g else 0
 
     def log(self, msg: str) -> None:
         _log(self.progress, msg)
@@ -376,8 +389,9 @@ def _layer_scales(c: Calibration) -> None:
         wl = [fb[0]] if fb else c.bits_w
         al = [fb[1]] if fb else c.bits_a
         for wb in wl:
-            ws = ob.weight_minmax(w, wb) if minmax else ob.weight_mse(w, wb)
-            entry[("w", wb)] = QuantSpec(wb, ws.tolist(), axis=0, method="minmax" if minmax else "mse")
+            g = c.weight_group(p, w, wb)
+            ws = ob.weight_minmax(w, wb, group=g) if minmax else ob.weight_mse(w, wb, group=g)
+            entry[("w", wb)] = QuantSpec(wb, ws.tolist(), axis=0, method="minmax" if minmax else "mse", group=g)
         for a in al:
             wb = a if a in wl else wl[-1]
             wspec = entry[("w", wb)]
@@ -391,7 +405,8 @@ def _layer_scales(c: Calibration) -> None:
                 spec.input = QuantSpec(a, [float(cc.a.scale)], method=_meth(cc.a.method))
                 sq = _db(cc.a.ref, cc.a.err)
             elif p.post_gelu and meth.optm and a <= meth.optm_max_bits:
-                rc = search_regions(xs, w, wb, a, st.amax, float(st.chmin.min()), shifted=a <= meth.shift_max_bits)
+                rc = search_regions(xs, w, wb, a, st.amax, float(st.chmin.min()), shifted=a <= meth.shift_max_bits,
+                                    group=wspec.group)
                 ls.setdefault("optm", {})[f"a{a}"] = rc.reason
                 ref = float((xs @ w.t()).double().pow(2).sum())
                 if rc.use:
@@ -404,7 +419,7 @@ def _layer_scales(c: Calibration) -> None:
                                            shift=rc.plain.a.shift)
                     sq = _db(ref, rc.err_plain)
             else:
-                cc = search_linear(xs, w, wb, a, st.amax, shifted=a <= meth.shift_max_bits)
+                cc = search_linear(xs, w, wb, a, st.amax, shifted=a <= meth.shift_max_bits, group=wspec.group)
                 spec.input = QuantSpec(a, [float(cc.a.scale)], method=_meth(cc.a.method), shift=cc.a.shift)
                 sq = _db(cc.a.ref, cc.a.err)
             entry[("a", a)] = spec
@@ -520,7 +535,8 @@ def _gptq(c: Calibration) -> None:
     if meth.gptq_rescale:
         def rescale(m, w):
             old = recipe.layer(m).weight
-            return QuantSpec(old.bits, ob.weight_mse(w, old.bits).tolist(), axis=0, method="mse")
+            return QuantSpec(old.bits, ob.weight_mse(w, old.bits, group=old.group).tolist(), axis=0, method="mse",
+                             group=old.group)
     todo = [l.module for l in recipe.layers if l.weight is not None and l.weight.bits <= meth.gptq_max_bits]
     g = sequential_gptq(c.sim, c.prepared, c.x[:n], todo, target=meth.gptq_target, rescale=rescale, log=c.log)
     new = g.pop("__weights__")
@@ -633,7 +649,7 @@ def _load_gptq_weights(prepared: nn.Module, recipe: Recipe) -> None:
         if tuple(w.shape) != tuple(mod.weight.shape):
             raise RecipeError(f"recipe weights sidecar: {m!r} has shape {tuple(w.shape)}, the model's weight is "
                               f"{tuple(mod.weight.shape)}")
-        s = torch.tensor(spec.weight.scale, dtype=torch.float32).reshape([-1] + [1] * (w.ndim - 1))
+        s = weight_scale_map(torch.tensor(spec.weight.scale, dtype=torch.float32), w)
         r = w / s
         off = float((r - torch.round(r)).abs().max()) if w.numel() else 0.0
         if off > 1e-3 or float(torch.round(r).abs().max()) > (1 << (spec.weight.bits - 1)):

@@ -103,15 +103,19 @@ class LearnedQuant(nn.Module):
 
 
 class RoundingWeight(nn.Module):
-    """``s * clamp(round(w / s + V), qmin, qmax)`` with per-output-channel ``s`` (axis 0) and a learned rounding
+    """``s * clamp(round(w / s + V), qmin, qmax)`` with per-output-channel (or per-group) ``s`` and a learned rounding
     offset ``V`` in [-0.5, 0.5] (SignRound, Cheng et al., 2023: the forward is always the hard grid value, with
     a straight-through gradient, so there is no soft/hard gap to anneal away in a few hundred steps; ``V``
     moves by signed gradient steps of a linearly decaying size, ``V = 0`` is round-to-nearest)."""
 
     def __init__(self, w: torch.Tensor, scale: list[float], bits: int, learn_scale: bool = False):
         super().__init__()
-        s = torch.tensor(scale, dtype=torch.float32).reshape([-1] + [1] * (w.ndim - 1))
-        self.w = w.detach()
+        o = w.shape[0]
+        k = max(1, len(scale) // o)  # scales per output channel: 1, or one per group of inputs
+        self.shape = w.shape
+        s = torch.tensor(scale, dtype=torch.float32).reshape(o, k, 1) if len(scale) > 1 else \
+            torch.tensor(scale, dtype=torch.float32).reshape(1, 1, 1)
+        self.w = w.detach().reshape(o, k, -1)  # rows x groups x inputs of a group: one scale per group
         self.r = self.w / s
         self.s0 = s
         # option ``wscale``: the per-channel scale is learned too (LSQ on its log, as OmniQuant's learnable
@@ -128,7 +132,7 @@ class RoundingWeight(nn.Module):
         return self.r if self.log_s is None else self.w / self.s
 
     def forward(self) -> torch.Tensor:
-        return torch.clamp(_round_ste(self._r() + self.V), self.lo, self.hi) * self.s
+        return (torch.clamp(_round_ste(self._r() + self.V), self.lo, self.hi) * self.s).reshape(self.shape)
 
     @torch.no_grad()
     def sign_step(self, lr: float) -> None:
@@ -137,7 +141,7 @@ class RoundingWeight(nn.Module):
 
     @torch.no_grad()
     def hard(self) -> torch.Tensor:
-        return torch.clamp(torch.round(self._r() + self.V), self.lo, self.hi) * self.s
+        return (torch.clamp(torch.round(self._r() + self.V), self.lo, self.hi) * self.s).reshape(self.shape)
 
     def scale(self) -> list[float]:
         return [float(v) for v in self.s.detach().flatten()]
@@ -241,7 +245,8 @@ class _StageParams:
                         wr.float_weight = rw.hard().clone()
                     if rw.log_s is not None:  # the learned per-channel scale is the recipe's weight scale
                         spec.weight = QuantSpec(spec.weight.bits, rw.scale(), axis=spec.weight.axis,
-                                                method=spec.weight.method, shift=spec.weight.shift)
+                                                method=spec.weight.method, shift=spec.weight.shift,
+                                                group=spec.weight.group)
                     wr.weight_fn = None
             self.sim.set_layer(spec)
             out[m] = spec

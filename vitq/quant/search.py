@@ -113,9 +113,10 @@ class LinearChoice:
 
 
 def search_linear(x: torch.Tensor, w: torch.Tensor, wbits: int, abits: int, amax: float,
-                  fast: bool = False, shifted: bool = False) -> LinearChoice:
-    """Weight (per-channel MSE) and input scale for a Linear (``w`` [O, C]) with input tokens ``x`` [T, C]."""
-    ws = ob.weight_mse(w, wbits, grid=ob.clip_grid(8, 0.5) if fast else ob.clip_grid(30, 0.4))
+                  fast: bool = False, shifted: bool = False, group: int = 0) -> LinearChoice:
+    """Weight (per-channel, or per-``group``, MSE) and input scale for a Linear (``w`` [O, C]) with input tokens
+    ``x`` [T, C]."""
+    ws = ob.weight_mse(w, wbits, grid=ob.clip_grid(8, 0.5) if fast else ob.clip_grid(30, 0.4), group=group)
     wq = ob.fake_quant_weight(w, ws, wbits)
     ref = x @ w.t()
     a = best_act_scale(x, abits, amax, lambda xq: xq @ wq.t(), ref, fast, shifted)

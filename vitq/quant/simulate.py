@@ -144,8 +144,8 @@ class SimModule(nn.Module):
 
 def float_sensitivity(sim: SimModule, x, *, perturbations: int = 4, seed: int = 0) -> "np.ndarray":
     """Per image, how far float rounding alone moves the recipe's logits: max |logit difference| / max |logit|
-    between ``sim`` in float32 and (a) the same simulation in float64, (b) ``perturbations`` float32 runs on the
-    input moved by one ulp per element in random directions.
+    between ``sim`` in float32 and (a) the same simulation in float64, (b) ``perturbations`` float32 runs with the
+    input and every normalization's output moved by one ulp per element in random directions.
 
     A deployed graph sums in other orders than torch; a quantizer input within an ulp of a rounding boundary then
     rounds the other way, and in some models one such flip moves the logits far (docs/models.md). Which element
@@ -155,13 +155,27 @@ def float_sensitivity(sim: SimModule, x, *, perturbations: int = 4, seed: int = 
 
     xt = x if torch.is_tensor(x) else torch.from_numpy(np.asarray(x))
     xt = xt.float()
+    gen = torch.Generator().manual_seed(seed)
+
+    def ulp(t: torch.Tensor) -> torch.Tensor:  # every element one ulp up or down, at random
+        sign = torch.randint(0, 2, t.shape, generator=gen).to(t.dtype) * 2 - 1
+        return torch.nextafter(t, sign * torch.inf)
+
+    # the first quantizer absorbs an input ulp, so the perturbed runs move every GEMM's and normalization's output
+    # too: what a different summation order does to the float values between quantizers
+    norms = [m for m in sim.modules() if isinstance(m, (nn.LayerNorm, nn.GroupNorm, QuantLayer)) or
+             type(m).__name__ in ("RmsNorm", "LayerNorm2d", "LayerNormFp32")]
     with torch.no_grad():
         ref = sim.predict(xt).double()
         runs = [copy.deepcopy(sim).astype(torch.float64).predict(xt.double())]
-        gen = torch.Generator().manual_seed(seed)
-        for _ in range(perturbations):
-            sign = torch.randint(0, 2, xt.shape, generator=gen).float() * 2 - 1
-            runs.append(sim.predict(torch.nextafter(xt, sign * torch.inf)).double())
+        hooks = [m.register_forward_hook(lambda mod, inp, out: ulp(out) if torch.is_tensor(out) else out)
+                 for m in norms]
+        try:
+            for _ in range(perturbations):
+                runs.append(sim.predict(ulp(xt)).double())
+        finally:
+            for h in hooks:
+                h.remove()
     scale = ref.abs().amax(1).clamp_min(1e-30)
     return torch.stack([(r - ref).abs().amax(1) / scale for r in runs]).amax(0).numpy()
 

@@ -4,8 +4,8 @@ A recipe is the single contract between calibration (``vitq.quant``, torch) and 
 (``vitq.passes.insert_qdq``, ONNX): both read the same numbers and apply the same arithmetic
 (:mod:`vitq.quant.functional`), so what was calibrated is what deploys.
 
-Deployability rule: every quantizer is **symmetric** (zero point 0), weights per output channel, activations per
-tensor. Bits are 2..8; only 8 (and 4 for weights) run natively in TensorRT; 4-bit activations need vitq's plugin,
+Deployability rule: every quantizer is **symmetric** (zero point 0), weights per output channel (or per group of
+input features), activations per tensor. Bits are 2..8; only 8 (and 4 for weights) run natively in TensorRT; 4-bit activations need vitq's plugin,
 6-bit is an ORT/simulation precision (trt_check reports both).
 
 JSON layout (``schema: "vitq.recipe/1"``)::
@@ -30,7 +30,10 @@ Field meanings:
   Conv2d; for ``attn`` it is the attention module whose two matmuls ``(q*scale) @ k^T`` and ``softmax(..) @ v`` get
   their operands quantized (``q`` is taken *after* the ``* scale``; ``k`` before the transpose: per-tensor
   quantization commutes with it).
-* ``weight.scale``: one per output channel (``axis`` 0 of the torch weight ``[out, in(, kh, kw)]``).
+* ``weight.scale``: one per output channel (``axis`` 0 of the torch weight ``[out, in(, kh, kw)]``); with
+  ``weight.group`` = g, one per g consecutive input features of each output channel (``out * in / g`` scales,
+  row-major: channel 0's groups first). Linear weights only; the graph carries them as a blocked
+  ``DequantizeLinear`` (``block_size`` g along the input axis, ONNX opset 21).
 * ``input.scale``: one value (per tensor).
 * ``smooth`` (SQ-b): per input channel shift ``z`` and scale ``s``, already **folded** into the model that is
   exported and simulated: preceding LayerNorm ``gamma' = gamma / s``, ``beta' = (beta - z) / s``; Linear

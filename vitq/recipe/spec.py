@@ -51,7 +51,8 @@ class QuantSpec:
     shift: int = 0  # grid shift in steps (per-tensor activations only): x^ = (q + shift) * scale
     dynamic: str | None = None  # "token": per-token asymmetric scale and zero point computed at run time (no scale);
     # "log_sqrt2": per row, log-sqrt(2) grid relative to the row's max (the attention's post-softmax operand only)
-    group: int = 0  # dynamic only: one scale / zero point per `group` consecutive features of a token (0: per token)
+    group: int = 0  # dynamic: one scale / zero point per `group` consecutive features of a token (0: per token);
+    # weights (axis 0): one scale per `group` consecutive input features of each output channel (0: per channel)
 
     @property
     def offset(self) -> float:
@@ -85,6 +86,8 @@ class QuantSpec:
             d["axis"] = self.axis
         if self.shift:
             d["shift"] = int(self.shift)
+        if self.group:
+            d["group"] = int(self.group)
         return d
 
     @classmethod
@@ -114,8 +117,6 @@ class QuantSpec:
                     raise RecipeError(f"{where}.group: a log_sqrt2 quantizer is per row (no groups)")
                 return cls.dynamic_log(bits)
             return cls.dynamic_token(bits, group)
-        if d.get("group") not in (None, 0):
-            raise RecipeError(f"{where}.group: only dynamic quantizers have groups")
         scale = d.get("scale")
         if isinstance(scale, (int, float)) and not isinstance(scale, bool):
             scale = [scale]
@@ -140,7 +141,14 @@ class QuantSpec:
                               f"got {shift!r}")
         if shift and (len(scale) != 1 or axis is not None):
             raise RecipeError(f"{where}.shift: only per-tensor (activation) quantizers can be shifted")
-        return cls(bits, [float(s) for s in scale], axis, method, shift)
+        group = d.get("group", 0)
+        if group not in (None, 0):
+            if not isinstance(group, int) or isinstance(group, bool) or group < 2:
+                raise RecipeError(f"{where}.group: expected a group size >= 2, got {group!r}")
+            if axis != 0 or len(scale) < 2:
+                raise RecipeError(f"{where}.group: only weight quantizers (axis 0, one scale per group) have static "
+                                  f"groups")
+        return cls(bits, [float(s) for s in scale], axis, method, shift, group=group or 0)
 
 
 SMOOTH_INTO = ("norm", "v")

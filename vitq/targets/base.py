@@ -51,6 +51,8 @@ class Target:
     #: dynamic low-bit activation group size used when the option is not given and every Linear allows it
     #: (0: one grid per token)
     default_act_group: ClassVar[int] = 0
+    #: 4-bit Linear weights: one scale per this many input features (0: one per output channel)
+    default_weight_group: ClassVar[int] = 0
 
     def __init__(self, options: Any = None):
         self.options = options if options is not None else self.options_type()

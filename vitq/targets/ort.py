@@ -62,6 +62,8 @@ class OrtTarget(Target):
     summary = "ONNX Runtime on CPU (Q/DQ ONNX lowered to its int8 kernels)"
     options_type = OrtOptions
     default_act_group = 32  # grouped dynamic activations are plain ONNX ops there
+    #: group-wise 4-bit weight scales: a blocked DequantizeLinear, standard ONNX that ONNX Runtime runs on CPU
+    default_weight_group = 32
 
     def resolve_recipe(self, request):
         """``w8a8`` on a CPU whose fast U8S8 GEMM saturates with full 8-bit weights (avx2, avx512 without VNNI)

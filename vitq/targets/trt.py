@@ -28,6 +28,9 @@ class TrtTarget(Target):
     options_type = TrtBuildOptions
     #: the QuantLinearA4 plugin's grouped mode has not run on a GPU: one grid per token unless asked
     default_act_group = 0
+    #: TensorRT runs block-quantized int4 weights only in weight-only quantization (float activations), and the
+    #: QuantLinearA4 plugin takes per-channel weight scales: one scale per output channel
+    default_weight_group = 0
 
     def act_groups(self) -> tuple[int, ...]:
         from ..plugins.specs import ACT_GROUPS
