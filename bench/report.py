@@ -322,15 +322,23 @@ def readme_block(results: Path = RESULTS) -> str:
     r = d["results"]
     lat: dict[str, str] = {}
     lf = results / "latency.json"
+    lat_cpu = "-"
     if lf.is_file():
-        for x in json.loads(lf.read_text())["results"]["rows"]:
+        ld = json.loads(lf.read_text())
+        lat_cpu = flags_str(ld["machine"]) if ld.get("machine") else "-"
+        for x in ld["results"]["rows"]:
             if x["batch"] == 8:
                 lat[x["recipe"]] = f"{x['ratio']:.2f}x"
-    rows = [x for x in r["rows"] if x["set"] == "all"]
+    order = ["w8a8", "w7a8", "w6a6", "w4a8", "w4a4", "mp:5"]
+    def rank(x):
+        base = x["recipe"].split("+")[0]
+        return order.index(base) if base in order else len(order), x["recipe"]
+
+    rows = sorted((x for x in r["rows"] if x["set"] == "all"), key=rank)
     n = rows[0]["n"] if rows else 0
     lines = [f"DeiT-Tiny with the real weights, calibrated on {r['calib_count']} sample images, deployed ONNX Runtime "
              f"graph, on {n} labeled images (`python -m bench accuracy`); batch-8 latency relative to fp32 on "
-             f"{flags_str(d['machine'])} (`python -m bench latency`, interleaved rounds):", "",
+             f"{lat_cpu} (`python -m bench latency`, interleaved rounds):", "",
              f"| recipe | top-1 (fp32: {_f(r['fp32'].get('all'))}) | vs fp32 [paired 95%] | agreement with fp32 | "
              f"KL(fp32 ‖ q) | batch-8 latency vs fp32 |", "|---|---|---|---|---|---|"]
     for x in rows:
