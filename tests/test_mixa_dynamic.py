@@ -257,7 +257,7 @@ def test_schema_grouped_dynamic_round_trip_and_errors():
     assert QuantSpec.from_dict({"bits": 4, "dynamic": "token"}, "x").group == 0
     for spec, msg in [({"bits": 4, "dynamic": "token", "group": 1}, "group size >= 2"),
                       ({"bits": 4, "dynamic": "token", "group": "32"}, "group"),
-                      ({"bits": 4, "scale": [0.1], "group": 32}, "only dynamic quantizers")]:
+                      ({"bits": 4, "scale": [0.1], "group": 32}, "only weight quantizers")]:
         with pytest.raises(RecipeError, match=msg):
             QuantSpec.from_dict(spec, "layers[0].input")
 
