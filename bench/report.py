@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from bench.common import REPO, RESULTS, flags_str
+from vitq.recipe import UNIFORM_PRESETS
 
 DOC = REPO / "docs" / "results.md"
 ORDER = ("accuracy", "latency", "compile", "mixa", "cpu_forms", "models", "serve", "gpu")
@@ -329,7 +330,8 @@ def readme_block(results: Path = RESULTS) -> str:
         for x in ld["results"]["rows"]:
             if x["batch"] == 8:
                 lat[x["recipe"]] = f"{x['ratio']:.2f}x"
-    order = ["w8a8", "w7a8", "w6a6", "w4a8", "w4a4", "mp:5"]
+    order = [*UNIFORM_PRESETS, "mp:5"]  # the presets from the widest down
+
     def rank(x):
         base = x["recipe"].split("+")[0]
         return order.index(base) if base in order else len(order), x["recipe"]

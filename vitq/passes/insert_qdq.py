@@ -45,14 +45,15 @@ from .irutil import META_BITS, META_MODULE, META_ROLE, META_SHIFT, Namer, add_in
 
 
 def quantize_weight(w: np.ndarray, scale: np.ndarray, bits: int, axis: int | None) -> np.ndarray:
-    """Integer weights, exactly ``functional.quantize`` (float32 division, round half to even, clamp)."""
+    """Integer weights, exactly ``functional.quantize`` (float32 division, round half to even, clamp). ``scale``: one
+    value, one per index of ``axis``, or an array that already broadcasts against ``w`` (``axis`` None)."""
     w = np.asarray(w, dtype=np.float32)
     s = np.asarray(scale, dtype=np.float32)
-    if s.size > 1:
+    if axis is not None:
         shape = [1] * w.ndim
         shape[axis] = -1
         s = s.reshape(shape)
-    else:
+    elif s.ndim != w.ndim:
         s = s.reshape(())
     lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
     return np.clip(np.round(w / s), lo, hi).astype(np.int8)
@@ -137,31 +138,21 @@ class InsertQDQ(GraphPass):
         return dq_out
 
     def _weight_dq(self, site: Site, spec: QuantSpec, module: str) -> ir.Value:
-        if spec.group:
-            return self._weight_dq_blocked(site, spec, module)
         node = site.node
         w_val = node.inputs[site.weight_index]
-        w = w_val.const_value.numpy()
-        n = len(spec.scale)
-        if n != 1 and n != site.out_channels:
-            raise GraphPassError(f"{module}.weight: {n} scales, but the graph weight {w_val.name} {list(w.shape)} "
-                                 f"has {site.out_channels} output channels (axis {site.weight_axis})")
-        axis = site.weight_axis if n > 1 else None
-        q = quantize_weight(w, np.asarray(spec.scale, np.float32), spec.bits, axis)
-        s_b = np.asarray(spec.scale, np.float32)
-        if axis is not None:
-            s_b = s_b.reshape([-1 if d == axis else 1 for d in range(w.ndim)])
+        w = np.asarray(w_val.const_value.numpy(), np.float32)
+        scales = self._group_scales if spec.group else self._channel_scales
+        s_init, s_b, attrs = scales(site, spec, module, w, w_val.name)
+        q = quantize_weight(w, s_b, spec.bits, None)
         self._wdq[id(node)] = q.astype(np.float32) * s_b
         g, nm = self._graph, self._namer
         base = f"{module}.weight"
         qt = _qtype(spec.bits)
         q_init = add_initializer(g, nm, f"{base}.int{4 if spec.bits == 4 else 8}", q, qt)
-        scale = add_initializer(g, nm, f"{base}.scale",
-                                np.asarray(spec.scale, np.float32).reshape(() if n == 1 else (n,)))
-        zp = add_initializer(g, nm, f"{base}.zero_point", np.zeros(() if n == 1 else (n,), np.int8), qt)
+        scale = add_initializer(g, nm, f"{base}.scale", s_init)
+        zp = add_initializer(g, nm, f"{base}.zero_point", np.zeros(s_init.shape, np.int8), qt)
         dq_out = ir.Value(name=nm(f"{base}.dq"), shape=ir.Shape(list(w.shape)),
                           type=ir.TensorType(ir.DataType.FLOAT))
-        attrs = {"axis": axis} if axis is not None else {}
         dq = ir.node("DequantizeLinear", [q_init, scale, zp], attributes=attrs, outputs=[dq_out],
                      name=nm(f"{base}/DequantizeLinear"),
                      metadata_props=self._meta(node, "weight", module, spec.bits))
@@ -171,41 +162,36 @@ class InsertQDQ(GraphPass):
             g.initializers.pop(w_val.name, None)
         return dq_out
 
-    def _weight_dq_blocked(self, site: Site, spec: QuantSpec, module: str) -> ir.Value:
-        """Group-wise weight scales: a blocked ``DequantizeLinear`` (opset 21 ``block_size`` along the input axis
-        of the 2-D graph weight; ``[K, N]`` MatMul weights block axis 0, ``[N, K]`` Gemm weights axis 1)."""
-        node = site.node
-        w_val = node.inputs[site.weight_index]
-        w = np.asarray(w_val.const_value.numpy(), np.float32)
-        g, nm = self._graph, self._namer
+    @staticmethod
+    def _channel_scales(site: Site, spec: QuantSpec, module: str, w: np.ndarray, name: str):
+        """(scale initializer, scale broadcast against ``w``, DQ attributes): one scale, or one per output channel
+        on the graph weight's output axis."""
+        n = len(spec.scale)
+        if n != 1 and n != site.out_channels:
+            raise GraphPassError(f"{module}.weight: {n} scales, but the graph weight {name} {list(w.shape)} "
+                                 f"has {site.out_channels} output channels (axis {site.weight_axis})")
+        s = np.asarray(spec.scale, np.float32)
+        if n == 1:
+            return s.reshape(()), s.reshape([1] * w.ndim), {}
+        axis = site.weight_axis
+        return s, s.reshape([-1 if d == axis else 1 for d in range(w.ndim)]), {"axis": axis}
+
+    @staticmethod
+    def _group_scales(site: Site, spec: QuantSpec, module: str, w: np.ndarray, name: str):
+        """As :meth:`_channel_scales` for group-wise scales: a blocked ``DequantizeLinear`` (opset 21 ``block_size``
+        along the input axis of the 2-D graph weight; ``[K, N]`` MatMul weights block axis 0, ``[N, K]`` Gemm
+        weights axis 1)."""
         if w.ndim != 2 or site.weight_axis not in (0, 1):
             raise GraphPassError(f"{module}.weight: group-wise scales need a 2-D Linear weight, the graph has "
-                                 f"{w_val.name} {list(w.shape)}")
+                                 f"{name} {list(w.shape)}")
         out_axis, in_axis = site.weight_axis, 1 - site.weight_axis
         o, c = w.shape[out_axis], w.shape[in_axis]
         if c % spec.group or len(spec.scale) != o * (c // spec.group):
             raise GraphPassError(f"{module}.weight: {len(spec.scale)} scales in groups of {spec.group} do not fit "
-                                 f"the graph weight {w_val.name} {list(w.shape)} ({o} outputs x {c} inputs)")
+                                 f"the graph weight {name} {list(w.shape)} ({o} outputs x {c} inputs)")
         compact = np.asarray(spec.scale, np.float32).reshape(o, c // spec.group)  # [outputs, groups]
         s_g = compact if out_axis == 0 else compact.T  # the weight's layout with the input axis in blocks
-        s_full = np.repeat(s_g, spec.group, axis=in_axis)
-        lo, hi = spec.qmin, spec.qmax
-        q = np.clip(np.round(w / s_full), lo, hi).astype(np.int8)
-        self._wdq[id(node)] = q.astype(np.float32) * s_full
-        base = f"{module}.weight"
-        qt = _qtype(spec.bits)
-        q_init = add_initializer(g, nm, f"{base}.int{4 if spec.bits == 4 else 8}", q, qt)
-        scale = add_initializer(g, nm, f"{base}.scale", s_g)
-        zp = add_initializer(g, nm, f"{base}.zero_point", np.zeros(s_g.shape, np.int8), qt)
-        dq_out = ir.Value(name=nm(f"{base}.dq"), shape=ir.Shape(list(w.shape)), type=ir.TensorType(ir.DataType.FLOAT))
-        dq = ir.node("DequantizeLinear", [q_init, scale, zp], attributes={"axis": in_axis, "block_size": spec.group},
-                     outputs=[dq_out], name=nm(f"{base}/DequantizeLinear"),
-                     metadata_props=self._meta(node, "weight", module, spec.bits))
-        g.insert_before(node, dq)
-        node.replace_input_with(site.weight_index, dq_out)
-        if not w_val.uses() and not w_val.is_graph_output():
-            g.initializers.pop(w_val.name, None)
-        return dq_out
+        return s_g, np.repeat(s_g, spec.group, axis=in_axis), {"axis": in_axis, "block_size": spec.group}
 
     def _regions(self, site: Site, layer: LayerSpec) -> None:
         """OPT-m: x = relu(x) + min(x, 0), each part its own quantizer, two GEMMs sharing the weight."""

@@ -163,13 +163,13 @@ def float_sensitivity(sim: SimModule, x, *, perturbations: int = 4, seed: int = 
 
     # the first quantizer absorbs an input ulp, so the perturbed runs move every GEMM's and normalization's output
     # too: what a different summation order does to the float values between quantizers
-    norms = [m for m in sim.modules() if isinstance(m, (nn.LayerNorm, nn.GroupNorm, QuantLayer)) or
+    perturbed = [m for m in sim.modules() if isinstance(m, (nn.LayerNorm, nn.GroupNorm, QuantLayer)) or
              type(m).__name__ in ("RmsNorm", "LayerNorm2d", "LayerNormFp32")]
     with torch.no_grad():
         ref = sim.predict(xt).double()
         runs = [copy.deepcopy(sim).astype(torch.float64).predict(xt.double())]
         hooks = [m.register_forward_hook(lambda mod, inp, out: ulp(out) if torch.is_tensor(out) else out)
-                 for m in norms]
+                 for m in perturbed]
         try:
             for _ in range(perturbations):
                 runs.append(sim.predict(ulp(xt)).double())
