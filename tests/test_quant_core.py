@@ -112,6 +112,22 @@ def test_observers_known_tensors():
     assert ob.sqnr_db(torch.ones(4), torch.ones(4) * 1.1) == pytest.approx(20.0, abs=1e-4)
 
 
+def test_weight_mse_column_weights_move_the_clip_toward_the_heavy_feature():
+    """With one input feature carrying all the signal (Hessian diagonal), the group's scale is the one that
+    represents that feature's weight best, not the one with the least summed error over all weights."""
+    torch.manual_seed(0)
+    w = torch.randn(8, 32)
+    w[:, 0] = 2.9 * w.abs().amax(1)  # an outlier column, clipped by plain MSE
+    plain = ob.weight_mse(w, 4, group=16)
+    h = torch.full((32,), 1e-3)
+    h[0] = 1.0
+    heavy = ob.weight_mse(w, 4, group=16, col_weight=h)
+    assert plain.shape == heavy.shape == (16,)
+    col0 = lambda s: float((ob.fake_quant_weight(w, s, 4) - w)[:, 0].pow(2).sum())  # noqa: E731
+    assert col0(heavy) < 0.5 * col0(plain)
+    assert torch.equal(ob.weight_mse(w, 4, group=16, col_weight=torch.ones(32)), plain)  # uniform = plain
+
+
 def test_fake_quant_matches_manual_and_onnx_rounding():
     x = torch.tensor([0.5, 1.5, 2.5, -2.5, 300.0, -300.0])
     assert fake_quant(x, 1.0, 8).tolist() == [0.0, 2.0, 2.0, -2.0, 127.0, -128.0]  # half to even, saturate

@@ -10,6 +10,7 @@ import torch
 
 timm = pytest.importorskip("timm")
 
+from vitq.errors import InputError  # noqa: E402
 from vitq.quant import observers as ob  # noqa: E402
 from vitq.quant.functional import qrange  # noqa: E402
 from vitq.quant.gptq import Hessian, gptq_quantize  # noqa: E402
@@ -299,3 +300,25 @@ def test_group_field_is_validated():
                    ({"bits": 4, "scale": [0.1, 0.2], "axis": 0, "group": 1}, "group size >= 2")):
         with pytest.raises(RecipeError, match=msg):
             Recipe.from_dict({**base, "layers": [{"module": "fc", "kind": "linear", "input": q}]})
+
+
+def test_hessian_weighted_scales_apply_to_sub_8_bit_linear_weights_only():
+    """``weight_search="hessian"`` (the default) re-weighs the scale search of 4-bit Linear weights by their inputs'
+    mean squares; the 8-bit head and the patch-embedding conv keep the plain search."""
+    from vitq.quant.pipeline import QuantMethods
+
+    torch.manual_seed(0)
+    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=1,
+                          num_classes=10).eval()
+    x = torch.randn(8, 3, 32, 32).numpy()
+    assert QuantMethods().weight_search == "hessian"
+    scales = {}
+    for how in ("hessian", "mse"):
+        res = calibrate(m, "vit", x, parse_recipe_arg("w4a8"), model_name="tiny", provenance={},
+                        methods=QuantMethods(weight_search=how, gptq=False, weight_group=32))
+        scales[how] = {l.module: l.weight.scale for l in res.recipe.layers if l.weight is not None}
+    h, p = scales["hessian"], scales["mse"]
+    assert h["head"] == p["head"] and h["patch_embed.proj"] == p["patch_embed.proj"]
+    assert h["blocks.0.attn.qkv"] != p["blocks.0.attn.qkv"] and h["blocks.0.mlp.fc1"] != p["blocks.0.mlp.fc1"]
+    with pytest.raises(InputError, match="weight_search='l1'"):
+        QuantMethods(weight_search="l1")

@@ -88,17 +88,23 @@ def weight_minmax(w: torch.Tensor, bits: int, group: int = 0) -> torch.Tensor:
 
 
 def weight_mse(w: torch.Tensor, bits: int, grid: torch.Tensor | None = None, p: float = 2.0,
-               group: int = 0) -> torch.Tensor:
+               group: int = 0, col_weight: torch.Tensor | None = None) -> torch.Tensor:
     """Per-output-channel scales (or per ``group`` consecutive inputs of a row: [O * C/group]): for each row the
-    clip fraction (of the row's max|w|) minimizing ``sum |fake_quant(w) - w|^p``."""
+    clip fraction (of the row's max|w|) minimizing ``sum |fake_quant(w) - w|^p``, each input column weighted by
+    ``col_weight`` [C] when given (the diagonal of the layer's input Hessian: an error on a feature that carries
+    more signal costs more output error)."""
     w2 = _rows(w, group)
+    cw = None
+    if col_weight is not None:
+        cw = col_weight.float().reshape(1, -1).expand(w.shape[0], -1).reshape(w2.shape)
     amax = w2.abs().amax(dim=1)
     grid = clip_grid(50, 0.3) if grid is None else grid
     best_err = torch.full((w2.shape[0],), float("inf"))
     best_s = scale_from_clip(amax, bits)
     for r in grid.tolist():
         s = scale_from_clip(amax * r, bits)
-        err = (fake_quant(w2, s[:, None], bits) - w2).abs().pow(p).sum(dim=1)
+        err = (fake_quant(w2, s[:, None], bits) - w2).abs().pow(p)
+        err = (err if cw is None else err * cw).sum(dim=1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_s = torch.where(better, s, best_s)

@@ -35,7 +35,12 @@ LayerNorm, softmax, GELU stay float (only matmul inputs are quantized, as the sc
 "head_bits": (8, 8), "mp_batch": 16, "sqb_bits": None, "gptq": bool, "gptq_images": 128,
 "gptq_target": "quant"|"float", "gptq_rescale": bool, "gptq_max_bits": 7, "refine": roles, "refine_images": 32,
 "shift_max_bits": 8, "vsmooth": False, "optm_max_bits": 7, "act4": "static", "act4_group": 32,
-"act4_softmax": "log", "weight_group": 0, "weight_group_max_bits": 4}`` (``weight_group``: Linear weights at up to
+"act4_softmax": "log", "weight_group": 0, "weight_group_max_bits": 4, "weight_search": "hessian"}``
+(``weight_search="hessian"``: a sub-8-bit weight's clip per channel or group minimizes its rounding error with each
+input feature weighted by the mean square of that input over the calibration tokens (the input Hessian's
+diagonal, which GPTQ then rounds against), so the features that carry the signal are represented best; on
+DeiT-Tiny w4a8, 1394 images, logit KL per channel 0.074 -> 0.065 (simulated) and with groups of 32 0.048 -> 0.046
+(deployed); ``"mse"``: the plain per-weight error; ``weight_group``: Linear weights at up to
 ``weight_group_max_bits`` get one scale per this many inputs, searched per group, GPTQ-rounded against them;
 ``vitq compile`` sets the target's ``default_weight_group``, 32 on ``--target ort``: on DeiT-Tiny, 1394 images,
 w4a8 agreement 91.68 -> 92.97%, w4a4 top-1 75.25 -> 76.40, mp:5 78.34 -> 79.27; ``act4="dynamic"``: every 4-bit activation candidate gets run-time scales,
@@ -79,7 +84,8 @@ from .refine import refine_scales
 from .mp import greedy_mp
 from .optm import search_regions
 from .prepare import Graph, enumerate_points, is_attention, prepare_model
-from .search import SHIFT_MAX_BITS, LinearChoice, search_attn, search_conv, search_linear, subsample
+from .search import (SHIFT_MAX_BITS, LinearChoice, hessian_diag, search_attn, search_conv, search_linear,
+                     subsample)
 from .simulate import QuantSim
 from .sqb import fold_smoothing, fold_v_smoothing, group_foldable, search_alpha, search_v_smoothing, shared_params
 
@@ -113,10 +119,13 @@ class QuantMethods:
     act4_softmax: str = "log"  # dynamic 4-bit post-softmax operand: "log" (log-sqrt(2) per query row) | "uniform"
     weight_group: int = 0  # Linear weights at <= weight_group_max_bits: one scale per this many inputs (0: per channel)
     weight_group_max_bits: int = 4
+    weight_search: str = "hessian"  # "hessian" | "mse": sub-8-bit weight scales by input-Hessian-weighted error or not
 
     def __post_init__(self):
         if self.observer not in ("search", "minmax"):
             raise InputError(f"calibration method observer={self.observer!r}: expected 'search' or 'minmax'")
+        if self.weight_search not in ("mse", "hessian"):
+            raise InputError(f"calibration method weight_search={self.weight_search!r}: expected 'mse' or 'hessian'")
         if self.act4 not in ("static", "dynamic"):
             raise InputError(f"calibration method act4={self.act4!r}: expected 'static' or 'dynamic'")
         if self.act4_softmax not in SOFTMAX_GRIDS:
@@ -391,9 +400,13 @@ def _layer_scales(c: Calibration) -> None:
         fb = c.fixed_bits(p)
         wl = [fb[0]] if fb else c.bits_w
         al = [fb[1]] if fb else c.bits_a
+        # the patch embedding's pixels carry no feature imbalance to weigh (measured: no gain)
+        hessian = meth.weight_search == "hessian" and p.kind == "linear" and not minmax
+        hd = hessian_diag(st.sample) if hessian else None
         for wb in wl:
             g = c.weight_group(p, w, wb)
-            ws = ob.weight_minmax(w, wb, group=g) if minmax else ob.weight_mse(w, wb, group=g)
+            ws = ob.weight_minmax(w, wb, group=g) if minmax else \
+                ob.weight_mse(w, wb, group=g, col_weight=hd if wb < 8 else None)
             entry[("w", wb)] = QuantSpec(wb, ws.tolist(), axis=0, method="minmax" if minmax else "mse", group=g)
         for a in al:
             wb = a if a in wl else wl[-1]

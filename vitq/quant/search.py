@@ -3,7 +3,8 @@
 Each candidate activation scale (min/max, percentiles, tensor-MSE, and a grid of clip fractions) is scored by
 ``|| fq(X) fq(W)^T - X W^T ||^2`` on cached calibration tokens; the winner's observer name goes into the recipe
 (``search`` for a grid point that beat every named observer). Where allowed, shifted grids (schema ``shift``: an
-asymmetric range on a symmetric quantizer) compete with the symmetric ones. Weights: per-channel MSE clipping.
+asymmetric range on a symmetric quantizer) compete with the symmetric ones. Weights: per-channel (or per-group)
+MSE clipping, for sub-8-bit Linear weights each input feature's error weighted by the input Hessian's diagonal.
 """
 
 from __future__ import annotations
@@ -110,6 +111,11 @@ def best_act_scale(x: torch.Tensor, bits: int, amax: float, out_fn, ref: torch.T
 class LinearChoice:
     w_scale: torch.Tensor
     a: ActChoice
+
+
+def hessian_diag(x: torch.Tensor) -> torch.Tensor:
+    """The diagonal of a Linear's input Hessian ``E[x x^T]`` from its input tokens ``x`` [T, C] -> [C]."""
+    return x.reshape(-1, x.shape[-1]).double().pow(2).mean(0)
 
 
 def search_linear(x: torch.Tensor, w: torch.Tensor, wbits: int, abits: int, amax: float,
