@@ -39,7 +39,7 @@ LayerNorm, softmax, GELU stay float (only matmul inputs are quantized, as the sc
 (``weight_search="hessian"``: a sub-8-bit weight's clip per channel or group minimizes its rounding error with each
 input feature weighted by the mean square of that input over the calibration tokens (the input Hessian's
 diagonal, which GPTQ then rounds against), so the features that carry the signal are represented best; on
-DeiT-Tiny w4a8, 1394 images, logit KL per channel 0.074 -> 0.065 (simulated) and with groups of 32 0.048 -> 0.046
+DeiT-Tiny w4a8, 1394 images, logit KL per channel 0.074 -> 0.063 (simulated) and with groups of 32 0.048 -> 0.045
 (deployed); ``"mse"``: the plain per-weight error; ``weight_group``: Linear weights at up to
 ``weight_group_max_bits`` get one scale per this many inputs, searched per group, GPTQ-rounded against them;
 ``vitq compile`` sets the target's ``default_weight_group``, 32 on ``--target ort``: on DeiT-Tiny, 1394 images,
