@@ -401,7 +401,7 @@ def _layer_scales(c: Calibration) -> None:
         wl = [fb[0]] if fb else c.bits_w
         al = [fb[1]] if fb else c.bits_a
         # the patch embedding's pixels carry no feature imbalance to weigh (measured: no gain)
-        hessian = meth.weight_search == "hessian" and p.kind == "linear" and not minmax
+        hessian = meth.weight_search == "hessian" and p.kind == "linear" and not minmax and min(wl) < 8
         hd = hessian_diag(st.sample) if hessian else None
         for wb in wl:
             g = c.weight_group(p, w, wb)

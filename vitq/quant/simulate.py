@@ -164,7 +164,7 @@ def float_sensitivity(sim: SimModule, x, *, perturbations: int = 4, seed: int = 
     # the first quantizer absorbs an input ulp, so the perturbed runs move every GEMM's and normalization's output
     # too: what a different summation order does to the float values between quantizers
     perturbed = [m for m in sim.modules() if isinstance(m, (nn.LayerNorm, nn.GroupNorm, QuantLayer)) or
-             type(m).__name__ in ("RmsNorm", "LayerNorm2d", "LayerNormFp32")]
+                 type(m).__name__ in ("RmsNorm", "LayerNorm2d", "LayerNormFp32")]
     with torch.no_grad():
         ref = sim.predict(xt).double()
         runs = [copy.deepcopy(sim).astype(torch.float64).predict(xt.double())]
