@@ -244,6 +244,19 @@ def _cpu_forms_model(key: str, m: dict, r: dict) -> list[str]:
     return out
 
 
+def _agreement(v: dict) -> str:
+    """The graph-vs-simulation verdict of a matrix cell: nothing when the logits agree within the float-sensitivity
+    bound, a note when only the teacher-forced check shows it (a rounding flip moved the logits), else differs."""
+    if not v.get("agrees"):
+        return " (differs)"
+    per, sens = v.get("graph_vs_sim_per_image"), v.get("sim_fp32_sensitivity_per_image")
+    if per and sens and max(per) > max(1e-5, 3 * max(sens)):
+        if v.get("forced"):
+            where = (v["forced"].get("first_flip") or "a quantizer").split(" ")[0]
+            return f" (flip at {where}; forced check ok)"
+    return ""
+
+
 def render_models(d: dict) -> list[str]:
     """Per architecture: the fp32 export check, then per recipe the compile time, the deployed graph against the
     simulation (relative L2, next to the simulation's own float32 sensitivity: float64 vs float32), and
@@ -263,7 +276,7 @@ def render_models(d: dict) -> list[str]:
             busy = x.get("others_cpu_share")
             line += [_f(v.get("compile_s"), 0) + (" (load unknown)" if busy is None else _busy(x)),
                      f"{v['graph_vs_sim_rel_l2']:.1e} / {v.get('sim64_vs_sim_rel_l2', float('nan')):.1e}"
-                     f"{'' if v.get('agrees') else ' (differs)'}" if "graph_vs_sim_rel_l2" in v else "-",
+                     f"{_agreement(v)}" if "graph_vs_sim_rel_l2" in v else "-",
                      ("ok" if v["trt_check"]["ok"] else "FAIL " + ",".join(v["trt_check"]["errors"]))
                      if "trt_check" in v else "-"]
         lat = (x.get("w8a8") or {}).get("ort_latency")
@@ -275,7 +288,10 @@ def render_models(d: dict) -> list[str]:
     head.append("w8a8 / fp32 latency (batch 1, 1 thread)")
     return [f"{r.get('images')} calibration images per model (synthetic pixels through the model's preprocessing). "
             "*busy N%*: other processes used N% of the machine's CPU during that model's compiles, so its times "
-            "are not comparable; *load unknown*: measured before the matrix recorded it.", ""] + \
+            "are not comparable; *load unknown*: measured before the matrix recorded it. *forced check ok*: an "
+            "image's logits moved beyond the float-sensitivity bound by a rounding flip at the quantizer named, "
+            "while every quantizer and float segment agrees with the simulation fed the graph's values "
+            "(`vitq.quant.forced`).", ""] + \
         _with_cpu(head, rows, _rows(r), d)
 
 

@@ -188,6 +188,20 @@ def test_quantized_compile_w8a8_end_to_end(quantized):
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
 
 
+def test_failed_qdq_verification_says_where_the_graph_departs(quantized, tmp_path, capsys, monkeypatch):
+    """A Q/DQ graph beyond the compile's tolerance fails with exit 3, no artifact, and the teacher-forced
+    diagnosis in the message: here (tolerance forced to zero) an intact graph, so it says the graph computes the
+    recipe quantizer by quantizer and names where rounding flips start."""
+    import vitq.compiler as compiler
+
+    for k in ("SIM_REL_FRACTION", "SIM_REL_FLOOR", "CASCADE_FACTOR"):
+        monkeypatch.setattr(compiler, k, 0.0)
+    out = tmp_path / "fail"
+    _fails(["compile", MODEL, "--recipe", str(quantized / "recipe.json"), "--out", str(out)], capsys,
+           "quantizer by quantizer the graph computes the recipe", code=3)
+    assert not out.exists()
+
+
 def test_compile_reconstruct_w4a4_deploys_what_was_fitted(compiled, tmp_path):
     """`vitq compile --recipe w4a4 --reconstruct N`: block reconstruction runs after calibration, its learned
     rounding goes to the recipe's weights sidecar (method signround), the report lists the stages, and the Q/DQ

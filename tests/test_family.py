@@ -7,7 +7,9 @@ unsupported models are refused naming the class and what is missing.
 Bound: the graph and the simulation run the same quantizers, so they differ by float summation order only (~1e-7
 relative, asserted per image on most images); now and then a rounding flip at one quantizer propagates a grid step
 (measured on one of eight swinv2_cr images), so the whole batch is held to the compiler's own bound (relative logit
-error below half the simulation's quantization error, ``vitq.compiler.SIM_REL_FRACTION``).
+error below half the simulation's quantization error, ``vitq.compiler.SIM_REL_FRACTION``). The exact statement is
+the teacher-forced check (``vitq.quant.forced``): with every quantizer of the simulation fed the graph's input,
+every quantizer, float segment and logit agrees to float precision.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from vitq.exporter.onnx_export import export_onnx, verify_against_torch  # noqa:
 from vitq.targets import build_deployable  # noqa: E402
 from vitq.passes.infra import ort_run  # noqa: E402
 from vitq.quant.pipeline import calibrate  # noqa: E402
+from vitq.quant.forced import forced_check  # noqa: E402
 from vitq.quant.simulate import float_sensitivity, matches_simulation  # noqa: E402
 from vitq.quant.prepare import enumerate_points, head_module_name, model_chain, prepare_model  # noqa: E402
 from vitq.recipe import parse_recipe_arg  # noqa: E402
@@ -164,6 +167,11 @@ def test_family_compiles_and_graph_matches_simulation(exported, fam, recipe, req
         if sensitive < 0.25:
             assert (per_image <= FLOAT_KERNEL_REL).mean() >= 0.5, (fam, recipe, target, per_image, fp_sens)
         assert _rel(got, sim) < 0.5 * qerr, (fam, recipe, target, _rel(got, sim), qerr)
+        # quantizer by quantizer, the simulation fed the graph's values: no flip can cascade, so every float segment,
+        # every quantizer (up to rounding-boundary ties) and the logits agree to float precision
+        fc = forced_check(res.sim, proto, x)
+        assert fc.consistent and not fc.unmatched, (fam, recipe, target, fc.summary())
+        assert len(fc.sites) == sum(4 if l.kind == "attn" else 1 for l in res.recipe.layers)
         assert (got.argmax(1) == sim.argmax(1)).mean() >= 0.75
         if target == "trt":
             chk = rep["trt_check"]
@@ -235,7 +243,7 @@ def _bench_models():
 @pytest.mark.parametrize("name", _bench_models().MODELS)
 def test_model_matrix(name, tmp_path):
     """The full matrix at its real sizes (random weights, 8 images): fp32 export verified, w8a8 and w4a8 compile,
-    their ORT graphs agree with the simulation, trt_check is clean."""
+    their ORT graphs agree with the simulation (quantizer by quantizer too), trt_check is clean."""
     from types import SimpleNamespace
 
     args = SimpleNamespace(images=8, verify=4, recipes=["w8a8", "w4a8"], latency_runs=0)
@@ -243,4 +251,4 @@ def test_model_matrix(name, tmp_path):
     assert row["fp32"]["passed"], row
     for r in args.recipes:
         assert "error" not in row[r], row[r]
-        assert row[r]["agrees"] and row[r]["trt_check"]["ok"], row[r]
+        assert row[r]["agrees"] and row[r]["forced"]["consistent"] and row[r]["trt_check"]["ok"], row[r]

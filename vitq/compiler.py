@@ -328,9 +328,16 @@ def _verify_qdq(job: _Job, rec, qmodel, sim, model_path: Path) -> None:
     job.echo(f"[vitq] Q/DQ graph vs simulation: relative logit error {rel:.2e} (quantization error of the "
              f"simulation {qerr:.2e}), top-1 agreement {agree * 100:.1f}%")
     if not ver["passed"]:
+        # where it departs: the teacher-forced check on the graph itself (unoptimized), quantizer by quantizer
+        import onnx
+
+        from .quant.forced import forced_check
+
+        fc = forced_check(sim, onnx.load(str(model_path)), x_verify[:4])
+        ver["forced"] = fc.summary()
         raise VerificationError(f"the Q/DQ graph disagrees with the simulation of recipe {rec.name!r}: relative "
                                 f"logit error {rel:.3e} > {tol:.3e} (simulation's own quantization error {qerr:.3e}, "
-                                f"float32 vs float64 simulation {cascade:.3e})")
+                                f"float32 vs float64 simulation {cascade:.3e}); {fc.describe()}")
 
 
 def _recipe_report(job: _Job, rec, layer_stats: dict, passes: dict) -> None:
