@@ -15,7 +15,7 @@ pytest.importorskip("timm")
 from test_family import N_IMAGES, TINY, _images, tiny_model  # noqa: E402
 from vitq.exporter.models import family_of  # noqa: E402
 from vitq.exporter.onnx_export import export_onnx  # noqa: E402
-from vitq.quant.forced import forced_check, graph_sites  # noqa: E402
+from vitq.quant.forced import ForcedCheck, SiteCheck, forced_check, graph_sites  # noqa: E402
 from vitq.quant.pipeline import calibrate  # noqa: E402
 from vitq.recipe import parse_recipe_arg  # noqa: E402
 from vitq.targets import build_deployable  # noqa: E402
@@ -87,10 +87,11 @@ def test_a_changed_float_op_shows_at_the_next_quantizer(deployed):
     assert all(c.local_rel < 1e-5 for c in fc.sites if c.site != "head.input")
 
 
-def test_w4a4_split_and_dynamic_quantizers_are_sites_and_plugins_make_the_check_partial(tmp_path):
+def test_w4a4_split_dynamic_and_plugin_quantizers_are_sites(tmp_path):
     """w4a4: OPT-m's split (two quantized halves, two GEMMs) and dynamic 4-bit activations are sites of the ORT
     graph, forced on their inputs, and the graph is consistent; on the TensorRT graph the 4-bit activation
-    quantizers live inside ``QuantLinearA4`` plugin nodes, so the check is partial and says so."""
+    quantizers live inside ``QuantLinearA4`` plugin nodes, whose module travels with them into the expansion, so
+    that graph is checked in full too."""
     m, x = tiny_model("vit"), _images("vit")
     hw = TINY["vit"][1]["img_size"]
     res = calibrate(m, family_of(m), x, parse_recipe_arg("w4a4"), model_name="vit", provenance={}, progress=False,
@@ -105,5 +106,11 @@ def test_w4a4_split_and_dynamic_quantizers_are_sites_and_plugins_make_the_check_
     fc = forced_check(res.sim, proto, x[:2])
     assert fc.consistent, fc.summary()
     proto, _ = build_deployable(path, res.recipe, "trt", sample_inputs=x[:2])
+    assert any(n.op_type == "QuantLinearA4" for n in proto.graph.node)
     fc = forced_check(res.sim, proto, x[:2])
-    assert fc.unmatched and not fc.consistent and "partial" in fc.describe()
+    assert fc.consistent and not fc.unmatched, fc.summary()
+
+
+def test_a_quantizer_without_a_site_makes_the_check_partial():
+    fc = ForcedCheck([SiteCheck("blocks.0.mlp.fc1.input", 1e-7, 0, 10)], np.zeros(2), unmatched=["head.input"])
+    assert not fc.consistent and "partial" in fc.describe() and "head.input" in fc.describe()

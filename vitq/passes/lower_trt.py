@@ -35,7 +35,7 @@ import onnx_ir as ir
 
 from ..plugins.specs import ACT_GROUPS, DOMAIN, DYN_EPS, DYN_LEVELS, NAMESPACE, QUANT_LINEAR_A4, VERSION
 from .infra import GraphPass
-from .irutil import Namer, add_initializer, drop_unused_initializers
+from .irutil import META_MODULE, META_ROLE, Namer, add_initializer, drop_unused_initializers
 from ..format import NODE_LOWERED as META_LOWERED
 
 _INT_BITS = {ir.DataType.INT4: 4, ir.DataType.INT8: 8}
@@ -318,6 +318,12 @@ def lower_trt_graph(model: ir.Model) -> int:
         y = ir.Value(shape=m.output.shape, type=m.output.type)
         node = ir.node(QUANT_LINEAR_A4.name, inputs, attributes=attrs, domain=DOMAIN, outputs=[y],
                        name=nm(f"{m.name}.vitq_qlinear_a4"))
+        # the module its activation quantizer belongs to travels on the plugin node, so that the expanded graph
+        # names that quantizer again (vitq.quant.forced finds quantizers by it)
+        module = next((n.metadata_props[META_MODULE] for n in m.maybe_dead
+                       if n.metadata_props.get(META_ROLE) == "input" and META_MODULE in n.metadata_props), None)
+        if module:
+            node.metadata_props[META_MODULE] = module
         g.insert_before(m.remove[0], node)
         out_name = m.output.name
         m.output.replace_all_uses_with(y, replace_graph_outputs=True)

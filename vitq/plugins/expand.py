@@ -18,7 +18,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import InputError
-from ..format import NODE_DYNAMIC as META_DYNAMIC, NODE_LOWERED
+from ..format import NODE_DYNAMIC as META_DYNAMIC, NODE_LOWERED, NODE_MODULE, NODE_ROLE
 from .specs import DOMAIN, DYN_EPS, NAMESPACE, QUANT_LINEAR_A4, qrange
 
 _UTYPES = {4: TensorProto.UINT4, 8: TensorProto.UINT8}
@@ -72,10 +72,12 @@ class _Emit:
 
 
 def dynamic_qdq_protos(x_name: str, k: int, bits: int, base: str, used: set[str], group: int = 0, rank: int = 0,
-                       as_float: bool = False) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], str]:
+                       as_float: bool = False, meta: dict[str, str] | None = None
+                       ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], str]:
     """The dynamic per-token (per ``group`` features) Q/DQ chain over the last axis (static size ``k``) of the tensor
     named ``x_name``: (nodes in order, initializers, output name). With ``group`` > 0 the tensor's ``rank`` (>= 2)
-    must be given (the chain reshapes it). New names avoid ``used``, which is updated.
+    must be given (the chain reshapes it). New names avoid ``used``, which is updated. ``meta``: more metadata for
+    every node (the quantizer's module and role).
 
     ``as_float``: the ``QuantizeLinear -> DequantizeLinear`` pair becomes the exact float arithmetic of
     :func:`vitq.passes.dynamic_qdq.float_dynamic_qdq` (for runtimes without blocked or 4-bit Q/DQ)."""
@@ -88,7 +90,7 @@ def dynamic_qdq_protos(x_name: str, k: int, bits: int, base: str, used: set[str]
     qt = _UTYPES[bits]
     names = Names(used)
     names.used.add(x_name)
-    e = _Emit(names, base, {META_DYNAMIC: "token"})
+    e = _Emit(names, base, {META_DYNAMIC: "token", **(meta or {})})
     c, op = e.c, e.op
     axes = c("dyn_axes", np.array([-1], np.int64))
     zero = c("dyn_zero", np.array(0.0, np.float32))
@@ -246,6 +248,9 @@ def expand_plugins(model: onnx.ModelProto, int4: str = "native") -> tuple[onnx.M
             # weight DequantizeLinear, onnxruntime 1.31 at ORT_ENABLE_ALL fuses DQ(W)+MatMul into a *dynamically
             # re-quantized* int8 MatMul, which changes the result by ~1e-3.)
             new_inits.append(numpy_helper.from_array(w_kn.astype(np.float32) * w_scale[None, :], wd))
+        # the activation quantizer's nodes named by the plugin node's module (what lower_trt put there)
+        module = next((p_.value for p_ in node.metadata_props if p_.key == NODE_MODULE), None)
+        act_meta = {NODE_MODULE: module, NODE_ROLE: "input"} if module else {}
         if a["act_dynamic"]:
             # the per-row (per-group) uint4 chain, node for node insert_qdq's; emulate: its float form
             rank = 0
@@ -255,7 +260,8 @@ def expand_plugins(model: onnx.ModelProto, int4: str = "native") -> tuple[onnx.M
                                      f"{a['act_group']}")
                 rank = _rank_of(model, node.input[0], ranks)
             nodes, inits, xd = dynamic_qdq_protos(node.input[0], w_nk.shape[1], 4, f"{base}.act", names.used,
-                                                  group=a["act_group"], rank=rank, as_float=not native)
+                                                  group=a["act_group"], rank=rank, as_float=not native,
+                                                  meta=act_meta)
             new_inits += inits
         else:
             new_inits.append(numpy_helper.from_array(np.array(a["act_scale"], np.float32), s_a))
@@ -273,6 +279,9 @@ def expand_plugins(model: onnx.ModelProto, int4: str = "native") -> tuple[onnx.M
                               numpy_helper.from_array(np.array(np.float32(7) * sa32, np.float32), hi_c)]
                 nodes += [helper.make_node("DequantizeLinear", [q, s_a, zp_a], [qc], name=p("DequantizeLinear")),
                           helper.make_node("Clip", [qc, lo_c, hi_c], [xd], name=p("Clip"))]
+            for n_ in nodes:
+                for k_, v_ in act_meta.items():
+                    n_.metadata_props.add(key=k_, value=v_)
         if native:
             nodes.append(helper.make_node("DequantizeLinear", [w_name, ws_name, wzp_name], [wd], axis=1,
                                           name=p("DequantizeLinear_w")))

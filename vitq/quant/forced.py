@@ -19,8 +19,9 @@ values, and continues from the graph's quantized output. Then
 
 A wrong scale, op or layout shows as a quantizer mismatch or as a large ``local_rel`` at the next quantizer or in the
 logits; float summation order shows only at float precision. Quantizers are matched by the node
-metadata the graph passes write (``vitq.module``, ``vitq.role``); simulation quantizers without a graph site (MixA-Q
-branches, plugin nodes) run unforced and are listed in ``unmatched``.
+metadata the graph passes write (``vitq.module``, ``vitq.role``; a ``QuantLinearA4`` plugin node's expansion carries
+them too); simulation quantizers without a graph site (MixA-Q branches) run unforced and are listed in
+``unmatched``.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ class ForcedCheck:
         wrong = [s for s in self.sites if s.q_wrong]
         if self.unmatched:
             return (f"{len(self.unmatched)} of the simulation's quantizers have no site in the graph (e.g. "
-                    f"{self.unmatched[0]}: fused into a plugin or a MixA-Q branch), so the quantizer-by-quantizer "
+                    f"{self.unmatched[0]}: e.g. a MixA-Q branch), so the quantizer-by-quantizer "
                     f"check is partial")
         if wrong:
             w = wrong[0]
