@@ -74,9 +74,10 @@ class PassRecord:
 NUMERIC_TOLERANCE = {"exact": 0.0, "float": 1e-4}
 
 
-def ort_run(model: onnx.ModelProto | ir.Model, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """Run a model on ONNX Runtime (CPU, all graph optimizations off so that the graph itself is what runs). vitq
-    plugin nodes are expanded to their standard-ONNX definition first."""
+def ort_session(model: onnx.ModelProto | ir.Model, extra_outputs: tuple[str, ...] | list[str] = ()):
+    """An ONNX Runtime CPU session on the graph itself (all graph optimizations off), vitq plugin nodes expanded to
+    their standard-ONNX definition first; ``extra_outputs``: intermediate values it returns after the graph's
+    outputs."""
     import onnxruntime as ort
 
     proto = model if isinstance(model, onnx.ModelProto) else ir.serde.serialize_model(model)
@@ -84,11 +85,19 @@ def ort_run(model: onnx.ModelProto | ir.Model, feeds: dict[str, np.ndarray]) -> 
 
     if has_plugins(proto):  # TensorRT plugin nodes: run their exact standard-ONNX expansion
         proto, _ = expand_plugins(proto)
+    if extra_outputs:
+        have = {o.name for o in proto.graph.output}
+        proto = onnx.ModelProto.FromString(proto.SerializeToString())  # the caller's model is not modified
+        proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in dict.fromkeys(extra_outputs) if n not in have)
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.log_severity_level = 3
-    sess = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    return sess.run(None, feeds)
+    return ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def ort_run(model: onnx.ModelProto | ir.Model, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Run a model on ONNX Runtime (:func:`ort_session`: the graph itself, plugin nodes expanded)."""
+    return ort_session(model).run(None, feeds)
 
 
 def check_model(model: ir.Model, where: str) -> None:

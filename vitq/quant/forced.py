@@ -33,7 +33,7 @@ import onnx
 import torch
 
 from ..format import NODE_BRANCH, NODE_MODULE, NODE_ROLE
-from .functional import fake_quant
+from .functional import fake_quant, shift_offset
 from .prepare import AttnHook
 from .simulate import QuantLayer, SimModule
 
@@ -143,14 +143,6 @@ def graph_sites(proto: onnx.ModelProto) -> dict[str, tuple[str, str | None]]:
     return sites
 
 
-def _with_outputs(proto: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    m = onnx.ModelProto()
-    m.CopyFrom(proto)
-    have = {o.name for o in m.graph.output}
-    m.graph.output.extend(onnx.ValueInfoProto(name=n) for n in dict.fromkeys(names) if n not in have)
-    return m
-
-
 def _sim_quantizers(sim: SimModule) -> dict[str, object]:
     """``{module path: QuantLayer or AttnHook}`` of the simulation (paths as the recipe names them)."""
     return {name.replace(".inner.", ".").removesuffix(".inner"): m for name, m in sim.model.named_modules()
@@ -173,8 +165,6 @@ def _like(g: np.ndarray, t: torch.Tensor, site: str, k_role: bool) -> torch.Tens
 
 def _offsets(*steps) -> tuple[float, ...]:
     """0 and the sums of every subset of the shifted grids' constants ``float32(scale * shift)`` among ``steps``."""
-    from .functional import shift_offset
-
     cs = [float(shift_offset(st[0], st[2])) for st in steps if st is not None and st[2]]
     sums = {0.0}
     for c in cs:
@@ -187,19 +177,13 @@ def forced_check(sim: SimModule, proto: onnx.ModelProto, x: np.ndarray, *, input
     """The deployed graph ``proto`` against ``sim`` on images ``x`` ([B, 3, H, W] float32), one image at a time,
     every quantizer of the simulation fed the graph's input at that quantizer and continuing from the graph's
     quantized output (module docstring). ``sim`` is left as it was."""
-    import onnxruntime as ort
-
+    from ..passes.infra import ort_session
     from ..plugins.expand import expand_plugins, has_plugins
 
-    if has_plugins(proto):
+    if has_plugins(proto):  # the sites are found in the expansion, which is what runs
         proto, _ = expand_plugins(proto)
     sites = graph_sites(proto)
-    values = [v for io in sites.values() for v in io if v]
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(_with_outputs(proto, values).SerializeToString(), so,
-                                providers=["CPUExecutionProvider"])
+    sess = ort_session(proto, [v for io in sites.values() for v in io if v])
     out_names = [o.name for o in sess.get_outputs()]
     stats: dict[str, SiteCheck] = {}
     maxabs: dict[str, float] = {}
@@ -253,20 +237,23 @@ def forced_check(sim: SimModule, proto: onnx.ModelProto, x: np.ndarray, *, input
         if isinstance(w, AttnHook):
             inner = w.qfn
 
-            def qfn(role, t, _inner=inner, _path=path):
-                step = getattr(_inner, "ops", {}).get(role)
-                return force(f"{_path}.{role}", role, t, lambda u: _inner(role, u), step, _offsets(step))
+            grids = {r: (op, _offsets(op)) for r, op in getattr(inner, "ops", {}).items()}
+
+            def qfn(role, t, _inner=inner, _path=path, _grids=grids):
+                step, offsets = _grids.get(role, (None, (0.0,)))
+                return force(f"{_path}.{role}", role, t, lambda u: _inner(role, u), step, offsets)
 
             undo.append((w, "qfn", inner))
             w.qfn = qfn
         else:
             inner = w.qin
 
-            def qin(t, _inner=inner, _path=path):
-                step = getattr(_inner, "plain", None)
-                r = getattr(_inner, "regions", None)  # (s_pos, bits, s_neg, bits, shift_pos, shift_neg)
-                return force(f"{_path}.input", "input", t, _inner, step,
-                             _offsets(step) if r is None else _offsets((r[0], r[1], r[4]), (r[2], r[3], r[5])))
+            step = getattr(inner, "plain", None)
+            r = getattr(inner, "regions", None)  # (s_pos, bits, s_neg, bits, shift_pos, shift_neg)
+            offsets = _offsets(step) if r is None else _offsets((r[0], r[1], r[4]), (r[2], r[3], r[5]))
+
+            def qin(t, _inner=inner, _path=path, _step=step, _offsets=offsets):
+                return force(f"{_path}.input", "input", t, _inner, _step, _offsets)
 
             undo.append((w, "qin", inner))
             w.qin = qin
